@@ -1,0 +1,1 @@
+"""The stages of kd: teacher engines, cache build, losses, distillation, evaluation."""
