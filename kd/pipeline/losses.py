@@ -1,0 +1,359 @@
+"""Distillation losses over cached teacher signals, one shape convention for every training loop.
+
+Every token-level input is flattened over valid answer tokens: row ``n`` is one position that
+predicts an answer token (see ``signals.py``). Student logits are ``[N, V]``; cached teacher
+top-k ids are ``[N, k]`` long with ``-1`` padding, their raw log-probs ``[N, k]`` (temperature 1,
+``-inf`` padding) and the log tail mass outside the top-k ``[N]`` (``-inf`` when none).
+
+Temperature on a top-k cache (``topk_kd_loss``). The cache holds ``k + 1`` *buckets* per
+row: the top-k tokens and one tail bucket with log-mass ``tail``. The teacher at temperature ``T``
+is ``softmax(b / T)`` over those ``k + 1`` bucket log-probs ``b``, i.e. the tail is scaled as if
+it were one pseudo-token. This is exact when the top-k covers the vocabulary. Otherwise, for
+``T > 1`` it gives the tail less mass than the true tempered tail (``sum p_j^(1/T) >= (sum
+p_j)^(1/T)``) and for ``T < 1`` more. By default (``tail_temperature="bucket"``) the student is
+bucketed the same way: its temperature-1 log-probs at the teacher ids plus its exact
+temperature-1 tail, and then the same ``softmax(b / T)``. Because ``b -> softmax(b / T)`` is a
+bijection, the loss is zero exactly when the student's buckets equal the teacher's, at every
+``T``. ``tail_temperature="student_exact"`` uses ``log_softmax(z / T)`` for the student instead,
+with the exact tempered student tail. That is the textbook student side, but for ``T != 1`` and
+``k < V`` it pulls a student that already matches the teacher away from it. Both agree when
+``k = V``. All KD losses are multiplied by ``T**2`` (Hinton et al.) so that gradient magnitudes
+stay comparable across temperatures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "topk_kd_loss",
+    "sampled_kd_loss",
+    "hidden_state_loss",
+    "HiddenProjector",
+    "layer_map",
+    "attention_map_loss",
+    "group_teacher_layers",
+    "group_mean_maps",
+    "default_attention_layers",
+    "answer_ce_loss",
+]
+
+NEG_INF = float("-inf")
+
+
+def _safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """logsumexp that returns -inf for all -inf slices without NaN gradients."""
+    m = x.amax(dim=dim, keepdim=True)
+    empty = torch.isneginf(m)
+    out = torch.logsumexp(torch.where(empty, torch.zeros_like(x), x), dim=dim, keepdim=True)
+    return torch.where(empty, m, out).squeeze(dim)
+
+
+def _normalise(logits: Tensor) -> Tensor:
+    """log_softmax along the last dim, safe for padded (-inf) entries and empty rows."""
+    return logits - _safe_logsumexp(logits, -1).unsqueeze(-1)
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Row-wise KL(p || q) with the 0 * log 0 = 0 convention and clean gradients."""
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean() if per_row.numel() else per_row.sum()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _check_ids(student_logits: Tensor, ids: Tensor, other: Tensor, what: str) -> None:
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    if ids.ndim != 2 or ids.shape != other.shape or ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"ids {tuple(ids.shape)} / {what} {tuple(other.shape)} must both be [N={student_logits.shape[0]}, k]"
+        )
+    if ids.numel() and int(ids.max()) >= student_logits.shape[1]:
+        raise ValueError(f"teacher id {int(ids.max())} outside the student vocabulary of {student_logits.shape[1]}")
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    t_ids: Tensor,
+    t_logprobs: Tensor,
+    t_tail: Tensor,
+    *,
+    kind: Literal["forward", "reverse", "jsd"] = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: Literal["bucket", "renorm"] = "bucket",
+    tail_temperature: Literal["bucket", "student_exact"] = "bucket",
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """KD against a top-k + tail cache, on k + 1 buckets (``tail="bucket"``) or the renormalised top-k.
+
+    ``kind``: ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher),
+    ``jsd`` = generalised JSD of GKD (Agarwal et al.): ``beta * KL(P || M) + (1 - beta) * KL(Q || M)``
+    with ``M = beta * P + (1 - beta) * Q``, P the teacher, Q the student, ``0 < beta < 1``.
+    ``tail="renorm"`` drops the tail bucket and renormalises both sides over the top-k, which is
+    exact for the truncated teacher at any ``T``. See the module docstring for the temperature and
+    tail definitions. Returns the mean over rows times ``T**2``, or ``[N]`` with ``reduction="none"``.
+    Never materialises a dense teacher or an ``[N, k, V]`` tensor.
+    """
+    _check_ids(student_logits, t_ids, t_logprobs, "t_logprobs")
+    if t_tail.shape != (t_ids.shape[0],):
+        raise ValueError(f"t_tail must be [N={t_ids.shape[0]}], got {tuple(t_tail.shape)}")
+    if kind not in ("forward", "reverse", "jsd"):
+        raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd', got {kind!r}")
+    if tail not in ("bucket", "renorm"):
+        raise ValueError(f"tail must be 'bucket' or 'renorm', got {tail!r}")
+    if tail_temperature not in ("bucket", "student_exact"):
+        raise ValueError(f"tail_temperature must be 'bucket' or 'student_exact', got {tail_temperature!r}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1 (use kind='forward'/'reverse' for the limits), got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    t = float(temperature)
+    valid = t_ids >= 0
+    ids = t_ids.long().clamp_min(0)
+    z = student_logits.float()
+    t_lp = t_logprobs.float().masked_fill(~valid, NEG_INF)
+
+    if tail == "renorm":
+        # Both renormalised over the top-k; per-token temperature is exact here.
+        s_top = F.log_softmax(z / t, dim=-1).gather(1, ids).masked_fill(~valid, NEG_INF)
+        logp, logq = _normalise(t_lp / t), _normalise(s_top)
+    else:
+        exact = tail_temperature == "student_exact"
+        s_lsm = F.log_softmax(z / t if exact else z, dim=-1)
+        s_top = s_lsm.gather(1, ids).masked_fill(~valid, NEG_INF)
+        # Student tail = logsumexp over tokens outside the teacher's top-k (mask built by scatter_add
+        # so a clamped padding id never masks a real token).
+        in_top = torch.zeros_like(s_lsm).scatter_add_(1, ids, valid.to(s_lsm.dtype)) > 0
+        s_tail = _safe_logsumexp(s_lsm.masked_fill(in_top, NEG_INF), -1)
+        s_buckets = torch.cat([s_top, s_tail.unsqueeze(1)], dim=1)
+        t_buckets = torch.cat([t_lp, t_tail.float().unsqueeze(1)], dim=1)
+        logp = _normalise(t_buckets / t)
+        logq = s_buckets if exact else _normalise(s_buckets / t)
+
+    if kind == "forward":
+        per_row = _kl(logp, logq)
+    elif kind == "reverse":
+        per_row = _kl(logq, logp)
+    else:
+        logm = _safe_logsumexp(torch.stack([logp + math.log(beta), logq + math.log1p(-beta)]), 0)
+        per_row = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+    return _reduce(per_row * (t * t), reduction)
+
+
+def sampled_kd_loss(
+    student_logits: Tensor,
+    s_ids: Tensor,
+    s_counts: Tensor,
+    s_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Cross-entropy of the student against a sampled teacher cache (RS-KD / Sparse Logit Sampling).
+
+    At ``T = 1`` the per-row loss ``-sum_i (c_i / D) log q(i)`` (``D`` = draws in the row) is an
+    unbiased estimate of ``CE(p, q) = KL(p || q) + H(p)``, because ``E[c_i / D] = p_i``. It is
+    forward KL up to the teacher entropy, a constant. At ``T != 1`` the target is ``p_T ∝ p^(1/T)``.
+    Each draw is importance-weighted by ``p^(1/T) / p = exp((1/T - 1) log p)``, using the cached
+    teacher log-probs ``s_logprobs``, and the weights are self-normalised. The unknown
+    normaliser of ``p_T`` cancels that way, but the estimate becomes consistent rather than
+    unbiased (O(1/D) bias). The student side is ``log_softmax(z / T)``, and the result is scaled
+    by ``T**2``. Padding: id ``-1`` or count 0. A row without draws contributes 0.
+    """
+    _check_ids(student_logits, s_ids, s_counts, "s_counts")
+    if s_logprobs.shape != s_ids.shape:
+        raise ValueError(f"s_logprobs {tuple(s_logprobs.shape)} must match s_ids {tuple(s_ids.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    valid = (s_ids >= 0) & (s_counts > 0)
+    ids = s_ids.long().clamp_min(0)
+    counts = s_counts.float().masked_fill(~valid, 0.0)
+    if t != 1.0:
+        logw = ((1.0 / t - 1.0) * s_logprobs.float()).masked_fill(~valid, NEG_INF)
+        logw = logw - logw.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
+        counts = counts * logw.exp()
+    weights = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    s_lp = F.log_softmax(student_logits.float() / t, dim=-1).gather(1, ids)
+    per_row = -torch.where(valid, weights * s_lp, torch.zeros_like(s_lp)).sum(1)
+    return _reduce(per_row * (t * t), reduction)
+
+
+class HiddenProjector(nn.Module):
+    """Learned linear maps from student width to teacher width, one per student layer.
+
+    The widths of two families rarely match, and one shared map would tie layers together. Index
+    the module with a student layer (``proj[s]``) to get that layer's ``nn.Linear``, or call
+    ``proj(h, s)``. Without ``student_layers`` there is a single map, and ``proj(h)`` uses it.
+    When the widths are equal, every map starts as the identity, so training starts from plain
+    matching.
+    """
+
+    def __init__(
+        self, student_width: int, teacher_width: int, student_layers: Sequence[int] | None = None, bias: bool = True
+    ) -> None:
+        super().__init__()
+        layers = list(student_layers) if student_layers is not None else [0]
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"student_layers must be non-empty and distinct, got {layers}")
+        self.student_width, self.teacher_width = int(student_width), int(teacher_width)
+        self.maps = nn.ModuleDict({str(s): nn.Linear(student_width, teacher_width, bias=bias) for s in layers})
+        if student_width == teacher_width:
+            with torch.no_grad():
+                for lin in self.maps.values():
+                    lin.weight.copy_(torch.eye(teacher_width))
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+
+    def __getitem__(self, student_layer: int) -> nn.Linear:
+        key = str(student_layer)
+        if key not in self.maps:
+            raise KeyError(f"no projector for student layer {student_layer}; have {sorted(self.maps, key=int)}")
+        return self.maps[key]  # type: ignore[return-value]
+
+    def forward(self, h: Tensor, student_layer: int | None = None) -> Tensor:
+        if student_layer is None:
+            if len(self.maps) != 1:
+                raise ValueError("several layer projectors: pass student_layer")
+            return next(iter(self.maps.values()))(h)
+        return self[student_layer](h)
+
+
+def hidden_state_loss(
+    student_h: Tensor,
+    teacher_h: Tensor,
+    projector: nn.Module | Callable[[Tensor], Tensor] | None,
+    kind: Literal["mse", "cosine"] = "mse",
+) -> Tensor:
+    """Match projected student hidden states ``[N, Hs]`` to teacher ones ``[N, Ht]`` (teacher detached).
+
+    ``mse`` averages over all elements. ``cosine`` is ``1 - cos`` averaged over rows, so it is
+    scale-free: useful when the teacher's hidden-state norms are far larger than the student's.
+    ``projector=None`` is allowed only when the widths match.
+    """
+    if student_h.ndim != 2 or teacher_h.ndim != 2 or student_h.shape[0] != teacher_h.shape[0]:
+        raise ValueError(f"student_h {tuple(student_h.shape)} / teacher_h {tuple(teacher_h.shape)} must be [N, H]")
+    if projector is None:
+        if student_h.shape[1] != teacher_h.shape[1]:
+            raise ValueError(f"widths differ ({student_h.shape[1]} vs {teacher_h.shape[1]}): pass a projector")
+        proj = student_h
+    else:
+        proj = projector(student_h)
+    target = teacher_h.detach().to(proj.dtype)
+    if proj.shape != target.shape:
+        raise ValueError(f"projected student {tuple(proj.shape)} != teacher {tuple(target.shape)}")
+    if kind == "mse":
+        return F.mse_loss(proj, target)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(proj, target, dim=-1)).mean()
+    raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
+
+
+def layer_map(student_layers: int, teacher_layers: Sequence[int], teacher_depth: int | None = None) -> dict[int, int]:
+    """Uniform depth mapping ``{student layer: teacher layer}`` for hidden-state matching.
+
+    Layers use the hidden-state convention (0 = embeddings, ``L`` = last block). Teacher layer
+    ``t`` goes to student layer ``round(t * student_layers / teacher_depth)``, with ``teacher_depth``
+    defaulting to ``max(teacher_layers)``, so the last goes to the last. Two teacher layers that
+    land on the same student layer keep only the closer one (the deeper one on a tie), so every
+    student layer gets one target.
+    """
+    if student_layers < 1 or not teacher_layers:
+        raise ValueError(f"need student_layers >= 1 and some teacher layers, got {student_layers}, {teacher_layers}")
+    depth = int(teacher_depth if teacher_depth is not None else max(teacher_layers))
+    if depth < 1 or min(teacher_layers) < 0 or max(teacher_layers) > depth:
+        raise ValueError(f"teacher layers {list(teacher_layers)} must lie in [0, teacher_depth={depth}]")
+    best: dict[int, tuple[float, int]] = {}
+    for t_layer in sorted(set(teacher_layers)):
+        pos = t_layer * student_layers / depth
+        s = min(student_layers, int(math.floor(pos + 0.5)))
+        dist = abs(pos - s)
+        if s not in best or dist <= best[s][0]:
+            best[s] = (dist, t_layer)
+    return {s: t for s, (_, t) in sorted(best.items())}
+
+
+def attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Masked MSE between head-averaged attention maps ``[N, K]`` (Drive-KD).
+
+    ``mask`` (bool or 0/1) broadcasts to ``[N, K]``, e.g. ``[K]`` to keep image keys or ``[N, 1]``
+    to keep rows. The loss is the mean over the kept elements of the whole batch, so each token
+    counts equally. Drive-KD averages per sample first. Without a mask it is a plain mean. If
+    nothing is kept, the result is a zero that still carries a graph to the student.
+    """
+    if student_maps.shape != teacher_maps.shape or student_maps.ndim != 2:
+        raise ValueError(
+            f"student {tuple(student_maps.shape)} / teacher {tuple(teacher_maps.shape)} maps must be the same [N, K]"
+            " (teacher and student token sequences must match)"
+        )
+    sq = (student_maps.float() - teacher_maps.detach().float()).pow(2)
+    if mask is None:
+        return sq.mean() if sq.numel() else sq.sum()
+    m = torch.broadcast_to(mask.to(sq.dtype), sq.shape)
+    return (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def group_teacher_layers(student_layers: Sequence[int], teacher_layers: Sequence[int]) -> dict[int, list[int]]:
+    """Drive-KD layer-group matching ``{student layer: teacher layers to average}`` for full maps.
+
+    With ``k`` student and ``m`` teacher layers (each in depth order), the i-th student layer
+    takes the window of ``g = max(1, m - k + 1)`` consecutive teacher layers that starts at index
+    ``min(i, m - g)``. Every teacher layer is then used, and a deeper teacher is compressed
+    without skipping layers.
+    """
+    s, t = list(student_layers), list(teacher_layers)
+    if not s or not t:
+        return {}
+    g = max(1, len(t) - len(s) + 1)
+    return {layer: t[min(i, len(t) - g) : min(i, len(t) - g) + g] for i, layer in enumerate(s)}
+
+
+def group_mean_maps(teacher_maps: Mapping[int, Tensor], groups: Mapping[int, Sequence[int]]) -> dict[int, Tensor]:
+    """Average the teacher maps of each group: ``{student layer: mean of its teacher layers}``."""
+    out: dict[int, Tensor] = {}
+    for s, layers in groups.items():
+        missing = [layer for layer in layers if layer not in teacher_maps]
+        if missing or not layers:
+            raise KeyError(f"student layer {s}: teacher maps missing for layers {missing or '(empty group)'}")
+        out[s] = torch.stack([teacher_maps[layer].float() for layer in layers]).mean(0)
+    return out
+
+
+def default_attention_layers(num_layers: int) -> dict[str, tuple[str, list[int]]]:
+    """Drive-KD's default layers per capability for a model with ``num_layers`` blocks.
+
+    Attention layers are 0-based block indices, as in transformers' ``attentions[i]``:
+    ``perception`` is the text-to-vision map of the first layer, ``planning`` the text-to-vision
+    map of the penultimate layer, and ``reasoning`` the full maps of layers ``0 .. L-2``, which
+    ``group_teacher_layers`` pairs between student and teacher.
+    """
+    if num_layers < 2:
+        raise ValueError(f"need at least 2 layers (penultimate layer for planning), got {num_layers}")
+    return {
+        "perception": ("t2v", [0]),
+        "planning": ("t2v", [num_layers - 2]),
+        "reasoning": ("full", list(range(num_layers - 1))),
+    }
+
+
+def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int = -100) -> Tensor:
+    """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP)."""
+    if student_logits.ndim != 2 or target_ids.shape != (student_logits.shape[0],):
+        raise ValueError(f"student_logits [N, V] {tuple(student_logits.shape)} / target_ids [N] {tuple(target_ids.shape)}")
+    return F.cross_entropy(student_logits.float(), target_ids.long(), ignore_index=ignore_index)
