@@ -17,7 +17,9 @@ bijection, the loss is zero exactly when the student's buckets equal the teacher
 ``T``. ``tail_temperature="student_exact"`` uses ``log_softmax(z / T)`` for the student instead,
 with the exact tempered student tail. That is the textbook student side, but for ``T != 1`` and
 ``k < V`` it pulls a student that already matches the teacher away from it. Both agree when
-``k = V``. All KD losses are multiplied by ``T**2`` (Hinton et al.) so that gradient magnitudes
+``k = V``. A teacher tail below ``TAIL_LOGMASS_FLOOR`` (-30) is raised to it wherever the
+student has mass outside the top-k: float rounding writes ``-inf`` for near-complete top-k, which would
+make reverse KL infinite. All KD losses are multiplied by ``T**2`` (Hinton et al.) so that gradient magnitudes
 stay comparable across temperatures.
 """
 
@@ -45,6 +47,10 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+# Floor for the teacher's tail log-mass when the student still has mass outside the top-k. A
+# float32 cache writes tail = -inf as soon as the top-k sum rounds to 1, and a finite floor keeps
+# reverse KL / JSD from becoming inf while changing forward KL by ~1e-13.
+TAIL_LOGMASS_FLOOR = -30.0
 
 
 def _safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
@@ -65,6 +71,11 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     p = logp.exp()
     diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
     return (p * diff).sum(-1)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half/bf16 inputs (log-space sums need it), float64 kept as is."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
@@ -126,8 +137,9 @@ def topk_kd_loss(
     t = float(temperature)
     valid = t_ids >= 0
     ids = t_ids.long().clamp_min(0)
-    z = student_logits.float()
-    t_lp = t_logprobs.float().masked_fill(~valid, NEG_INF)
+    dt = _compute_dtype(student_logits)
+    z = student_logits.to(dt)
+    t_lp = t_logprobs.to(dt).masked_fill(~valid, NEG_INF)
 
     if tail == "renorm":
         # Both renormalised over the top-k; per-token temperature is exact here.
@@ -142,7 +154,8 @@ def topk_kd_loss(
         in_top = torch.zeros_like(s_lsm).scatter_add_(1, ids, valid.to(s_lsm.dtype)) > 0
         s_tail = _safe_logsumexp(s_lsm.masked_fill(in_top, NEG_INF), -1)
         s_buckets = torch.cat([s_top, s_tail.unsqueeze(1)], dim=1)
-        t_buckets = torch.cat([t_lp, t_tail.float().unsqueeze(1)], dim=1)
+        t_tail_eff = torch.where(torch.isneginf(s_tail), t_tail.to(dt), t_tail.to(dt).clamp_min(TAIL_LOGMASS_FLOOR))
+        t_buckets = torch.cat([t_lp, t_tail_eff.unsqueeze(1)], dim=1)
         logp = _normalise(t_buckets / t)
         logq = s_buckets if exact else _normalise(s_buckets / t)
 
@@ -184,13 +197,14 @@ def sampled_kd_loss(
     t = float(temperature)
     valid = (s_ids >= 0) & (s_counts > 0)
     ids = s_ids.long().clamp_min(0)
-    counts = s_counts.float().masked_fill(~valid, 0.0)
+    dt = _compute_dtype(student_logits)
+    counts = s_counts.to(dt).masked_fill(~valid, 0.0)
     if t != 1.0:
-        logw = ((1.0 / t - 1.0) * s_logprobs.float()).masked_fill(~valid, NEG_INF)
+        logw = ((1.0 / t - 1.0) * s_logprobs.to(dt)).masked_fill(~valid, NEG_INF)
         logw = logw - logw.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
         counts = counts * logw.exp()
     weights = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    s_lp = F.log_softmax(student_logits.float() / t, dim=-1).gather(1, ids)
+    s_lp = F.log_softmax(student_logits.to(dt) / t, dim=-1).gather(1, ids)
     per_row = -torch.where(valid, weights * s_lp, torch.zeros_like(s_lp)).sum(1)
     return _reduce(per_row * (t * t), reduction)
 
@@ -302,7 +316,8 @@ def attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, mask: Tensor 
             f"student {tuple(student_maps.shape)} / teacher {tuple(teacher_maps.shape)} maps must be the same [N, K]"
             " (teacher and student token sequences must match)"
         )
-    sq = (student_maps.float() - teacher_maps.detach().float()).pow(2)
+    dt = _compute_dtype(student_maps)
+    sq = (student_maps.to(dt) - teacher_maps.detach().to(dt)).pow(2)
     if mask is None:
         return sq.mean() if sq.numel() else sq.sum()
     m = torch.broadcast_to(mask.to(sq.dtype), sq.shape)
@@ -356,4 +371,4 @@ def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int
     """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP)."""
     if student_logits.ndim != 2 or target_ids.shape != (student_logits.shape[0],):
         raise ValueError(f"student_logits [N, V] {tuple(student_logits.shape)} / target_ids [N] {tuple(target_ids.shape)}")
-    return F.cross_entropy(student_logits.float(), target_ids.long(), ignore_index=ignore_index)
+    return F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), target_ids.long(), ignore_index=ignore_index)
