@@ -303,7 +303,7 @@ def test_projector_starts_as_identity_when_widths_match():
     proj = HiddenProjector(5, 5)
     h = torch.randn(3, 5)
     torch.testing.assert_close(proj(h), h)
-    assert float(hidden_state_loss(h, h.clone(), proj)) == 0.0
+    assert hidden_state_loss(h, h.clone(), proj).item() == 0.0
     assert float(hidden_state_loss(h, 2 * h, None, kind="cosine")) < 1e-6
 
 
@@ -319,11 +319,11 @@ def test_layer_map_is_uniform():
 def test_attention_map_masked_mse():
     s = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], requires_grad=True)
     t = torch.tensor([[0.25, 0.75, 0.0], [0.2, 0.1, 0.7]])
-    assert abs(float(attention_map_loss(s, t)) - (0.0625 * 2 + 0.04 * 2) / 6) < 1e-7
+    assert abs(attention_map_loss(s, t).item() - (0.0625 * 2 + 0.04 * 2) / 6) < 1e-7
     key_mask = torch.tensor([True, True, False])  # image keys only
-    assert abs(float(attention_map_loss(s, t, key_mask)) - (0.0625 * 2 + 0.04) / 4) < 1e-7
+    assert abs(attention_map_loss(s, t, key_mask).item() - (0.0625 * 2 + 0.04) / 4) < 1e-7
     row_mask = torch.tensor([[0.0], [1.0]])
-    assert abs(float(attention_map_loss(s, t, row_mask)) - 0.08 / 3) < 1e-7
+    assert abs(attention_map_loss(s, t, row_mask).item() - 0.08 / 3) < 1e-7
     none = attention_map_loss(s, t, torch.zeros(3, dtype=torch.bool))
     none.backward()
     assert none.item() == 0.0 and s.grad is not None
