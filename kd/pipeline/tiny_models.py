@@ -78,8 +78,8 @@ def _corpus(seed: int, n_lines: int = 3000) -> list[str]:
     lines = [" ".join(DRIVING_WORDS)]
     for _ in range(n_lines):
         words = rng.choices(DRIVING_WORDS, k=rng.randint(3, 12))
-        line = " ".join(words)
-        lines.append(line.capitalize() + rng.choice(["?", ".", "", ","]))
+        line = " ".join(words)  # half lowercase: answers start a turn without a leading space
+        lines.append((line.capitalize() if rng.random() < 0.5 else line) + rng.choice(["?", ".", ""]))
     return lines
 
 
@@ -101,7 +101,7 @@ def _tokenizer_json(seed: int, vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(*, seed: int = 0, vocab_size: int = 640):
+def build_tokenizer(*, seed: int = 0, vocab_size: int = 1024):
     """A ``PreTrainedTokenizerFast`` with the special tokens Idefics3 needs and our chat template."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -171,7 +171,7 @@ def build_tiny_llm(
     max_position: int = 1024,
     init_std: float = 0.1,
     seed: int = 0,
-    vocab_size: int = 640,
+    vocab_size: int = 1024,
 ) -> Path:
     """Build a text-only Llama with random weights into ``out_dir`` and return the path."""
     from transformers import LlamaForCausalLM
@@ -204,7 +204,7 @@ def build_tiny_vlm(
     max_position: int = 1024,
     init_std: float = 0.1,
     seed: int = 0,
-    vocab_size: int = 640,
+    vocab_size: int = 1024,
 ) -> Path:
     """Build an Idefics3 VLM with random weights into ``out_dir`` and return the path.
 

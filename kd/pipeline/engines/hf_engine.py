@@ -1,0 +1,178 @@
+"""The transformers teacher engine: one teacher-forced forward per batch, on any torch device.
+
+It is the reference engine (the vLLM one is tested against it) and the only one that can give
+attention maps: those need eager attention, where the softmax weights are materialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.pipeline.encoding import EncodedSample
+from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, engine_identity, ensure_encoded,
+                                      num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.signals import TeacherSignals
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+
+
+def _stack_model_inputs(samples: list[EncodedSample]) -> dict[str, np.ndarray] | None:
+    """Batch the processors' extra inputs along dim 0, zero-padding image and pixel dims.
+
+    Zero padding is what the Idefics3 processor itself does for batches (all-zero images are
+    dropped by the model, ``pixel_attention_mask`` marks real pixels). ``None`` when the samples
+    cannot share a forward (different keys, or ragged inputs without a pixel mask).
+    """
+    keys = {tuple(sorted(s.model_inputs)) for s in samples}
+    if len(keys) != 1:
+        return None
+    names = keys.pop()
+    if not names:
+        return {}
+    out = {}
+    for name in names:
+        arrs = [s.model_inputs[name] for s in samples]
+        if any(a.shape[0] != 1 for a in arrs) or len({a.ndim for a in arrs}) != 1:
+            return None
+        shape = tuple(max(a.shape[d] for a in arrs) for d in range(arrs[0].ndim))
+        if any(a.shape != shape for a in arrs) and "pixel_attention_mask" not in names:
+            return None
+        padded = np.zeros((len(arrs),) + shape[1:], dtype=arrs[0].dtype)
+        for i, a in enumerate(arrs):
+            padded[(i,) + tuple(slice(0, n) for n in a.shape[1:])] = a[0]
+        out[name] = padded
+    return out
+
+
+class HFEngine:
+    """Teacher-forced transformers forward: top-k (or sampled) log-probs, hidden states, attention maps."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 trust_remote_code: bool = False, batch_size: int = 8, base_dir: str | Path | None = None) -> None:
+        from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                                  AutoProcessor, AutoTokenizer)
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.dtype = _torch_dtype(dtype)
+        self.batch_size = batch_size
+        self.base_dir = base_dir
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.is_vlm = getattr(config, "vision_config", None) is not None
+        model_cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
+        proc_cls = AutoProcessor if self.is_vlm else AutoTokenizer
+        self.processor = proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.model = model_cls.from_pretrained(model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                                               attn_implementation="sdpa")
+        self.model.to(self.device).eval()
+        self._attn_impl = "sdpa"
+        self.num_layers = num_text_layers(config)
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def identity(self) -> dict[str, Any]:
+        import transformers
+
+        return {"engine": self.name, "transformers": transformers.__version__, "torch": torch.__version__,
+                "dtype": str(self.dtype).removeprefix("torch."), **engine_identity(self.model_dir)}
+
+    def encode(self, batch: Batch) -> list[EncodedSample]:
+        return ensure_encoded(self.processor, batch, self.base_dir)
+
+    def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
+        """Teacher signals for each sample of ``batch``, in order."""
+        check_layers(spec, self.num_layers)
+        samples = self.encode(batch)
+        if spec.attention_layers and self._attn_impl != "eager":
+            self.model.set_attn_implementation("eager")  # only eager materialises attention weights
+            self._attn_impl = "eager"
+        out: list[TeacherSignals] = []
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i : i + self.batch_size]
+            if _stack_model_inputs(chunk) is None:
+                for s in chunk:
+                    out.extend(self._forward([s], spec))
+            else:
+                out.extend(self._forward(chunk, spec))
+        return out
+
+    def _attention_hooks(self, layers: tuple[int, ...], keep: torch.Tensor, store: dict[int, torch.Tensor]):
+        decoder_layers = self.model.get_decoder().layers
+
+        def make(layer: int):
+            def hook(_mod, _inp, output):
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if weights is None:
+                    raise RuntimeError("attention weights were not returned; eager attention is required")
+                # Head-average in fp32 and keep only the answer-predicting rows: [B, |keep|, S].
+                store[layer] = weights.float().mean(dim=1)[:, keep, :]
+            return hook
+
+        return [decoder_layers[i].self_attn.register_forward_hook(make(i)) for i in layers]
+
+    @torch.inference_mode()
+    def _forward(self, samples: list[EncodedSample], spec: SignalSpec) -> list[TeacherSignals]:
+        lengths = [len(s.input_ids) for s in samples]
+        smax = max(lengths)
+        ids = torch.full((len(samples), smax), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), smax), dtype=torch.long)
+        for b, s in enumerate(samples):
+            ids[b, : lengths[b]] = torch.from_numpy(s.input_ids.astype(np.int64))
+            mask[b, : lengths[b]] = 1
+        extra = {}
+        for name, arr in (_stack_model_inputs(samples) or {}).items():
+            t = torch.from_numpy(arr)
+            extra[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
+        # Only the answer-predicting positions go through the LM head.
+        keep_np = np.unique(np.concatenate([s.target_positions for s in samples]))
+        keep = torch.from_numpy(keep_np).to(self.device)
+        attn: dict[int, torch.Tensor] = {}
+        hooks = self._attention_hooks(spec.attention_layers, keep, attn) if spec.attention_layers else []
+        try:
+            outputs = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 output_hidden_states=bool(spec.hidden_layers), use_cache=False,
+                                 logits_to_keep=keep, **extra)
+        finally:
+            for h in hooks:
+                h.remove()
+        logprobs_all = torch.log_softmax(outputs.logits.float(), dim=-1)  # [B, |keep|, V]
+        results = []
+        for b, s in enumerate(samples):
+            rows = torch.from_numpy(np.searchsorted(keep_np, s.target_positions)).to(self.device)
+            lp = logprobs_all[b, rows]  # [T, V]
+            signals = self._logit_signals(s, lp, spec)
+            pos = torch.from_numpy(s.target_positions).to(self.device)
+            for layer in spec.hidden_layers:
+                signals.hidden[layer] = outputs.hidden_states[layer][b, pos].float().cpu().numpy()
+            for layer in spec.attention_layers:
+                maps = attn[layer][b, rows, : lengths[b]]  # [T, S]
+                if spec.attention_kind in ("full", "both"):
+                    signals.attention_full[layer] = maps.cpu().numpy()
+                if spec.attention_kind in ("t2v", "both"):
+                    cols = torch.from_numpy(np.flatnonzero(s.image_token_mask)).to(self.device)
+                    signals.attention_t2v[layer] = maps[:, cols].cpu().numpy()
+            results.append(signals)
+        return results
+
+    def _logit_signals(self, s: EncodedSample, lp: torch.Tensor, spec: SignalSpec) -> TeacherSignals:
+        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
+                      answer_start=s.answer_start)
+        if spec.logits == "sampled":
+            ids, vals, counts = sample_sparse(lp, spec.sampled_draws, sample_seed(spec.seed, s))
+            tail = tail_logmass(torch.from_numpy(vals)).numpy()
+            return TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail, counts=counts, **common)
+        k = min(spec.top_k, lp.shape[-1])
+        vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
+        return TeacherSignals(ids=idx.to(torch.int32).cpu().numpy(), logprobs=vals.cpu().numpy(),
+                              tail_logmass=tail_logmass(vals).cpu().numpy(), **common)
+
+    def close(self) -> None:
+        self.model = None
