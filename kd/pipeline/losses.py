@@ -18,9 +18,9 @@ bijection, the loss is zero exactly when the student's buckets equal the teacher
 with the exact tempered student tail. That is the textbook student side, but for ``T != 1`` and
 ``k < V`` it pulls a student that already matches the teacher away from it. Both agree when
 ``k = V``. A teacher tail below ``TAIL_LOGMASS_FLOOR`` (-30) is raised to it wherever the
-student has mass outside the top-k: float rounding writes ``-inf`` for near-complete top-k, which would
-make reverse KL infinite. All KD losses are multiplied by ``T**2`` (Hinton et al.) so that gradient magnitudes
-stay comparable across temperatures.
+student has mass outside the top-k: float rounding writes ``-inf`` for a near-complete top-k,
+which would make reverse KL infinite. All KD losses are multiplied by ``T**2`` (Hinton et al.)
+so that gradient magnitudes stay comparable across temperatures.
 """
 
 from __future__ import annotations
@@ -370,5 +370,6 @@ def default_attention_layers(num_layers: int) -> dict[str, tuple[str, list[int]]
 def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int = -100) -> Tensor:
     """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP)."""
     if student_logits.ndim != 2 or target_ids.shape != (student_logits.shape[0],):
-        raise ValueError(f"student_logits [N, V] {tuple(student_logits.shape)} / target_ids [N] {tuple(target_ids.shape)}")
-    return F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), target_ids.long(), ignore_index=ignore_index)
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} must be [N, V], target_ids {tuple(target_ids.shape)} [N]")
+    z = student_logits.to(_compute_dtype(student_logits))
+    return F.cross_entropy(z, target_ids.long(), ignore_index=ignore_index)

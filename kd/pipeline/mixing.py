@@ -165,7 +165,9 @@ class LearnableLossWeights(nn.Module):
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum(((x.float() * y.float()).sum() for x, y in zip(a, b)), torch.zeros((), device=a[0].device))
+    """Dot product over a list of tensors, in at least float32 (float64 kept)."""
+    dt = torch.promote_types(a[0].dtype, torch.float32)
+    return sum(((x.to(dt) * y.to(dt)).sum() for x, y in zip(a, b)), torch.zeros((), dtype=dt, device=a[0].device))
 
 
 def grad_norms(grads_by_loss: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
@@ -197,7 +199,7 @@ def per_loss_grads(
 def _project_off(g: list[Tensor], anchor: Sequence[Tensor]) -> list[Tensor]:
     """Remove from ``g`` its component along ``anchor`` only when they conflict (dot < 0)."""
     coef = _dot(g, anchor).clamp(max=0.0) / _dot(anchor, anchor).clamp_min(1e-20)
-    return [x - (coef * a.float()).to(x.dtype) for x, a in zip(g, anchor)]
+    return [x - (coef * a.to(coef.dtype)).to(x.dtype) for x, a in zip(g, anchor)]
 
 
 def agp_project(
