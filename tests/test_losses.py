@@ -60,7 +60,7 @@ def test_full_vocab_matches_dense_reference(kind, temperature, tail_temperature)
     tl = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
     ids, lp, tail = _topk_cache(tl, v)
     perm = torch.randperm(v, generator=g)  # cache order must not matter
-    ids, lp = ids[:, perm], lp[:, perm]
+    ids, lp = ids[:, perm].to(torch.int32), lp[:, perm]  # int32 as cached
     got = topk_kd_loss(z, ids, lp, tail, kind=kind, temperature=temperature, tail_temperature=tail_temperature,
                        beta=0.3, reduction="none")
     ref = _dense_ref(F.log_softmax(tl / temperature, -1), F.log_softmax(z / temperature, -1), kind, 0.3)
@@ -184,7 +184,7 @@ def test_gradients_reach_student_logits(kind, k):
 
 
 def test_rounded_away_tail_keeps_reverse_kl_finite():
-    """float32 writes tail = -inf once the top-k sums to 1; reverse KL must stay finite."""
+    """Engines write tail = -inf under 1e-6 mass; reverse KL must stay finite, forward barely moves."""
     z = torch.zeros(1, 6, requires_grad=True)
     ids = torch.tensor([[0, 1]])
     lp = torch.tensor([[math.log(0.6), math.log(0.4)]])
@@ -194,7 +194,7 @@ def test_rounded_away_tail_keeps_reverse_kl_finite():
         (grad,) = torch.autograd.grad(loss, z)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
     fwd = topk_kd_loss(z, ids, lp, tail).item()
-    assert abs(fwd - (0.6 * math.log(0.6 * 6) + 0.4 * math.log(0.4 * 6))) < 1e-5
+    assert abs(fwd - (0.6 * math.log(0.6 * 6) + 0.4 * math.log(0.4 * 6))) < 3e-5
 
 
 def test_bf16_logits_and_bad_inputs():
@@ -238,7 +238,7 @@ def _draw_sampled_cache(p: torch.Tensor, m: int, draws: int, g: torch.Generator)
     c = counts.gather(1, order)[:, :k]
     ids = torch.where(c > 0, order[:, :k], torch.full_like(c, -1))
     lps = torch.where(c > 0, p.log()[ids.clamp_min(0)], torch.full((m, k), NEG_INF, dtype=p.dtype))
-    return ids, c.to(torch.int32), lps
+    return ids.to(torch.int32), c.to(torch.uint16), lps  # the dtypes the cache stores
 
 
 def test_sampled_estimator_is_unbiased():

@@ -17,9 +17,9 @@ bijection, the loss is zero exactly when the student's buckets equal the teacher
 ``T``. ``tail_temperature="student_exact"`` uses ``log_softmax(z / T)`` for the student instead,
 with the exact tempered student tail. That is the textbook student side, but for ``T != 1`` and
 ``k < V`` it pulls a student that already matches the teacher away from it. Both agree when
-``k = V``. A teacher tail below ``TAIL_LOGMASS_FLOOR`` (-30) is raised to it wherever the
-student has mass outside the top-k: float rounding writes ``-inf`` for a near-complete top-k,
-which would make reverse KL infinite. All KD losses are multiplied by ``T**2`` (Hinton et al.)
+``k = V``. A teacher tail below ``TAIL_LOGMASS_FLOOR`` (``log 1e-6``) is raised to it wherever the
+student has mass outside the top-k: the engines write ``-inf`` for tails under 1e-6, which would
+make reverse KL infinite. All KD losses are multiplied by ``T**2`` (Hinton et al.)
 so that gradient magnitudes stay comparable across temperatures.
 """
 
@@ -47,10 +47,11 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
-# Floor for the teacher's tail log-mass when the student still has mass outside the top-k. A
-# float32 cache writes tail = -inf as soon as the top-k sum rounds to 1, and a finite floor keeps
-# reverse KL / JSD from becoming inf while changing forward KL by ~1e-13.
-TAIL_LOGMASS_FLOOR = -30.0
+# Floor for the teacher's tail log-mass when the student still has mass outside the top-k. The
+# engines write tail = -inf once the tail mass is below what fp32 top-k log-probs resolve
+# (engines.base.TAIL_EPS = 1e-6), so the true tail lies in [0, 1e-6]. Reading it as 1e-6 keeps
+# reverse KL / JSD finite and changes forward KL by ~1e-5 at most.
+TAIL_LOGMASS_FLOOR = math.log(1e-6)
 
 
 def _safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
@@ -195,10 +196,11 @@ def sampled_kd_loss(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     t = float(temperature)
-    valid = (s_ids >= 0) & (s_counts > 0)
-    ids = s_ids.long().clamp_min(0)
     dt = _compute_dtype(student_logits)
-    counts = s_counts.to(dt).masked_fill(~valid, 0.0)
+    counts = s_counts.to(dt)  # cached as uint16, which has no comparison kernels
+    valid = (s_ids >= 0) & (counts > 0)
+    ids = s_ids.long().clamp_min(0)
+    counts = counts.masked_fill(~valid, 0.0)
     if t != 1.0:
         logw = ((1.0 / t - 1.0) * s_logprobs.to(dt)).masked_fill(~valid, NEG_INF)
         logw = logw - logw.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
@@ -370,6 +372,6 @@ def default_attention_layers(num_layers: int) -> dict[str, tuple[str, list[int]]
 def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int = -100) -> Tensor:
     """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP)."""
     if student_logits.ndim != 2 or target_ids.shape != (student_logits.shape[0],):
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} must be [N, V], target_ids {tuple(target_ids.shape)} [N]")
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} / target_ids {tuple(target_ids.shape)}: need [N, V] / [N]")
     z = student_logits.to(_compute_dtype(student_logits))
     return F.cross_entropy(z, target_ids.long(), ignore_index=ignore_index)
