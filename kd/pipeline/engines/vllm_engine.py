@@ -1,0 +1,311 @@
+"""The vLLM teacher engine: prompt log-probs of the teacher-forced sequence through ``vllm.LLM``.
+
+One ``generate`` call with ``max_tokens=1`` and ``prompt_logprobs=k`` scores every prompt position;
+the answer-predicting rows are kept. Hidden states come from the same call through vLLM's
+``extract_hidden_states`` speculative method, whose KV connector writes one safetensors file per
+request; vLLM's own connector needs CUDA streams, so a CPU-safe subclass (synchronous copy) is
+defined here. vLLM never materialises attention maps: those need the transformers engine.
+
+vLLM is imported only when an engine is built, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.pipeline.encoding import EncodedSample
+from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, engine_identity, ensure_encoded,
+                                      num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.signals import TeacherSignals
+
+# Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
+# instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.
+_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+_CONNECTOR = "CpuHiddenStatesConnector"
+
+
+def _make_connector_class() -> type:
+    """``ExampleHiddenStatesConnector`` with a synchronous device->host copy (no CUDA streams/events)."""
+    from safetensors.torch import save_file
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+        ExampleHiddenStatesConnector, extract_from_kv_cache)
+
+    class _Done:
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+    class CpuHiddenStatesConnector(ExampleHiddenStatesConnector):
+        def _submit_async_write(self, pending: Any) -> None:
+            if not self._is_tp_rank_zero:
+                return
+            blocks = torch.tensor(pending.block_ids, dtype=torch.long)
+            slots = (torch.arange(self._block_size)[None, :] + blocks[:, None] * self._block_size).flatten()
+            n = pending.token_ids.shape[0]
+            hidden = extract_from_kv_cache(self._kv_cache, slots.to(self._kv_cache.device), n)
+            tensors = {"hidden_states": hidden.to("cpu").contiguous().clone(), "token_ids": pending.token_ids.clone()}
+            os.makedirs(os.path.dirname(pending.filename), exist_ok=True)
+            lock_fd = self._lock_fds.pop(pending.req_id, None)
+            try:
+                save_file(tensors, pending.filename)
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+            self._req_copy_events[pending.req_id] = _Done()
+
+    return CpuHiddenStatesConnector
+
+
+def _aux_hidden_arch(arch: str) -> str | None:
+    """Make a model class usable with ``extract_hidden_states`` when vLLM lacks only the marker.
+
+    vLLM's Idefics3 forwards its Llama decoder's output unchanged (so aux hidden states flow
+    through) but does not declare ``SupportsEagle3``, which the route requires. Register a subclass
+    that declares it under a new architecture name (the original registration is untouched) and
+    return that name; ``None`` when the class already supports it.
+    """
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import SupportsEagle3, supports_eagle3
+
+    cls = ModelRegistry._try_load_model_cls(arch)
+    if cls is None:
+        raise ValueError(f"vLLM does not know architecture {arch!r}")
+    if supports_eagle3(cls):
+        return None
+    name = f"KdAuxHidden{arch}"
+    if name not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(name, type(name, (cls, SupportsEagle3), {}))
+    return name
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM loads the connector by module path + class name; build the class only then.
+    if name == _CONNECTOR:
+        cls = _make_connector_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
+    """The final RMSNorm weight and eps of a Llama-style text model, read with safetensors."""
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    if "rms_norm_eps" not in text:
+        raise ValueError("the final-norm hidden layer needs an RMSNorm text model; ask for layers < num_layers")
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.endswith("norm.weight") and key.count(".") <= 3 and "layers" not in key and "vision" not in key:
+                    return f.get_tensor(key).float(), float(text["rms_norm_eps"])
+    raise ValueError(f"no final norm weight found in {model_dir}")
+
+
+class VLLMEngine:
+    """Teacher capture through the offline ``vllm.LLM`` API (top-k or sampled log-probs, hidden states)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
+                 trust_remote_code: bool = False, hidden_layers: tuple[int, ...] | None = None,
+                 max_model_len: int | None = None, max_images_per_prompt: int = 4,
+                 base_dir: str | Path | None = None, **llm_kwargs: Any) -> None:
+        for key, value in _ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.device, self.dtype, self.base_dir = device, str(dtype).removeprefix("torch."), base_dir
+        self.trust_remote_code = trust_remote_code
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.is_vlm = getattr(config, "vision_config", None) is not None
+        self.num_layers = num_text_layers(config)
+        proc_cls = AutoProcessor if self.is_vlm else AutoTokenizer
+        self.processor = proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self._llm_kwargs = dict(max_model_len=max_model_len, **llm_kwargs)
+        if self.is_vlm:
+            self._llm_kwargs.update(limit_mm_per_prompt={"image": max_images_per_prompt}, mm_processor_cache_gb=0)
+        self._hidden_layers = None if hidden_layers is None else tuple(sorted(set(hidden_layers)))
+        self._llm = None
+        self._tmp: str | None = None
+        self._final_norm: tuple[torch.Tensor, float] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        import vllm
+
+        return {"engine": self.name, "vllm": vllm.__version__, "dtype": self.dtype, **engine_identity(self.model_dir)}
+
+    def encode(self, batch: Batch) -> list[EncodedSample]:
+        return ensure_encoded(self.processor, batch, self.base_dir)
+
+    def _aux_ids(self) -> list[int]:
+        # vLLM aux id i == transformers hidden_states[i] for i < L; id L is the residual stream
+        # *before* the final norm, which transformers' hidden_states[L] is after (applied here).
+        return list(self._hidden_layers or ())
+
+    def _architecture(self) -> str:
+        return json.loads((self.model_dir / "config.json").read_text())["architectures"][0]
+
+    def _ensure_llm(self, spec: SignalSpec) -> Any:
+        if self._llm is None:
+            if self._hidden_layers is None:
+                self._hidden_layers = spec.hidden_layers
+            from vllm import LLM
+
+            kwargs = dict(model=str(self.model_dir), dtype=self.dtype, max_logprobs=-1,
+                          logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False,
+                          trust_remote_code=self.trust_remote_code, seed=0)
+            if self._hidden_layers:
+                arch = self._architecture()
+                override = _aux_hidden_arch(arch)
+                if override is not None:
+                    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+                        raise RuntimeError(f"hidden states of {arch} need vLLM's in-process engine "
+                                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+                    kwargs["hf_overrides"] = {"architectures": [override]}
+                self._tmp = tempfile.mkdtemp(prefix="kd-vllm-hidden-")
+                kwargs["speculative_config"] = {
+                    "method": "extract_hidden_states", "num_speculative_tokens": 1,
+                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids()}},
+                }
+                kwargs["kv_transfer_config"] = {
+                    "kv_connector": _CONNECTOR, "kv_connector_module_path": __name__, "kv_role": "kv_producer",
+                    "kv_connector_extra_config": {"shared_storage_path": self._tmp},
+                }
+            kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
+            self._llm = LLM(**kwargs)
+        missing = sorted(set(spec.hidden_layers) - set(self._hidden_layers or ()))
+        if missing:
+            raise ValueError(f"hidden layers {missing} were not requested when this vLLM engine started "
+                             f"(it captures {list(self._hidden_layers or ())}); pass hidden_layers= to load_engine")
+        return self._llm
+
+    def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
+        """Teacher signals for each sample of ``batch``, in order."""
+        if spec.attention_layers:
+            raise ValueError("attention maps are not available from vLLM (its kernels never materialise them); "
+                             "use the transformers engine (--engine hf) for attention_layers")
+        check_layers(spec, self.num_layers)
+        samples = self.encode(batch)
+        llm = self._ensure_llm(spec)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        prompts = []
+        for s in samples:
+            p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
+            if s.images:
+                p["multi_modal_data"] = {"image": list(s.images)}
+            prompts.append(p)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        # With hidden layers configured, vLLM writes a file for every request: read what the spec
+        # asks for, then delete them all.
+        paths = self._drain(llm, outputs) if self._tmp else [None] * len(outputs)
+        try:
+            return [self._signals(s, o, spec, path) for s, o, path in zip(samples, outputs, paths)]
+        finally:
+            for path in paths:
+                for f in (path, f"{path}.lock") if path else ():
+                    if os.path.exists(f):
+                        os.remove(f)
+
+    def _signals(self, s: EncodedSample, out: Any, spec: SignalSpec, hidden_path: str | None) -> TeacherSignals:
+        used = np.asarray(out.prompt_token_ids, dtype=np.int32)
+        if not np.array_equal(used, s.input_ids):
+            raise RuntimeError(f"sample {s.sample_id!r}: vLLM expanded the prompt to {len(used)} ids that differ "
+                               f"from ours ({len(s.input_ids)}); image placeholders are not handled identically")
+        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
+                      answer_start=s.answer_start)
+        pl = out.prompt_logprobs
+        # Entry i holds the distribution that predicts token i (entry 0 is empty).
+        rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
+        if spec.logits == "sampled":
+            vocab = max(len(r[0]) for r in rows)
+            dense = torch.full((len(rows), vocab), -torch.inf, dtype=torch.float64)
+            for j, (ids, lps) in enumerate(rows):
+                dense[j, torch.tensor(ids)] = torch.tensor(lps, dtype=torch.float64)
+            ids, vals, counts = sample_sparse(dense, spec.sampled_draws, sample_seed(spec.seed, s))
+            signals = TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail_logmass(torch.from_numpy(vals)).numpy(),
+                                     counts=counts, **common)
+        else:
+            ids = np.asarray([r[0][: spec.top_k] for r in rows], dtype=np.int32)
+            vals = torch.tensor([r[1][: spec.top_k] for r in rows], dtype=torch.float32)
+            signals = TeacherSignals(ids=ids, logprobs=vals.numpy(), tail_logmass=tail_logmass(vals).numpy(), **common)
+        if spec.hidden_layers:
+            signals.hidden = self._hidden(s, hidden_path, spec.hidden_layers)
+        return signals
+
+    @staticmethod
+    def _drain(llm: Any, outputs: list[Any], max_steps: int = 1000) -> list[str]:
+        """Step the engine until every hidden-states file is written.
+
+        The connector writes a request's file one scheduler step after the request finished, and
+        ``generate`` returns as soon as the outputs are out; the extra steps run no model work.
+        """
+        paths = [(o.kv_transfer_params or {}).get("hidden_states_path") for o in outputs]
+        for _ in range(max_steps):
+            if all(p and os.path.exists(p) for p in paths):
+                return paths
+            llm.llm_engine.step()
+        raise RuntimeError(f"vLLM did not write hidden states files: {[p for p in paths if not p or not os.path.exists(p)]}")
+
+    @staticmethod
+    def _row(pl: Any, position: int) -> tuple[list[int], list[float]]:
+        """The top-k of one position sorted by log-prob, without the actual-token entry vLLM prepends."""
+        start, end = pl.start_indices[position], pl.end_indices[position]
+        ids, lps, ranks = pl.token_ids[start:end], pl.logprobs[start:end], pl.ranks[start:end]
+        # vLLM puts the actual token first (with its true rank), then the top-k with ranks 1..k.
+        if len(ranks) > 1 and ranks[1] == 1:
+            ids, lps = ids[1:], lps[1:]
+        else:  # no duplicate scheme: deduplicate by id and sort
+            seen = dict(sorted(zip(ids, lps), key=lambda t: -t[1]))
+            ids, lps = list(seen), list(seen.values())
+        order = sorted(range(len(ids)), key=lambda i: -lps[i])
+        return [ids[i] for i in order], [lps[i] for i in order]
+
+    def _hidden(self, s: EncodedSample, path: str | None, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
+        from safetensors.torch import load_file
+
+        if not path or not os.path.exists(path):
+            raise RuntimeError(f"sample {s.sample_id!r}: vLLM wrote no hidden states file ({path!r})")
+        data = load_file(path)
+        hs = data["hidden_states"]  # [S, n_aux_layers, H]
+        if hs.shape[0] != len(s.input_ids) or not torch.equal(data["token_ids"].long(), torch.from_numpy(s.input_ids).long()):
+            raise RuntimeError(f"sample {s.sample_id!r}: hidden states file does not match the prompt")
+        pos = torch.from_numpy(s.target_positions)
+        aux = self._aux_ids()
+        result = {}
+        for layer in layers:
+            h = hs[pos, aux.index(layer)].float()
+            if layer == self.num_layers:
+                if self._final_norm is None:
+                    self._final_norm = _rms_norm_params(self.model_dir)
+                w, eps = self._final_norm
+                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+            result[layer] = h.numpy()
+        return result
+
+    def close(self) -> None:
+        """Stop the vLLM engine and delete the hidden-states scratch folder."""
+        if self._llm is not None:
+            core = getattr(self._llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self._llm = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
