@@ -1,0 +1,319 @@
+"""Stage-one dataset input: a JSONL file of records, validated in full before anything runs.
+
+One JSON object per line::
+
+    {"id": "a1", "images": ["imgs/a1.png"], "prompt": "What colour is the light?",
+     "answer": "red", "capability": "perception", "split": "train"}
+
+* ``id``: unique, non-empty string (the cache key of the sample).
+* ``images``: list of paths, zero or more; relative paths resolve against the JSONL's folder
+  (subfolders and ``..`` allowed), absolute paths are taken as they are.
+* exactly one of ``prompt`` (non-empty string) or ``messages`` (the turns *before* the answer:
+  ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system only first, last turn
+  ``user``, because the answer is the next assistant turn). ``null`` counts as absent.
+* ``answer``: non-empty string; ``capability``: non-empty tag (perception / reasoning / planning / ...).
+* any other key is kept as metadata (``Record.meta``), e.g. ``split``.
+
+Why validate everything up front: a cache build runs teachers for hours; a bad line found at
+sample 90 000 wastes that run. ``load_records`` reports every problem in one ``DatasetError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+KNOWN_KEYS = frozenset({"id", "images", "prompt", "messages", "answer", "capability"})
+MAX_LISTED = 20
+FINGERPRINT_VERSION = "kd-dataset-v1"
+_CHUNK = 1 << 20
+
+
+class Problem(NamedTuple):
+    """One validation problem: 1-based line (None for file-level), field, what is wrong."""
+
+    line: int | None
+    field: str
+    message: str
+
+
+class DatasetError(ValueError):
+    """Every problem found in a dataset file; the message lists the first ``MAX_LISTED``."""
+
+    def __init__(self, path: Path, problems: list[Problem]):
+        self.path = path
+        self.problems = problems
+        lines = [f"{len(problems)} problem(s) in dataset {path}:"]
+        for p in problems[:MAX_LISTED]:
+            where = f"{path}:{p.line}" if p.line is not None else str(path)
+            lines.append(f"  {where}: {p.field}: {p.message}")
+        if len(problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated sample. ``messages`` is a tuple of ``(role, content)`` pairs (hashable)."""
+
+    id: str
+    images: tuple[Path, ...]
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] | None
+    answer: str
+    capability: str
+    line: int
+    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def prompt_or_messages(self) -> str | list[dict[str, str]]:
+        """What ``encoding.encode_sample`` takes: the prompt string or the chat turns as dicts."""
+        if self.prompt is not None:
+            return self.prompt
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as a JSONL-style mapping (absolute image paths), e.g. for ``encode_record``."""
+        out: dict[str, Any] = {"id": self.id, "images": [str(p) for p in self.images]}
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        else:
+            out["messages"] = self.prompt_or_messages
+        out.update(answer=self.answer, capability=self.capability)
+        out.update(self.meta)
+        return out
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image fully decoded as RGB (pixels as stored: no EXIF rotation, same for every model)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _check_image(path: Path) -> str | None:
+    """None if ``path`` is a non-empty file PIL can parse, else what is wrong.
+
+    ``verify()`` reads headers and chunk checksums without decoding pixels, so a check of
+    100k camera frames stays cheap; a JPEG truncated mid-scan can still pass it.
+    """
+    try:
+        if not path.exists():
+            return f"image file not found: {path}"
+        if not path.is_file():
+            return f"image path is not a file: {path}"
+        if path.stat().st_size == 0:
+            return f"image file is empty (0 bytes): {path}"
+        with Image.open(path) as im:
+            im.verify()
+    except OSError as e:  # PermissionError, UnidentifiedImageError, truncated/corrupt data
+        return f"unreadable image {path}: {type(e).__name__}: {e}"
+    except Exception as e:  # PIL raises assorted errors (SyntaxError, DecompressionBombError, ...)
+        return f"unreadable image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _parse_messages(value: Any, add) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, list) or not value:
+        add("messages", f"must be a non-empty list of {{role, content}} objects, got {_type_name(value)}")
+        return None
+    turns: list[tuple[str, str]] = []
+    ok = True
+    for i, m in enumerate(value):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            add(f, f"must be an object, got {_type_name(m)}")
+            ok = False
+            continue
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            add(f, f"unexpected keys {extra} (only 'role' and 'content')")
+            ok = False
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            add(f"{f}.role", f"must be one of {list(ROLES)}, got {role!r}")
+            ok = False
+        elif role == "system" and i != 0:
+            add(f"{f}.role", "a system turn may only come first")
+            ok = False
+        if not isinstance(content, str):
+            add(f"{f}.content", f"must be a string, got {_type_name(content)}")
+            ok = False
+        if ok:
+            turns.append((role, content))
+    if ok and turns[-1][0] != "user":
+        add(f"messages[{len(turns) - 1}].role",
+            f"last turn must be 'user' (the answer is the next assistant turn), got {turns[-1][0]!r}")
+        ok = False
+    return tuple(turns) if ok else None
+
+
+def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
+                  image_cache: dict[Path, str | None], problems: list[Problem]) -> Record | None:
+    n_before = len(problems)
+
+    def add(fld: str, msg: str) -> None:
+        problems.append(Problem(lineno, fld, msg))
+
+    if not isinstance(obj, dict):
+        add("record", f"must be a JSON object, got {_type_name(obj)}")
+        return None
+    for key in ("id", "images", "answer", "capability"):
+        if key not in obj:
+            add(key, "missing required field")
+    rid = obj.get("id")
+    if "id" in obj and not _nonempty_str(rid):
+        add("id", f"must be a non-empty string, got {rid!r}")
+    for key in ("answer", "capability"):
+        if key in obj and not _nonempty_str(obj[key]):
+            what = "empty" if isinstance(obj[key], str) else f"wrong type {_type_name(obj[key])}"
+            add(key, f"must be a non-empty string ({what}: {obj[key]!r})")
+
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if prompt is not None and messages is not None:
+        add("prompt/messages", "give exactly one of 'prompt' or 'messages', not both")
+    elif prompt is None and messages is None:
+        add("prompt/messages", "missing: give exactly one of 'prompt' or 'messages'")
+    elif prompt is not None and not _nonempty_str(prompt):
+        add("prompt", f"must be a non-empty string, got {prompt!r}")
+    parsed_messages = _parse_messages(messages, add) if messages is not None and prompt is None else None
+
+    images: list[Path] = []
+    raw_images = obj.get("images")
+    if "images" in obj and not isinstance(raw_images, list):
+        add("images", f"must be a list of paths, got {_type_name(raw_images)}")
+    elif isinstance(raw_images, list):
+        for i, s in enumerate(raw_images):
+            if not _nonempty_str(s) or "\x00" in s:
+                add(f"images[{i}]", f"must be a non-empty path string, got {s!r}")
+                continue
+            p = Path(s)
+            p = (p if p.is_absolute() else base / p).resolve()
+            images.append(p)
+            if check_images:
+                if p not in image_cache:
+                    image_cache[p] = _check_image(p)
+                if image_cache[p]:
+                    add(f"images[{i}]", image_cache[p])
+
+    texts = [prompt] if isinstance(prompt, str) else [c for _, c in parsed_messages or ()]
+    n_ph = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    if n_ph and isinstance(raw_images, list) and n_ph != len(raw_images):
+        add("prompt" if isinstance(prompt, str) else "messages",
+            f"has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(raw_images)} image(s)")
+
+    if len(problems) > n_before:
+        return None
+    meta = {k: v for k, v in obj.items() if k not in KNOWN_KEYS}
+    return Record(id=rid, images=tuple(images), prompt=prompt, messages=parsed_messages,
+                  answer=obj["answer"], capability=obj["capability"], line=lineno, meta=meta)
+
+
+def load_records(path: str | Path, *, check_images: bool = True) -> list[Record]:
+    """Parse and validate a JSONL dataset; raise ``DatasetError`` listing every problem.
+
+    Blank lines are skipped. ``check_images=False`` skips the file checks of images (types are
+    still checked), for when the images live elsewhere at load time.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    base = path.resolve().parent
+    problems: list[Problem] = []
+    records: list[Record] = []
+    first_line: dict[str, int] = {}
+    image_cache: dict[Path, str | None] = {}
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(Problem(lineno, "line", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                                    f"at column {e.start + 1})"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(lineno, "line", f"invalid JSON: {e.msg} (column {e.colno})"))
+            continue
+        except ValueError as e:  # NaN / Infinity, rejected by _reject_constant
+            problems.append(Problem(lineno, "line", f"invalid JSON: {e}"))
+            continue
+        if isinstance(obj, dict) and _nonempty_str(obj.get("id")):
+            rid = obj["id"]
+            if rid in first_line:
+                problems.append(Problem(lineno, "id", f"duplicate id {rid!r} (first on line {first_line[rid]})"))
+            else:
+                first_line[rid] = lineno
+        rec = _parse_record(obj, lineno, base, check_images, image_cache, problems)
+        if rec is not None:
+            records.append(rec)
+    if not records and not problems:
+        problems.append(Problem(None, "file", "no records (empty file)"))
+    if problems:
+        raise DatasetError(path, problems)
+    return records
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical(rec: Record, image_hash: dict[Path, str]) -> str:
+    body = {
+        "id": rec.id,
+        "prompt": rec.prompt,
+        "messages": None if rec.messages is None else [list(m) for m in rec.messages],
+        "answer": rec.answer,
+        "capability": rec.capability,
+        "meta": dict(rec.meta),
+        "images": [image_hash[p] for p in rec.images],
+    }
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def dataset_fingerprint(records: Iterable[Record]) -> str:
+    """sha256 hex digest of what the samples *are*: text fields, metadata and image bytes.
+
+    Images enter by the sha256 of their bytes, not their path, and records are sorted by id
+    (ids are unique; the canonical text breaks ties), with no line numbers. So moving or
+    copying the dataset folder, renaming image files or reordering lines keeps the fingerprint,
+    and cached teacher outputs (keyed by sample id) stay valid; changing any image byte, any
+    text or any metadata value changes it and invalidates the cache.
+    """
+    recs = list(records)
+    image_hash: dict[Path, str] = {}
+    for rec in recs:
+        for p in rec.images:
+            if p not in image_hash:
+                image_hash[p] = _file_sha256(p)
+    lines = sorted((rec.id, _canonical(rec, image_hash)) for rec in recs)
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode() + b"\n")
+    for _, canon in lines:
+        h.update(canon.encode("utf-8") + b"\n")
+    return h.hexdigest()
