@@ -114,7 +114,12 @@ def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
 
 
 class VLLMEngine:
-    """Teacher capture through the offline ``vllm.LLM`` API (top-k or sampled log-probs, hidden states)."""
+    """Teacher capture through the offline ``vllm.LLM`` API (top-k or sampled log-probs, hidden states).
+
+    ``hidden_layers`` are fixed when vLLM starts (first ``capture`` if not given here); ``device`` is
+    informational, vLLM picks its own platform. ``max_logprobs=-1`` lets each capture choose its k;
+    ``logits="sampled"`` asks vLLM for the full vocabulary at every prompt position (slow for big vocabularies).
+    """
 
     name = "vllm"
 
@@ -159,9 +164,13 @@ class VLLMEngine:
         return json.loads((self.model_dir / "config.json").read_text())["architectures"][0]
 
     def _ensure_llm(self, spec: SignalSpec) -> Any:
+        if self._hidden_layers is None:  # the first spec decides, since vLLM fixes them at start
+            self._hidden_layers = spec.hidden_layers
+        missing = sorted(set(spec.hidden_layers) - set(self._hidden_layers))
+        if missing:
+            raise ValueError(f"hidden layers {missing} were not requested when this vLLM engine started "
+                             f"(it captures {list(self._hidden_layers)}); pass hidden_layers= to load_engine")
         if self._llm is None:
-            if self._hidden_layers is None:
-                self._hidden_layers = spec.hidden_layers
             from vllm import LLM
 
             kwargs = dict(model=str(self.model_dir), dtype=self.dtype, max_logprobs=-1,
@@ -186,10 +195,6 @@ class VLLMEngine:
                 }
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
             self._llm = LLM(**kwargs)
-        missing = sorted(set(spec.hidden_layers) - set(self._hidden_layers or ()))
-        if missing:
-            raise ValueError(f"hidden layers {missing} were not requested when this vLLM engine started "
-                             f"(it captures {list(self._hidden_layers or ())}); pass hidden_layers= to load_engine")
         return self._llm
 
     def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:

@@ -1,0 +1,232 @@
+"""Teacher engines against plain transformers references, and vLLM against the transformers engine."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import (assert_same_topk, make_image, tiny_llm_dir, tiny_vlm_dir,  # noqa: F401
+                             vlm_processor, vlm_samples)
+
+from kd.pipeline.engines import SignalSpec, engine_identity, load_engine
+from kd.pipeline.engines.base import TAIL_EPS, TeacherEngine, sample_sparse, tail_logmass
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_vlm_dir):
+    engine = load_engine("hf", tiny_vlm_dir, device="cpu", dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm_dir, vlm_samples):
+    """Independent eager transformers forward per sample: full log-softmax, hidden states, attentions."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir, dtype=torch.float32, attn_implementation="eager")
+    out = {}
+    with torch.no_grad():
+        for s in vlm_samples:
+            extra = {k: torch.from_numpy(v) for k, v in s.model_inputs.items()}
+            o = model(input_ids=torch.from_numpy(s.input_ids.astype(np.int64))[None], output_hidden_states=True,
+                      output_attentions=True, **extra)
+            pos = torch.from_numpy(s.target_positions)
+            out[s.sample_id] = {
+                "logprobs": torch.log_softmax(o.logits[0].double(), -1)[pos],
+                "hidden": {i: h[0, pos].numpy() for i, h in enumerate(o.hidden_states)},
+                "attn": {i: a[0].mean(0)[pos].numpy() for i, a in enumerate(o.attentions)},
+            }
+    return out
+
+
+def test_engines_satisfy_the_protocol(hf):
+    assert isinstance(hf, TeacherEngine) and hf.name == "hf"
+    ident = hf.identity()
+    assert ident["engine"] == "hf" and len(ident["config_sha256"]) == 64 and ident["weights_hash_kind"] == "content"
+
+
+def test_hf_topk_matches_independent_log_softmax(hf, vlm_samples, reference):
+    spec = SignalSpec(top_k=16)
+    worst = 0.0
+    for sig, s in zip(hf.capture(vlm_samples, spec), vlm_samples):
+        sig.validate()
+        ref = reference[s.sample_id]["logprobs"]
+        vals, ids = torch.topk(ref, 16, dim=-1)
+        worst = max(worst, float(np.abs(sig.logprobs - vals.numpy()).max()))
+        assert_same_topk(sig.ids, sig.logprobs, ids.numpy(), vals.numpy(), TOL)
+        # The tail is the mass outside the top-k, from the full distribution in float64.
+        mask = torch.ones_like(ref, dtype=torch.bool).scatter_(1, torch.from_numpy(sig.ids).long(), False)
+        tail_ref = torch.logsumexp(ref.masked_fill(~mask, -math.inf), -1).numpy()
+        np.testing.assert_allclose(sig.tail_logmass, tail_ref, atol=TOL)
+        assert np.array_equal(sig.target_ids, s.answer_ids) and sig.answer_start == s.answer_start
+    assert worst < TOL
+
+
+def test_hf_batching_does_not_change_results(tiny_vlm_dir, hf, vlm_samples):
+    spec = SignalSpec(top_k=8, hidden_layers=(1,))
+    one = load_engine("hf", tiny_vlm_dir, batch_size=1).capture(vlm_samples, spec)
+    many = hf.capture(vlm_samples, spec)
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=TOL)
+        np.testing.assert_allclose(a.hidden[1], b.hidden[1], atol=TOL)
+
+
+def test_hf_hidden_states_match_reference(hf, vlm_samples, reference):
+    spec = SignalSpec(top_k=4, hidden_layers=(0, 1, 2))
+    for sig, s in zip(hf.capture(vlm_samples, spec), vlm_samples):
+        for layer in (0, 1, 2):
+            assert sig.hidden[layer].shape == (s.num_answer_tokens, 64)
+            np.testing.assert_allclose(sig.hidden[layer], reference[s.sample_id]["hidden"][layer], atol=TOL)
+
+
+def test_hf_attention_maps(hf, vlm_samples, reference):
+    spec = SignalSpec(top_k=4, attention_layers=(0, 1), attention_kind="both")
+    for sig, s in zip(hf.capture(vlm_samples, spec), vlm_samples):
+        sig.validate()
+        for layer in (0, 1):
+            full, t2v = sig.attention_full[layer], sig.attention_t2v[layer]
+            assert full.shape == (s.num_answer_tokens, len(s.input_ids))
+            np.testing.assert_allclose(full.sum(-1), 1.0, atol=TOL)
+            np.testing.assert_allclose(full, reference[s.sample_id]["attn"][layer], atol=TOL)
+            assert t2v.shape == (s.num_answer_tokens, int(s.image_token_mask.sum()))
+            np.testing.assert_array_equal(t2v, full[:, s.image_token_mask])
+
+
+def test_hf_sampled_mode(hf, vlm_samples, reference):
+    spec = SignalSpec(logits="sampled", sampled_draws=12, seed=7)
+    first, again = hf.capture(vlm_samples, spec), hf.capture(vlm_samples[::-1], spec)[::-1]
+    other_seed = hf.capture(vlm_samples, SignalSpec(logits="sampled", sampled_draws=12, seed=8))
+    assert any(not np.array_equal(a.ids, b.ids) for a, b in zip(first, other_seed))
+    for sig, rep, s in zip(first, again, vlm_samples):
+        sig.validate()
+        assert np.array_equal(sig.ids, rep.ids) and np.array_equal(sig.counts, rep.counts)  # batch-independent
+        assert sig.ids.shape == (s.num_answer_tokens, 12) and sig.counts.dtype == np.uint16
+        assert (sig.counts.sum(-1) == 12).all()
+        real = sig.ids >= 0
+        assert ((sig.counts > 0) == real).all() and np.isneginf(sig.logprobs[~real]).all()
+        ref = reference[s.sample_id]["logprobs"].numpy()
+        rows = np.nonzero(real)[0]
+        np.testing.assert_allclose(sig.logprobs[real], ref[rows, sig.ids[real]], atol=TOL)
+        for r in range(len(sig.ids)):
+            ids = sig.ids[r][real[r]]
+            assert len(set(ids.tolist())) == len(ids) and (np.diff(sig.logprobs[r][real[r]]) <= 0).all()
+
+
+def test_sparse_sampling_is_unbiased_on_a_small_vocab():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(6) * 2, 0).double()
+    rows, draws = 4000, 12
+    ids, _, counts = sample_sparse(p.log().expand(rows, 6), draws, seed=123)
+    freq = np.zeros(6)
+    np.add.at(freq, ids[ids >= 0], counts[ids >= 0])
+    est = freq / (rows * draws)
+    sigma = np.sqrt(p.numpy() * (1 - p.numpy()) / (rows * draws))
+    assert (np.abs(est - p.numpy()) < 5 * sigma + 1e-12).all(), (est, p)
+    # An estimator built from counts (here E_p[f] for a fixed f) is unbiased as well.
+    f = np.arange(6.0) ** 2
+    per_row = np.where(ids >= 0, counts * f[np.clip(ids, 0, None)], 0).sum(-1) / draws
+    assert abs(per_row.mean() - float(p.numpy() @ f)) < 5 * per_row.std() / math.sqrt(rows)
+
+
+def test_tail_logmass_edge_cases():
+    full = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert torch.isneginf(tail_logmass(full)).all()
+    part = torch.log(torch.tensor([[0.5, 0.25]]))
+    assert torch.allclose(tail_logmass(part), torch.log(torch.tensor([0.25])))
+    nearly = torch.tensor([[math.log1p(-1e-4)]])  # mass 1 - 1e-4: tail log(1e-4), no cancellation
+    assert abs(float(tail_logmass(nearly)) - math.log(1e-4)) < 1e-4
+    assert torch.isneginf(tail_logmass(torch.tensor([[math.log1p(-TAIL_EPS / 10)]]))).all()
+
+
+def test_spec_validation_and_layer_ranges(hf, vlm_samples):
+    with pytest.raises(ValueError):
+        SignalSpec(logits="dense")
+    with pytest.raises(ValueError):
+        SignalSpec(attention_kind="cross")
+    assert SignalSpec(hidden_layers=(2, 0, 2)).hidden_layers == (0, 2)
+    with pytest.raises(ValueError, match="hidden_layers"):
+        hf.capture(vlm_samples[:1], SignalSpec(hidden_layers=(3,)))
+    with pytest.raises(ValueError, match="attention_layers"):
+        hf.capture(vlm_samples[:1], SignalSpec(attention_layers=(2,)))
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_engine("onnx", "unused")
+
+
+def test_capture_accepts_raw_records_and_rejects_empty_answers(hf, tmp_path):
+    make_image(4).save(tmp_path / "cam.png")
+    rec = {"id": "rec", "images": ["cam.png"], "prompt": "Light color?", "answer": "green", "base_dir": str(tmp_path)}
+    (sig,) = hf.capture([rec], SignalSpec(top_k=4))
+    sig.validate()
+    assert sig.sample_id == "rec"
+    with pytest.raises(ValueError, match="empty answer"):
+        hf.capture([{**rec, "answer": ""}], SignalSpec(top_k=4))
+
+
+def test_engine_identity_is_content_based(tmp_path, tiny_llm_dir):
+    from kd.pipeline.tiny_models import build_preset
+
+    a = engine_identity(tiny_llm_dir)
+    b = engine_identity(build_preset("llm", "student", tmp_path / "copy"))
+    c = engine_identity(build_preset("llm", "student", tmp_path / "seed1", seed=1))
+    keys = ("config_sha256", "tokenizer_sha256", "weights_sha256")
+    assert all(a[k] == b[k] for k in keys) and a["weights_sha256"] != c["weights_sha256"]
+
+
+def test_vllm_engine_module_imports_without_vllm():
+    code = "import sys, kd.pipeline.engines.vllm_engine, kd.pipeline.engines; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- vLLM against the transformers engine
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_vlm_dir):
+    pytest.importorskip("vllm")
+    engine = load_engine("vllm", tiny_vlm_dir, dtype="float32", hidden_layers=(0, 1, 2))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.vllm
+def test_vllm_topk_and_hidden_match_hf(vllm_engine, hf, vlm_samples):
+    spec = SignalSpec(top_k=16, hidden_layers=(0, 1, 2))
+    got, ref = vllm_engine.capture(vlm_samples, spec), hf.capture(vlm_samples, spec)
+    assert any(s.images for s in vlm_samples) and any(len(s.images) == 2 for s in vlm_samples)
+    for a, b, s in zip(got, ref, vlm_samples):
+        a.validate()
+        assert np.array_equal(a.input_ids, s.input_ids)  # the ids vLLM ran, images expanded by vLLM
+        assert a.ids.shape == b.ids.shape == (s.num_answer_tokens, 16)
+        assert (np.diff(a.logprobs, axis=-1) <= 0).all()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=TOL)
+        assert_same_topk(a.ids, a.logprobs, b.ids, b.logprobs, TOL)
+        np.testing.assert_allclose(a.tail_logmass, b.tail_logmass, atol=TOL)
+        for layer in (0, 1, 2):  # 2 == num_layers: the final normed output, as in transformers
+            np.testing.assert_allclose(a.hidden[layer], b.hidden[layer], atol=TOL)
+
+
+@pytest.mark.vllm
+def test_vllm_sampled_mode_matches_hf(vllm_engine, hf, vlm_samples):
+    spec = SignalSpec(logits="sampled", sampled_draws=12, seed=3)
+    for a, b in zip(vllm_engine.capture(vlm_samples, spec), hf.capture(vlm_samples, spec)):
+        a.validate()
+        assert (a.counts.sum(-1) == 12).all()
+        same = (a.ids == b.ids).all(-1)  # same seed and (nearly) same distribution: same draws
+        assert same.mean() >= 0.75
+        np.testing.assert_allclose(a.logprobs[same], b.logprobs[same], atol=TOL)
+
+
+@pytest.mark.vllm
+def test_vllm_refuses_attention_and_unconfigured_layers(vllm_engine, vlm_samples):
+    with pytest.raises(ValueError, match="--engine hf"):
+        vllm_engine.capture(vlm_samples[:1], SignalSpec(attention_layers=(0,)))
+    assert vllm_engine.capture(vlm_samples[:1], SignalSpec(top_k=4))[0].hidden == {}
+    with pytest.raises(ValueError, match="hidden_layers= to load_engine"):
+        load_engine("vllm", vllm_engine.model_dir, hidden_layers=(1,)).capture(vlm_samples[:1], SignalSpec(hidden_layers=(2,)))
