@@ -97,20 +97,26 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+_FINAL_NORM_KEYS = ("model.norm.weight", "model.text_model.norm.weight", "model.language_model.norm.weight",
+                    "language_model.model.norm.weight")
+_PLAIN_RMSNORM_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # y = x / rms(x) * w (not Gemma's 1 + w)
+
+
 def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
     """The final RMSNorm weight and eps of a Llama-style text model, read with safetensors."""
     from safetensors import safe_open
 
     config = json.loads((model_dir / "config.json").read_text())
     text = config.get("text_config", config)
-    if "rms_norm_eps" not in text:
-        raise ValueError("the final-norm hidden layer needs an RMSNorm text model; ask for layers < num_layers")
+    if text.get("model_type", "llama") not in _PLAIN_RMSNORM_TYPES or "rms_norm_eps" not in text:
+        raise ValueError(f"hidden layer num_layers (after the final norm) is only supported for "
+                         f"{_PLAIN_RMSNORM_TYPES} text models on vLLM; ask for layers < num_layers or use --engine hf")
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                if key.endswith("norm.weight") and key.count(".") <= 3 and "layers" not in key and "vision" not in key:
+            for key in _FINAL_NORM_KEYS:
+                if key in f.keys():
                     return f.get_tensor(key).float(), float(text["rms_norm_eps"])
-    raise ValueError(f"no final norm weight found in {model_dir}")
+    raise ValueError(f"no final norm weight ({' / '.join(_FINAL_NORM_KEYS)}) in {model_dir}")
 
 
 class VLLMEngine:
