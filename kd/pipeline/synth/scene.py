@@ -80,15 +80,15 @@ class Scene:
 # Raw-draw priors, tuned (with ACTION_WEIGHTS) so that no question's majority answer is far above
 # its share: see tests/test_synth.py::test_class_balance for the resulting answer frequencies.
 P: dict = dict(
-    three_lanes=0.7,             # P(3 lanes) else 2
-    ego2=[0.35, 0.65],           # ego lane on 2 lanes (left, right)
-    ego3=[0.2, 0.5, 0.3],        # ego lane on 3 lanes (left, middle, right)
+    three_lanes=0.75,            # P(3 lanes) else 2
+    ego2=[0.4, 0.6],             # ego lane on 2 lanes (left, right)
+    ego3=[0.22, 0.5, 0.28],      # ego lane on 3 lanes (left, middle, right)
     light=[0.4, 0.15, 0.12, 0.33],  # none, red, yellow, green
     crosswalk=0.45,
     crossing=0.35,               # P(crossing pedestrian | crosswalk)
     sidewalk=0.42,               # P(pedestrian on the left sidewalk)
     blocked=0.6,                 # P(first vehicle right ahead of the ego | any vehicle)
-    far_weight=3.0,              # far-ahead cells are drawn 3x as often (they block nothing)
+    far_weight=4.0,              # far-ahead cells are drawn 4x as often (they block nothing)
 )
 # Target frequencies of the ego action (sample_scene's ``action``): see ``synthesize``.
 ACTION_WEIGHTS = {"stop": 0.28, "slow down": 0.2, "change left": 0.14, "change right": 0.14, "keep lane": 0.24}
