@@ -1,0 +1,291 @@
+"""Reading caches: random access by sample id, batched reads, and joins across teachers.
+
+A reader trusts nothing it has not checked: the manifest must be sealed and of this
+schema version, ``index.parquet`` and each shard's metadata files must match their
+checksums before use, array shapes must match the manifest's counts, and every chunk
+carries a crc32c that zarr checks on read. Decoded chunks are kept in a bounded LRU so
+the repeated random reads of training are served from memory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .codecs import decode_hidden, decode_logprobs
+from .errors import CacheCorruptError, CacheError, CacheUnsealedError
+from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig
+from .storage import Location, checksum_bytes
+from .writer import SHARD_INDEX_FILE, shard_commit_name
+from .zarr_io import zarr_store
+
+DEFAULT_CACHE_BYTES = 512 << 20
+
+
+@dataclass
+class CachedSample:
+    """One sample's cached teacher signals, decoded to float32 (see SPEC.md for the rows)."""
+
+    sample_id: str
+    capability: str
+    target_ids: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail_logmass: np.ndarray
+    answer_start: int
+    seq_len: int
+    input_ids_hash: str
+    answer_ids_hash: str
+    counts: np.ndarray | None = None
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)
+    attention_t2v: dict[int, np.ndarray] = field(default_factory=dict)
+    attention_full: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.target_ids.shape[0])
+
+
+class _ChunkLRU:
+    """Decoded chunks keyed by (shard, array, chunk), evicted by total bytes."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.budget:
+            return
+        with self.lock:
+            self.items[key] = value
+            self.used += value.nbytes
+            while self.used > self.budget:
+                _, old = self.items.popitem(last=False)
+                self.used -= old.nbytes
+
+
+class _Shard:
+    """Lazy access to one shard's zarr arrays, checked against the manifest on first use."""
+
+    def __init__(self, reader: "CacheReader", entry: ShardEntry):
+        self.reader = reader
+        self.entry = entry
+        self._arrays: dict[str, zarr.Array] = {}
+        self._group: zarr.Group | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> zarr.Group:
+        with self._lock:
+            if self._group is None:
+                loc = self.reader.location
+                for rel, meta in self.entry.files.items():
+                    if rel.endswith("zarr.json"):
+                        data = loc.read_bytes(f"{self.entry.path}/{rel}")
+                        if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
+                            raise CacheCorruptError(f"{loc.url}/{self.entry.path}/{rel}: checksum mismatch")
+                self._group = zarr.open_group(store=zarr_store(loc.child(self.entry.path), read_only=True), mode="r")
+            return self._group
+
+    def array(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            try:
+                arr = self._open()[name]
+            except KeyError:
+                raise CacheCorruptError(f"{self.where}: array {name!r} missing") from None
+            if name in ("target_ids", "ids", "logprobs", "tail_logmass") and arr.shape[0] != self.entry.tokens:
+                raise CacheCorruptError(f"{self.where}/{name}: {arr.shape[0]} rows, manifest says {self.entry.tokens} tokens")
+            self._arrays[name] = arr
+        return arr
+
+    @property
+    def where(self) -> str:
+        return f"{self.reader.location.url}/{self.entry.path}"
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of an array, assembled from cached decoded chunks."""
+        arr = self.array(name)
+        step = arr.chunks[0]
+        parts = []
+        for c in range(start // step, (stop - 1) // step + 1 if stop > start else start // step):
+            key = (self.entry.shard, name, c)
+            chunk = self.reader._lru.get(key)
+            if chunk is None:
+                try:
+                    chunk = arr[c * step : min((c + 1) * step, arr.shape[0])]
+                except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
+                    raise CacheCorruptError(f"{self.where}/{name}: chunk {c} unreadable or corrupt ({e})") from None
+                self.reader._lru.put(key, chunk)
+            lo = max(start - c * step, 0)
+            hi = min(stop - c * step, chunk.shape[0])
+            parts.append(chunk[lo:hi])
+        if not parts:
+            return np.zeros((0,) + arr.shape[1:], arr.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class CacheReader:
+    """Open a cache by path or fsspec URL and read samples by id."""
+
+    def __init__(self, url: str, *, allow_unsealed: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None):
+        self.location = Location.from_url(str(url), **(storage_options or {}))
+        self._lru = _ChunkLRU(cache_bytes)
+        if self.location.exists(MANIFEST_FILE):
+            self.manifest: Manifest | None = Manifest.from_json(self.location.read_bytes(MANIFEST_FILE), f"{self.location.url}/{MANIFEST_FILE}")
+            if not self.manifest.sealed:
+                raise CacheUnsealedError(f"{self.location.url}: manifest is not sealed")
+            self.signals = self.manifest.signals
+            entries = self.manifest.shards
+            self.index = self._read_index_file()
+        elif not self.location.exists():
+            raise CacheError(f"{self.location.url}: no such cache")
+        elif allow_unsealed:
+            self.manifest = None
+            entries, self.signals, self.index = self._read_partial()
+        else:
+            raise CacheUnsealedError(
+                f"{self.location.url}: cache is not sealed (build unfinished or killed); "
+                "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
+            )
+        self._shards = {e.shard: _Shard(self, e) for e in entries}
+        ids = self.index.column("sample_id").to_pylist()
+        self._row_of = {sid: i for i, sid in enumerate(ids)}
+        if len(self._row_of) != len(ids):
+            raise CacheCorruptError(f"{self.location.url}: duplicate sample ids in the index")
+        if self.manifest is not None and len(ids) != self.manifest.samples:
+            raise CacheCorruptError(f"{self.location.url}: index has {len(ids)} samples, manifest says {self.manifest.samples}")
+        self._cols = {name: self.index.column(name).to_numpy() for name in ("shard", "token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
+        self._strs = {name: self.index.column(name).to_pylist() for name in ("capability", "input_ids_hash", "answer_ids_hash")}
+        self._check_index_against_shards()
+
+    def _read_index_file(self) -> pa.Table:
+        data = self.location.read_bytes(INDEX_FILE)
+        meta = self.manifest.index
+        if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
+            raise CacheCorruptError(f"{self.location.url}/{INDEX_FILE}: checksum or size mismatch (corrupt or truncated)")
+        return pq.read_table(pa.BufferReader(data))
+
+    def _read_partial(self) -> tuple[list[ShardEntry], SignalConfig, pa.Table]:
+        """Committed shards of an unfinished build (explicitly requested only)."""
+        plan = json.loads(self.location.read_bytes("plan.json"))
+        signals = SignalConfig.from_dict(plan["key_inputs"]["signals"])
+        entries, tables = [], []
+        for shard in range(len(plan["shards"])):
+            if self.location.exists(shard_commit_name(shard)):
+                entry = ShardEntry.from_dict(json.loads(self.location.read_bytes(shard_commit_name(shard))))
+                entries.append(entry)
+                tables.append(pq.read_table(pa.BufferReader(self.location.read_bytes(f"{entry.path}/{SHARD_INDEX_FILE}"))))
+        from .writer import INDEX_SCHEMA
+
+        return entries, signals, pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+
+    def _check_index_against_shards(self) -> None:
+        shard_col, starts, lengths = self._cols["shard"], self._cols["token_start"], self._cols["num_tokens"]
+        for shard, entry in ((s, sh.entry) for s, sh in self._shards.items()):
+            mask = shard_col == shard
+            if int(lengths[mask].sum()) != entry.tokens or int(mask.sum()) != entry.samples:
+                raise CacheCorruptError(f"{self.location.url}: index disagrees with manifest counts of shard {shard}")
+            if mask.any() and int((starts[mask] + lengths[mask]).max()) > entry.tokens:
+                raise CacheCorruptError(f"{self.location.url}: index spans past the end of shard {shard}")
+
+    # ----------------------------------------------------------------- access
+    @property
+    def key(self) -> str:
+        return self.manifest.key if self.manifest else ""
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return list(self._row_of)
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._row_of
+
+    def capability(self, sample_id: str) -> str:
+        return self._strs["capability"][self._row(sample_id)]
+
+    def _row(self, sample_id: str) -> int:
+        try:
+            return self._row_of[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in cache {self.location.url}") from None
+
+    def get(self, sample_id: str) -> CachedSample:
+        row = self._row(sample_id)
+        c = self._cols
+        shard = self._shards[int(c["shard"][row])]
+        start, n = int(c["token_start"][row]), int(c["num_tokens"][row])
+        sig = self.signals
+        stored = {"logprobs": shard.rows("logprobs", start, start + n)}
+        if sig.value_coding == "u8":
+            stored["logprob_ref"] = shard.rows("logprob_ref", start, start + n)
+        sample = CachedSample(
+            sample_id=sample_id,
+            capability=self._strs["capability"][row],
+            target_ids=shard.rows("target_ids", start, start + n),
+            ids=shard.rows("ids", start, start + n),
+            logprobs=decode_logprobs(stored, sig.value_coding),
+            tail_logmass=shard.rows("tail_logmass", start, start + n),
+            answer_start=int(c["answer_start"][row]),
+            seq_len=int(c["seq_len"][row]),
+            input_ids_hash=self._strs["input_ids_hash"][row],
+            answer_ids_hash=self._strs["answer_ids_hash"][row],
+            counts=shard.rows("counts", start, start + n) if sig.logits == "sampled" else None,
+        )
+        for layer in sig.hidden_layers:
+            sample.hidden[layer] = decode_hidden(shard.rows(f"hidden_L{layer}", start, start + n), sig.hidden_coding)
+        for kind in sig.attention_kinds:
+            a0, keys = int(c[f"attn_{kind}_start"][row]), int(c[f"attn_{kind}_keys"][row])
+            target = sample.attention_t2v if kind == "t2v" else sample.attention_full
+            for layer in sig.attention_layers:
+                flat = shard.rows(f"attn_{kind}_L{layer}", a0, a0 + n * keys)
+                target[layer] = decode_hidden(flat, sig.attention_coding).reshape(n, keys)
+        return sample
+
+    def get_many(self, sample_ids: Iterable[str]) -> list[CachedSample]:
+        return [self.get(s) for s in sample_ids]
+
+    def summary(self) -> dict[str, Any]:
+        from .summary import summarize
+
+        return summarize(self)
+
+
+class JoinedReader:
+    """Several caches (one per teacher role) read together by sample id."""
+
+    def __init__(self, readers: dict[str, CacheReader]):
+        if not readers:
+            raise ValueError("JoinedReader needs at least one cache")
+        self.readers = readers
+        first = next(iter(readers.values()))
+        self.sample_ids = [s for s in first.sample_ids if all(s in r for r in readers.values())]
+
+    def get(self, sample_id: str) -> dict[str, CachedSample]:
+        return {role: r.get(sample_id) for role, r in self.readers.items()}
+
+    def get_many(self, sample_ids: Iterable[str]) -> list[dict[str, CachedSample]]:
+        return [self.get(s) for s in sample_ids]
+
+
+def open_cache(url: str, **kwargs: Any) -> CacheReader:
+    return CacheReader(url, **kwargs)

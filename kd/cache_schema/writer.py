@@ -1,0 +1,294 @@
+"""Writing a cache: one writer per shard, atomic shard commits, and the seal.
+
+Protocol (SPEC.md, "Writing"): the driver writes ``plan.json`` (the deterministic
+sample -> shard plan) once; each shard is written under a fresh attempt directory and
+becomes visible only when its ``shards/NNNNN.commit.json`` is published atomically; the
+sealer joins the shard indices into ``index.parquet`` and publishes ``manifest.json`` last.
+A killed build leaves only unreferenced attempt directories, which the seal removes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .codecs import encode_hidden, encode_logprobs, folded_mask
+from .errors import CacheCorruptError, CacheError
+from .key import cache_dir_name, cache_key
+from .manifest import INDEX_FILE, MANIFEST_FILE, PLAN_FILE, FileEntry, Manifest, ShardEntry, SignalConfig
+from .storage import Location, checksum_bytes
+from .zarr_io import array_codecs, zarr_store
+
+SHARD_INDEX_FILE = "index.parquet"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("capability", pa.string()),
+        ("shard", pa.int32()),
+        ("token_start", pa.int64()),
+        ("num_tokens", pa.int32()),
+        ("answer_start", pa.int32()),
+        ("seq_len", pa.int32()),
+        ("input_ids_hash", pa.string()),
+        ("answer_ids_hash", pa.string()),
+        ("attn_t2v_start", pa.int64()),
+        ("attn_t2v_keys", pa.int32()),
+        ("attn_full_start", pa.int64()),
+        ("attn_full_keys", pa.int32()),
+    ]
+)
+
+
+class SampleSignals(Protocol):
+    """What a shard writer needs of one sample (``kd.pipeline.signals.TeacherSignals`` fits)."""
+
+    sample_id: str
+    target_ids: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail_logmass: np.ndarray
+    counts: np.ndarray | None
+    input_ids: np.ndarray
+    answer_start: int
+    hidden: dict[int, np.ndarray]
+    attention_t2v: dict[int, np.ndarray]
+    attention_full: dict[int, np.ndarray]
+
+
+def hash_ids(ids: Sequence[int] | np.ndarray) -> str:
+    """Stable digest of token ids (int32 little-endian, sha256, 32 hex) proving alignment."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()[:32]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def shard_commit_name(shard: int) -> str:
+    return f"shards/{shard:05d}.commit.json"
+
+
+class ShardWriter:
+    """Collects the samples of one shard and commits them as one atomic unit."""
+
+    def __init__(self, cache: Location, shard: int, signals: SignalConfig):
+        self.cache = cache
+        self.shard = shard
+        self.signals = signals
+        self._samples: list[tuple[SampleSignals, str]] = []
+
+    def add(self, sample: SampleSignals, capability: str) -> None:
+        _check_sample(sample, self.signals)
+        self._samples.append((sample, capability))
+
+    def commit(self) -> ShardEntry:
+        """Write arrays + index under a fresh attempt dir, checksum them, publish the commit file."""
+        if not self._samples:
+            raise CacheError(f"shard {self.shard}: no samples to commit")
+        rel = f"shards/{self.shard:05d}-{uuid.uuid4().hex[:12]}"
+        arrays, index = self._assemble()
+        group = zarr.open_group(store=zarr_store(self.cache.child(rel)), mode="w", zarr_format=3)
+        group.attrs.update({"kd_shard": self.shard, "kd_signals": self.signals.to_dict()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, data in arrays.items():
+                filters, compressors, chunks = array_codecs(name, data)
+                arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters, compressors=compressors)
+                if data.size:
+                    arr[...] = data
+        sink = pa.BufferOutputStream()
+        pq.write_table(index, sink, compression="zstd")
+        self.cache.write_atomic(f"{rel}/{SHARD_INDEX_FILE}", sink.getvalue().to_pybytes())
+        files = {}
+        for path, size in sorted(self.cache.walk_files(rel).items()):
+            data = self.cache.read_bytes(path)
+            files[path[len(rel) + 1 :]] = FileEntry(len(data), checksum_bytes(data))
+        entry = ShardEntry(self.shard, rel, len(self._samples), int(index.column("num_tokens").to_numpy().sum()), files)
+        self.cache.write_atomic(shard_commit_name(self.shard), json.dumps(entry.to_dict(), indent=1).encode())
+        return entry
+
+    def _assemble(self) -> tuple[dict[str, np.ndarray], pa.Table]:
+        sig = self.signals
+        samples = [s for s, _ in self._samples]
+        lengths = np.array([s.num_tokens if hasattr(s, "num_tokens") else len(s.target_ids) for s in samples], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        ids = np.concatenate([np.asarray(s.ids, np.int32) for s in samples])
+        lp = np.concatenate([np.asarray(s.logprobs, np.float32) for s in samples])
+        tail = np.concatenate([np.asarray(s.tail_logmass, np.float32) for s in samples])
+        coded = encode_logprobs(lp, tail, sig.value_coding)
+        folded = folded_mask(coded, sig.value_coding)
+        if folded is not None:
+            ids = np.where(folded, -1, ids).astype(np.int32)
+        arrays: dict[str, np.ndarray] = {
+            "target_ids": np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples]),
+            "ids": ids,
+            **coded,
+        }
+        if sig.logits == "sampled":
+            arrays["counts"] = np.concatenate([np.asarray(s.counts, np.uint16) for s in samples])
+        for layer in sig.hidden_layers:
+            h = np.concatenate([np.asarray(s.hidden[layer], np.float32) for s in samples])
+            arrays[f"hidden_L{layer}"] = encode_hidden(h, sig.hidden_coding)
+        attn_cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for kind in ("t2v", "full"):
+            key_counts = np.zeros(len(samples), np.int64)
+            if kind in sig.attention_kinds:
+                field = "attention_t2v" if kind == "t2v" else "attention_full"
+                key_counts = np.array([getattr(s, field)[sig.attention_layers[0]].shape[1] for s in samples], np.int64)
+                for layer in sig.attention_layers:
+                    flat = np.concatenate([np.asarray(getattr(s, field)[layer], np.float32).ravel() for s in samples])
+                    arrays[f"attn_{kind}_L{layer}"] = encode_hidden(flat, sig.attention_coding)
+            sizes = key_counts * lengths
+            attn_cols[kind] = (np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), key_counts.astype(np.int32))
+        index = pa.table(
+            {
+                "sample_id": [s.sample_id for s in samples],
+                "capability": [c for _, c in self._samples],
+                "shard": np.full(len(samples), self.shard, np.int32),
+                "token_start": starts.astype(np.int64),
+                "num_tokens": lengths.astype(np.int32),
+                "answer_start": np.array([s.answer_start for s in samples], np.int32),
+                "seq_len": np.array([len(s.input_ids) for s in samples], np.int32),
+                "input_ids_hash": [hash_ids(s.input_ids) for s in samples],
+                "answer_ids_hash": [hash_ids(s.target_ids) for s in samples],
+                "attn_t2v_start": attn_cols["t2v"][0],
+                "attn_t2v_keys": attn_cols["t2v"][1],
+                "attn_full_start": attn_cols["full"][0],
+                "attn_full_keys": attn_cols["full"][1],
+            },
+            schema=INDEX_SCHEMA,
+        )
+        return arrays, index
+
+
+def _check_sample(s: SampleSignals, sig: SignalConfig) -> None:
+    where = f"sample {s.sample_id!r}"
+    if hasattr(s, "validate"):
+        s.validate()
+    if len(s.target_ids) == 0:
+        raise ValueError(f"{where}: empty answer (0 answer tokens) cannot be cached")
+    if s.ids.shape[1] != sig.top_k:
+        raise ValueError(f"{where}: ids have {s.ids.shape[1]} columns, signal config says top_k={sig.top_k}")
+    if sig.logits == "sampled" and s.counts is None:
+        raise ValueError(f"{where}: sampled logits need counts")
+    for layer in sig.hidden_layers:
+        if layer not in s.hidden:
+            raise ValueError(f"{where}: hidden state of layer {layer} missing")
+    for kind in sig.attention_kinds:
+        maps = s.attention_t2v if kind == "t2v" else s.attention_full
+        for layer in sig.attention_layers:
+            if layer not in maps:
+                raise ValueError(f"{where}: {kind} attention map of layer {layer} missing")
+
+
+@dataclass
+class BuildPlan:
+    """Deterministic assignment of sample ids to shards (same inputs, same plan)."""
+
+    shards: list[list[str]]
+
+    @classmethod
+    def from_ids(cls, sample_ids: Iterable[str], shard_size: int) -> "BuildPlan":
+        ids = list(sample_ids)
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        return cls([ids[i : i + shard_size] for i in range(0, len(ids), shard_size)])
+
+
+class CacheBuild:
+    """A cache directory under construction: plan, committed shards, seal."""
+
+    def __init__(self, root: Location, inputs: dict[str, Any], teacher: dict[str, Any], signals: SignalConfig):
+        self.inputs = inputs
+        self.key = cache_key(inputs)
+        self.name = cache_dir_name(inputs)
+        self.location = root.child(self.name)
+        self.teacher = teacher
+        self.signals = signals
+
+    @property
+    def sealed(self) -> bool:
+        return self.location.exists(MANIFEST_FILE)
+
+    def start(self, plan: BuildPlan) -> None:
+        """Create the directory and publish the plan; a resumed build must have the same plan."""
+        self.location.makedirs("shards")
+        doc = {"key": self.key, "key_inputs": self.inputs, "shards": plan.shards}
+        if self.location.exists(PLAN_FILE):
+            existing = json.loads(self.location.read_bytes(PLAN_FILE))
+            if existing.get("key") != self.key or existing.get("shards") != plan.shards:
+                raise CacheError(f"{self.location.url}: an unfinished build with a different plan exists; use --force")
+            return
+        self.location.write_atomic(PLAN_FILE, json.dumps(doc).encode())
+
+    def plan(self) -> BuildPlan:
+        return BuildPlan(json.loads(self.location.read_bytes(PLAN_FILE))["shards"])
+
+    def committed(self) -> dict[int, ShardEntry]:
+        """Shards whose commit file exists and parses (a torn commit cannot exist: it is atomic)."""
+        out = {}
+        for name in self.location.listdir("shards"):
+            if name.endswith(".commit.json"):
+                entry = ShardEntry.from_dict(json.loads(self.location.read_bytes(f"shards/{name}")))
+                out[entry.shard] = entry
+        return out
+
+    def shard_writer(self, shard: int) -> ShardWriter:
+        return ShardWriter(self.location, shard, self.signals)
+
+    def seal(self, kd_version: str) -> Manifest:
+        """Join shard indices, publish ``index.parquet`` then ``manifest.json`` (the seal)."""
+        plan = self.plan()
+        committed = self.committed()
+        missing = [i for i in range(len(plan.shards)) if i not in committed]
+        if missing:
+            raise CacheError(f"{self.location.url}: cannot seal, shards not committed: {missing[:10]}")
+        tables = []
+        for i, shard_ids in enumerate(plan.shards):
+            entry = committed[i]
+            data = self.location.read_bytes(f"{entry.path}/{SHARD_INDEX_FILE}")
+            expected = entry.files[SHARD_INDEX_FILE]
+            if checksum_bytes(data) != expected.xxh3_128:
+                raise CacheCorruptError(f"{self.location.url}/{entry.path}/{SHARD_INDEX_FILE}: checksum mismatch")
+            table = pq.read_table(pa.BufferReader(data))
+            if table.column("sample_id").to_pylist() != shard_ids:
+                raise CacheCorruptError(f"{self.location.url}: shard {i} holds other samples than planned")
+            tables.append(table)
+        index = pa.concat_tables(tables)
+        sink = pa.BufferOutputStream()
+        pq.write_table(index, sink, compression="zstd")
+        index_bytes = sink.getvalue().to_pybytes()
+        self.location.write_atomic(INDEX_FILE, index_bytes)
+        shards = [committed[i] for i in range(len(plan.shards))]
+        manifest = Manifest(
+            key=self.key,
+            key_inputs=self.inputs,
+            signals=self.signals,
+            teacher=self.teacher,
+            samples=sum(s.samples for s in shards),
+            tokens=sum(s.tokens for s in shards),
+            shards=shards,
+            index=FileEntry(len(index_bytes), checksum_bytes(index_bytes)),
+            created=_now(),
+            kd_version=kd_version,
+        )
+        self._remove_stray_attempts({s.path.split("/", 1)[1] for s in shards})
+        if not self.sealed:  # a concurrent sealer may have won; its manifest is equivalent
+            self.location.write_atomic(MANIFEST_FILE, manifest.to_json())
+        return manifest
+
+    def _remove_stray_attempts(self, keep: set[str]) -> None:
+        for name in self.location.listdir("shards"):
+            if not name.endswith(".commit.json") and name not in keep:
+                self.location.remove(f"shards/{name}", recursive=True)
