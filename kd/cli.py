@@ -1,0 +1,200 @@
+"""The `kd` command line: a thin typer layer that parses, calls one function, and prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="kd: cache teacher outputs once, distil many students from the caches.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+cache_app = typer.Typer(help="Build, inspect, verify and list teacher-output caches.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: synthetic driving scenes in the stage-one JSONL format.", no_args_is_help=True)
+models_app = typer.Typer(help="Tiny local models for tests, demos and smoke runs.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _layers(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        _fail(f"layers must be comma-separated integers, got {text!r}")
+        raise
+
+
+@cache_app.command("build")
+def cache_build(
+    teacher: Optional[Path] = typer.Option(None, help="Teacher model directory (transformers layout)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset JSONL (id, images, prompt|messages, answer, capability)."),
+    out_root: Optional[str] = typer.Option(None, "--out", help="Cache root: a local path or fsspec URL."),
+    engine: str = typer.Option("auto", help="vllm | hf | auto (vLLM where installed, hf when attention maps are asked)."),
+    logits: str = typer.Option("topk", help="topk: exact top-k log-probs; sampled: importance-sampled ids with counts."),
+    top_k: int = typer.Option(64, help="k for --logits topk."),
+    draws: int = typer.Option(12, help="Draws per position for --logits sampled."),
+    value_coding: str = typer.Option("fp16", help="Log-prob coding: fp32 | fp16 | bf16 (lossless for that dtype) | u8 (lossy, bounded KL)."),
+    hidden_layers: Optional[str] = typer.Option(None, help="Hidden-state layers to keep, e.g. '2,4' (0 = embeddings)."),
+    hidden_coding: str = typer.Option("fp16", help="fp32 | fp16 | bf16."),
+    attention_layers: Optional[str] = typer.Option(None, help="Decoder layers (0-based) whose head-averaged attention maps to keep (hf engine)."),
+    attention_kind: str = typer.Option("t2v", help="t2v (keys = image tokens) | full (all keys) | both."),
+    shard_size: int = typer.Option(256, help="Samples per shard (unit of work, commit and resume)."),
+    batch_size: int = typer.Option(8, help="Samples per teacher forward."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (hf engine)."),
+    dtype: str = typer.Option("float32", help="Teacher compute dtype."),
+    teacher_name: Optional[str] = typer.Option(None, help="Name recorded in the cache (default: directory name)."),
+    revision: Optional[str] = typer.Option(None, help="Identify weights by name + revision instead of hashing them."),
+    role: Optional[str] = typer.Option(None, help="Capability this teacher serves (perception | reasoning | planning | any)."),
+    workers: int = typer.Option(0, help="Dask LocalCluster worker processes (0 = in-process)."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing dask scheduler, e.g. tcp://host:8786."),
+    config: Optional[Path] = typer.Option(None, help="Build config (YAML/TOML) listing several teachers with roles and signals."),
+    force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher directory (off by default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+) -> None:
+    """Run teacher(s) teacher-forced over a dataset and write sealed cache(s); print their paths."""
+    from kd.config_files import build_requests_from_config, load_config
+    from kd.pipeline.build import BuildProgress, BuildRequest, build_cache
+    from kd.pipeline.dataset import DatasetError
+
+    cli = dict(
+        teacher=str(teacher) if teacher else None, data=str(data) if data else None, out=out_root, engine=engine,
+        logits=logits, top_k=top_k, sampled_draws=draws, value_coding=value_coding,
+        hidden_layers=_layers(hidden_layers), hidden_coding=hidden_coding, attention_layers=_layers(attention_layers),
+        attention_kind=attention_kind, shard_size=shard_size, batch_size=batch_size, device=device, dtype=dtype,
+        teacher_name=teacher_name, teacher_revision=revision, role=role, workers=workers, scheduler=scheduler,
+        force=force, trust_remote_code=trust_remote_code,
+    )
+    try:
+        if config:
+            explicit = {k: cli[k] for k in ("data", "out", "workers", "scheduler", "force") if cli[k]}
+            raw = build_requests_from_config(load_config(config), config.parent, explicit)
+            known = {f.name for f in dataclasses.fields(BuildRequest)}
+            requests = []
+            for r in raw:
+                unknown = set(r) - known
+                if unknown:
+                    _fail(f"{config}: unknown keys {sorted(unknown)}")
+                for key in ("hidden_layers", "attention_layers"):
+                    r[key] = tuple(r.get(key) or ())
+                requests.append(BuildRequest(**r))
+        else:
+            missing = [name for name in ("teacher", "data", "out") if not cli[name]]
+            if missing:
+                _fail(f"missing --{' --'.join(missing)} (or give --config)")
+            requests = [BuildRequest(**cli)]
+        results = []
+        for req in requests:
+            progress = BuildProgress(f"capture {Path(req.teacher).name}", enabled=sys.stderr.isatty() and not as_json)
+            res = build_cache(req, progress)
+            results.append(res)
+            if not as_json:
+                state = "reused sealed cache" if res.reused else f"built {res.shards_built}/{res.shards_total} shards"
+                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s")
+                print(res.path)
+    except DatasetError as e:
+        _fail(str(e))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))
+
+
+@cache_app.command("inspect")
+def cache_inspect(path: str = typer.Argument(..., help="Cache directory or URL."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a cache's key, teacher, signals, counts and size."""
+    from kd.cache_schema import CacheError, CacheReader
+
+    try:
+        summary = CacheReader(path).summary()
+    except CacheError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    table = Table(show_header=False, box=None)
+    for k, v in summary.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    out.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="Cache directory or URL.")) -> None:
+    """Check every file's size and checksum and every count; exit 1 naming what fails."""
+    from kd.cache_schema import verify_cache
+
+    report = verify_cache(path)
+    if report.ok:
+        out.print(f"OK: {report.files_checked} files verified in {report.path}")
+        return
+    for problem in report.problems:
+        err.print(f"[red]FAIL[/] {problem}", highlight=False)
+    raise typer.Exit(1)
+
+
+@cache_app.command("ls")
+def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List every cache under ROOT with key, teacher, dataset, samples, size, sealed, created."""
+    from kd.cache_schema import list_caches
+
+    caches = list_caches(root)
+    if as_json:
+        print(json.dumps(caches, indent=1))
+        return
+    table = Table("name", "key", "teacher", "dataset", "samples", "tokens", "MB", "sealed", "created")
+    for c in caches:
+        table.add_row(c["name"], (c.get("key") or "")[:16], str(c.get("teacher", "")), (c.get("dataset") or "")[:12],
+                      str(c.get("samples", "")), str(c.get("tokens", "")),
+                      f"{c['bytes'] / 1e6:.2f}" if "bytes" in c else "", "yes" if c["sealed"] else c.get("error", "no"),
+                      c.get("created", ""))
+    out.print(table)
+
+
+@data_app.command("synth")
+def data_synth(out_dir: Path = typer.Option(..., "--out", help="Output directory."),
+               n: int = typer.Option(1000, help="Number of scenes (3 records each: one per capability)."),
+               seed: int = typer.Option(0, help="Random seed (same seed, byte-identical files).")) -> None:
+    """Generate synthetic driving scenes with perception / reasoning / planning questions."""
+    from kd.pipeline.synth import synthesize
+
+    paths = synthesize(out_dir, n, seed)
+    for split, path in paths.items():
+        print(f"{split}\t{path}")
+
+
+@models_app.command("tiny")
+def models_tiny(out_dir: Path = typer.Option(..., "--out", help="Where to save the model."),
+                kind: str = typer.Option("vlm", help="vlm (Idefics3) | llm (Llama)."),
+                preset: str = typer.Option("teacher", help="teacher | student."),
+                seed: int = typer.Option(0, help="Weight-init seed.")) -> None:
+    """Build a tiny random-weight model + local tokenizer/processor (no hub needed)."""
+    from kd.pipeline.tiny_models import build_preset
+
+    print(build_preset(kind, preset, out_dir, seed=seed))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
