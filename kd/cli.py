@@ -192,6 +192,20 @@ def models_tiny(out_dir: Path = typer.Option(..., "--out", help="Where to save t
     print(build_preset(kind, preset, out_dir, seed=seed))
 
 
+@app.command("demo")
+def demo(workdir: Path = typer.Option(Path("kd-demo"), help="Working directory (data, models, caches, report)."),
+         quick: bool = typer.Option(False, "--quick", help="A smaller run (the tests use it)."),
+         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary.")) -> None:
+    """Run the pipeline end to end on a tiny built-in example (synthetic driving scenes, CPU)."""
+    from kd.pipeline.demo import run_demo
+
+    result = run_demo(workdir, quick=quick, log=(lambda m: None) if as_json else err.print)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        err.print(f"demo finished in {result.seconds:.1f}s; summary in {workdir / 'demo.json'}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

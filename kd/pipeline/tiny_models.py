@@ -7,7 +7,9 @@ vLLM. The VLM is Idefics3 because it is the one architecture whose vLLM path run
 without torchvision (see ``/work/shared/notes/vllm-on-cpu.md``). CPU attention in vLLM needs
 ``head_dim >= 32``, which every builder enforces.
 
-The same arguments give the same bytes: the tokenizer corpus and the weights both derive from the seed.
+The same arguments give the same bytes. Weights derive from ``seed``; the tokenizer from
+``tokenizer_seed`` (default 0), so teachers and students of different weight seeds share one
+tokenizer, as a model family does, and a student can prove its tokens match the cache.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def build_tiny_llm(
     max_position: int = 1024,
     init_std: float = 0.1,
     seed: int = 0,
+    tokenizer_seed: int = 0,
     vocab_size: int = 1024,
 ) -> Path:
     """Build a text-only Llama with random weights into ``out_dir`` and return the path."""
@@ -182,7 +185,7 @@ def build_tiny_llm(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(seed=seed, vocab_size=vocab_size)
+    tok = build_tokenizer(seed=tokenizer_seed, vocab_size=vocab_size)
     config = _text_config(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                           intermediate_size=intermediate_size or 2 * hidden_size,
                           max_position=max_position, init_std=init_std)
@@ -208,6 +211,7 @@ def build_tiny_vlm(
     max_position: int = 1024,
     init_std: float = 0.1,
     seed: int = 0,
+    tokenizer_seed: int = 0,
     vocab_size: int = 1024,
 ) -> Path:
     """Build an Idefics3 VLM with random weights into ``out_dir`` and return the path.
@@ -226,7 +230,7 @@ def build_tiny_vlm(
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size*scale_factor")
     vision_heads = vision_heads or max(1, vision_hidden // 32)
     _check_heads(vision_hidden, vision_heads, "vision tower")
-    tok = build_tokenizer(seed=seed, vocab_size=vocab_size)
+    tok = build_tokenizer(seed=tokenizer_seed, vocab_size=vocab_size)
     text = _text_config(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                         intermediate_size=intermediate_size or 2 * hidden_size,
                         max_position=max_position, init_std=init_std)
@@ -248,11 +252,12 @@ def build_tiny_vlm(
     return out
 
 
-def build_preset(kind: str, preset: str | TinyPreset, out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_preset(kind: str, preset: str | TinyPreset, out_dir: str | Path, *, seed: int = 0,
+                 tokenizer_seed: int = 0) -> Path:
     """Build ``kind`` ("vlm" or "llm") at a named preset ("teacher", "student") or a ``TinyPreset``."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     common = dict(hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                  intermediate_size=p.intermediate_size, seed=seed)
+                  intermediate_size=p.intermediate_size, seed=seed, tokenizer_seed=tokenizer_seed)
     if kind == "llm":
         return build_tiny_llm(out_dir, **common)
     if kind == "vlm":
