@@ -1,0 +1,395 @@
+"""Training data: each sample's student encoding joined with every teacher's cached signals, aligned.
+
+Alignment is proved, not assumed. A cache row ``j`` belongs to the position that predicts answer
+token ``j`` (``answer_start - 1 + j``); it means the same thing for the student only when the
+student tokenizes the answer into the same ids. So for every sample and teacher:
+
+* without a vocabulary map, the hash of the student's answer ids must equal the cache's
+  ``answer_ids_hash`` (checked for the whole dataset before training starts, from the index alone);
+* with a vocabulary map (teacher with another tokenizer), the cached answer ids mapped to student
+  ids must equal the student's answer ids (checked when the sample is read);
+* attention maps additionally need the same keys: ``t2v`` maps the same number of image tokens,
+  ``full`` maps the same sequence length and answer start.
+
+A failure raises ``AlignmentError`` naming the sample, the teacher role and the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kd.cache_schema import CachedSample, CacheReader, hash_ids
+from kd.pipeline.dataset import Record
+from kd.pipeline.encoding import encode_record, end_of_turn_token
+# The teacher engine's batching of processor outputs; the student batches the same way.
+from kd.pipeline.engines.hf_engine import _stack_model_inputs
+
+__all__ = [
+    "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
+    "EpochSampler", "open_teachers", "answer_token_ids", "check_alignment", "collate",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer_of(proc: Any) -> Any:
+    return getattr(proc, "tokenizer", proc)
+
+
+class AlignmentError(ValueError):
+    """A sample's student tokens do not line up with a teacher cache."""
+
+
+# ----------------------------------------------------------------------------- vocabulary maps
+
+
+@dataclass
+class VocabMap:
+    """Teacher token id -> student token id as a dense table (``-1`` = no student token)."""
+
+    table: np.ndarray
+    source: str
+
+    @classmethod
+    def from_pairs(cls, pairs: Mapping[int, int], source: str) -> "VocabMap":
+        if not pairs:
+            raise ValueError(f"vocab map {source}: empty")
+        values = list(pairs.values())
+        if len(set(values)) != len(values):
+            raise ValueError(f"vocab map {source}: several teacher ids map to the same student id")
+        if min(pairs) < 0 or min(values) < 0:
+            raise ValueError(f"vocab map {source}: ids must be >= 0")
+        table = np.full(max(pairs) + 1, -1, dtype=np.int64)
+        for t, s in pairs.items():
+            table[int(t)] = int(s)
+        return cls(table, source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "VocabMap":
+        d = json.loads(Path(path).read_text())
+        return cls.from_pairs({int(k): int(v) for k, v in d.items()}, str(path))
+
+    @classmethod
+    def from_tokenizers(cls, teacher_tok: Any, student_tok: Any, source: str = "tokenizers") -> "VocabMap":
+        """Map every teacher token whose exact string is also a student token."""
+        student = _tokenizer_of(student_tok).get_vocab()
+        teacher = _tokenizer_of(teacher_tok).get_vocab()
+        return cls.from_pairs({tid: student[s] for s, tid in teacher.items() if s in student}, source)
+
+    def map_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Map ids elementwise; padding (-1), unknown and out-of-table ids become -1."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ok = (ids >= 0) & (ids < len(self.table))
+        return np.where(ok, self.table[np.where(ok, ids, 0)], -1)
+
+    def to_json(self) -> dict[str, int]:
+        return {str(t): int(s) for t, s in enumerate(self.table) if s >= 0}
+
+
+# ----------------------------------------------------------------------------- teacher caches
+
+
+@dataclass
+class TeacherSource:
+    """One teacher: its role, its opened cache and an optional vocabulary map."""
+
+    role: str
+    url: str
+    reader: CacheReader
+    vocab_map: VocabMap | None = None
+
+    @property
+    def signals(self):
+        return self.reader.signals
+
+    @property
+    def key(self) -> str:
+        return self.reader.key
+
+    @property
+    def teacher_depth(self) -> int | None:
+        """The teacher's decoder layer count when the manifest lets us know it, else None."""
+        teacher = self.reader.manifest.teacher if self.reader.manifest else {}
+        for k in ("num_layers", "num_hidden_layers"):
+            if isinstance(teacher.get(k), int):
+                return int(teacher[k])
+        model_dir = teacher.get("model_dir")
+        if model_dir and (Path(model_dir) / "config.json").exists():
+            from transformers import AutoConfig
+
+            from kd.pipeline.engines.base import num_text_layers
+
+            try:
+                return num_text_layers(AutoConfig.from_pretrained(model_dir))
+            except Exception:  # an unreadable config only loses a default
+                return None
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What a run directory records about the cache it read (``teachers.json``)."""
+        m = self.reader.manifest
+        return {"url": self.url, "key": self.key, "signals": self.signals.to_dict(),
+                "teacher": m.teacher if m else None, "samples": len(self.reader),
+                "vocab_map": self.vocab_map.source if self.vocab_map else None}
+
+
+def open_teachers(teachers: Mapping[str, str], vocab_maps: Mapping[str, str] | None = None,
+                  student_tokenizer: Any = None) -> dict[str, TeacherSource]:
+    """Open each ``{role: cache url}``; ``vocab_maps[role]`` is a JSON file, a tokenizer dir or ``"auto"``."""
+    out = {}
+    for role, url in teachers.items():
+        reader = CacheReader(url)
+        vmap = None
+        spec = (vocab_maps or {}).get(role)
+        if spec is not None:
+            if student_tokenizer is None:
+                raise ValueError("a vocab map needs the student tokenizer")
+            if spec == "auto":
+                spec = (reader.manifest.teacher or {}).get("model_dir") if reader.manifest else None
+                if not spec:
+                    raise ValueError(f"teacher {role!r}: cache {url} records no teacher model_dir for vocab_map=auto")
+            if Path(spec).is_dir():
+                from transformers import AutoTokenizer
+
+                vmap = VocabMap.from_tokenizers(AutoTokenizer.from_pretrained(spec), student_tokenizer, spec)
+            else:
+                vmap = VocabMap.from_json(spec)
+        out[role] = TeacherSource(role, reader.location.url, reader, vmap)
+    return out
+
+
+def answer_token_ids(processor: Any, answer: str) -> np.ndarray:
+    """The student's answer ids exactly as ``encoding.encode_sample`` makes them (answer + end of turn)."""
+    tok = _tokenizer_of(processor)
+    return np.asarray(tok(answer + end_of_turn_token(processor), add_special_tokens=False)["input_ids"], np.int32)
+
+
+def _mismatch(sid: str, src: TeacherSource, what: str) -> AlignmentError:
+    return AlignmentError(f"sample {sid!r}: {what} (teacher {src.role!r}, cache {src.url})")
+
+
+def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[str, TeacherSource],
+                    missing: str = "error") -> list[Record]:
+    """Check every record against every cache before training; return the records to train on.
+
+    Missing samples raise (``missing="error"``) or are dropped (``"skip"``). Answer ids are
+    checked here for teachers without a vocab map (by hash, from the cache index alone); mapped
+    teachers are checked when each sample is read.
+    """
+    hashes = {}
+    for role, src in sources.items():
+        idx = src.reader.index
+        hashes[role] = dict(zip(idx.column("sample_id").to_pylist(), idx.column("answer_ids_hash").to_pylist()))
+    kept, absent = [], {role: [] for role in sources}
+    for rec in records:
+        gone = [role for role in sources if rec.id not in hashes[role]]
+        for role in gone:
+            absent[role].append(rec.id)
+        if gone:
+            continue
+        student_hash = hash_ids(answer_token_ids(processor, rec.answer))
+        for role, src in sources.items():
+            if src.vocab_map is None and hashes[role][rec.id] != student_hash:
+                raise _mismatch(rec.id, src, f"student answer ids {answer_token_ids(processor, rec.answer).tolist()} "
+                                f"(hash {student_hash}) differ from the cached answer_ids_hash {hashes[role][rec.id]}")
+        kept.append(rec)
+    for role, ids in absent.items():
+        if ids and missing == "error":
+            raise KeyError(f"{len(ids)} sample(s) missing from cache {sources[role].url} (teacher {role!r}): "
+                           f"{ids[:5]}{' ...' if len(ids) > 5 else ''}; set missing=skip to train without them")
+        if ids:
+            log.warning("skipping %d sample(s) missing from cache %s (teacher %r)", len(ids), sources[role].url, role)
+    if not kept:
+        raise ValueError("no sample is present in every teacher cache")
+    return kept
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher's signals for one sample, in student ids (rows = answer tokens)."""
+
+    ids: np.ndarray  # [T, k] int64, -1 padding
+    logprobs: np.ndarray  # [T, k] float32, -inf padding
+    tail: np.ndarray  # [T] float32
+    counts: np.ndarray | None = None  # [T, k] float32 (sampled caches)
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)
+    attention_t2v: dict[int, np.ndarray] = field(default_factory=dict)
+    attention_full: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def to_student_ids(cached: CachedSample, vmap: VocabMap | None) -> TeacherTargets:
+    """The cached logit signal in student ids; unmapped top-k entries fold into the tail.
+
+    For a sampled cache, unmapped draws are dropped (their counts set to 0), so the estimate
+    covers the mapped part of the teacher distribution.
+    """
+    ids = np.asarray(cached.ids, np.int64)
+    lp = np.asarray(cached.logprobs, np.float32)
+    tail = np.asarray(cached.tail_logmass, np.float32)
+    counts = None if cached.counts is None else np.asarray(cached.counts, np.float32)
+    if vmap is not None:
+        mapped = vmap.map_ids(ids)
+        lost = (ids >= 0) & (mapped < 0)
+        if lost.any():
+            if counts is None:
+                lost_mass = np.logaddexp.reduce(np.where(lost, lp, -np.inf), axis=1)
+                tail = np.logaddexp(tail, lost_mass).astype(np.float32)
+            else:
+                counts = np.where(lost, 0.0, counts).astype(np.float32)
+            lp = np.where(lost, -np.inf, lp).astype(np.float32)
+        ids = mapped
+    return TeacherTargets(ids=ids, logprobs=lp, tail=tail, counts=counts, hidden=dict(cached.hidden),
+                          attention_t2v=dict(cached.attention_t2v), attention_full=dict(cached.attention_full))
+
+
+@dataclass
+class DistillSample:
+    """One training sample: the student's teacher-forced inputs plus every teacher's targets."""
+
+    sample_id: str
+    capability: str
+    input_ids: np.ndarray  # [S] int64
+    answer_start: int
+    answer_ids: np.ndarray  # [T] int64
+    image_token_mask: np.ndarray  # [S] bool
+    model_inputs: dict[str, np.ndarray]
+    teachers: dict[str, TeacherTargets]
+
+
+class DistillDataset(Dataset):
+    """Records encoded for the student and joined with the teacher caches by sample id."""
+
+    def __init__(self, records: Sequence[Record], processor: Any, sources: Mapping[str, TeacherSource],
+                 *, missing: str = "error") -> None:
+        self.processor = processor
+        self.sources = dict(sources)
+        self.records = check_alignment(records, processor, self.sources, missing)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> DistillSample:
+        rec = self.records[i]
+        enc = encode_record(self.processor, rec.as_dict())
+        teachers = {}
+        for role, src in self.sources.items():
+            cached = src.reader.get(rec.id)
+            self._check(rec.id, enc, cached, src)
+            teachers[role] = to_student_ids(cached, src.vocab_map)
+        return DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
+                             answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
+                             image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers)
+
+    @staticmethod
+    def _check(sid: str, enc, cached: CachedSample, src: TeacherSource) -> None:
+        if src.vocab_map is None:
+            if cached.answer_ids_hash != enc.answer_hash or not np.array_equal(cached.target_ids, enc.answer_ids):
+                raise _mismatch(sid, src, f"student answer ids {enc.answer_ids.tolist()} differ from the cached "
+                                f"ones {np.asarray(cached.target_ids).tolist()}")
+        else:
+            mapped = src.vocab_map.map_ids(cached.target_ids)
+            if not np.array_equal(mapped, enc.answer_ids):
+                raise _mismatch(sid, src, f"cached answer ids {np.asarray(cached.target_ids).tolist()} map to "
+                                f"{mapped.tolist()} (vocab map {src.vocab_map.source}), student has "
+                                f"{enc.answer_ids.tolist()}")
+        if cached.attention_t2v:
+            n_img = int(enc.image_token_mask.sum())
+            keys = next(iter(cached.attention_t2v.values())).shape[1]
+            if keys != n_img:
+                raise _mismatch(sid, src, f"cached t2v maps have {keys} image keys, the student input has {n_img} "
+                                "image tokens")
+        if cached.attention_full and (cached.seq_len != len(enc.input_ids) or cached.answer_start != enc.answer_start):
+            raise _mismatch(sid, src, f"cached full attention maps cover {cached.seq_len} tokens with the answer at "
+                            f"{cached.answer_start}; the student input has {len(enc.input_ids)} tokens with the "
+                            f"answer at {enc.answer_start}")
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch (``set_epoch``), identical on every rank and after a resume."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]:
+    """Right-padded student inputs plus teacher targets flattened over answer tokens.
+
+    Row ``n`` of every token-level tensor is one answer token; sample ``b`` owns the
+    ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``. Attention maps stay
+    per sample (lists), because their key counts differ.
+    """
+    b = len(samples)
+    lengths = [len(s.input_ids) for s in samples]
+    ids = torch.full((b, max(lengths)), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, max(lengths)), dtype=torch.long)
+    image_mask = torch.zeros((b, max(lengths)), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        ids[i, : lengths[i]] = torch.from_numpy(s.input_ids)
+        mask[i, : lengths[i]] = 1
+        image_mask[i, : lengths[i]] = torch.from_numpy(s.image_token_mask)
+    stacked = _stack_model_inputs(samples)  # type: ignore[arg-type]  (needs only .model_inputs)
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "image_mask": image_mask,
+        "lengths": torch.tensor(lengths, dtype=torch.long),
+        "answer_start": torch.tensor([s.answer_start for s in samples], dtype=torch.long),
+        "num_tokens": torch.tensor([len(s.answer_ids) for s in samples], dtype=torch.long),
+        "targets": torch.from_numpy(np.concatenate([s.answer_ids for s in samples])),
+        "sample_ids": [s.sample_id for s in samples],
+        "capabilities": [s.capability for s in samples],
+        "model_inputs": None if stacked is None else {k: torch.from_numpy(v) for k, v in stacked.items()},
+        "per_sample_inputs": None if stacked is not None else
+        [{k: torch.from_numpy(v) for k, v in s.model_inputs.items()} for s in samples],
+        "teachers": {},
+    }
+    for role in samples[0].teachers:
+        ts = [s.teachers[role] for s in samples]
+        k = max(t.ids.shape[1] for t in ts)
+
+        def pad(arrs, value, dtype):
+            return torch.from_numpy(np.concatenate([np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value)
+                                                    for a in arrs]).astype(dtype))
+
+        entry: dict[str, Any] = {
+            "ids": pad([t.ids for t in ts], -1, np.int64),
+            "logprobs": pad([t.logprobs for t in ts], -np.inf, np.float32),
+            "tail": torch.from_numpy(np.concatenate([t.tail for t in ts]).astype(np.float32)),
+            "hidden": {layer: torch.from_numpy(np.concatenate([t.hidden[layer] for t in ts]).astype(np.float32))
+                       for layer in ts[0].hidden},
+            "attention_t2v": {layer: [torch.from_numpy(t.attention_t2v[layer]) for t in ts]
+                              for layer in ts[0].attention_t2v},
+            "attention_full": {layer: [torch.from_numpy(t.attention_full[layer]) for t in ts]
+                               for layer in ts[0].attention_full},
+        }
+        if ts[0].counts is not None:
+            entry["counts"] = pad([t.counts for t in ts], 0, np.float32)
+        batch["teachers"][role] = entry
+    return batch
