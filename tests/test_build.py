@@ -181,3 +181,15 @@ def test_vllm_cache_matches_hf_cache(workdir, tmp_path):
         assert x.answer_ids_hash == y.answer_ids_hash and x.input_ids_hash == y.input_ids_hash
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
         np.testing.assert_allclose(x.hidden[1], y.hidden[1], atol=1e-5)
+
+
+def test_sampled_logits_build(workdir, tmp_path):
+    res = build_cache(request(workdir, tmp_path, logits="sampled", sampled_draws=12, value_coding="fp32",
+                              hidden_layers=(), attention_layers=()))
+    r = CacheReader(res.path)
+    assert r.signals.logits == "sampled" and r.signals.sampled_draws == 12
+    for sid in r.sample_ids:
+        s = r.get(sid)
+        assert s.counts is not None and s.counts.shape == s.ids.shape
+        np.testing.assert_array_equal(s.counts.sum(axis=1), 12)
+        assert np.all((s.ids >= 0) == (s.counts > 0))  # padding ids carry no draws
