@@ -9,6 +9,8 @@ row: storing row-wise differences makes them compress ~25% better, exactly.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 VALUE_CODINGS = ("fp32", "fp16", "bf16", "u8")
@@ -16,6 +18,9 @@ HIDDEN_CODINGS = ("fp32", "fp16", "bf16")
 U8_GAP_NATS = 20.0  # entries further than this below the row's top-1 are folded into the tail
 U8_PAD = 255  # code of a padding / folded entry; decodes to -inf
 _U8_LEVELS = 254
+# Decoded gap of each code: G * (code / 254)^2 in float32; the pad code decodes to -inf.
+_U8_GAP = np.square(np.arange(256, dtype=np.float32) / _U8_LEVELS) * np.float32(U8_GAP_NATS)
+_U8_GAP[U8_PAD] = np.inf
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -64,21 +69,31 @@ def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict
 
 def decode_logprobs(arrays: dict[str, np.ndarray], coding: str) -> np.ndarray:
     """Inverse of :func:`encode_logprobs` for the ``logprobs`` array (float32)."""
-    stored = arrays["logprobs"]
+    return logprobs_from_codes(undelta_logprobs(arrays["logprobs"], coding), arrays.get("logprob_ref"), coding)
+
+
+def undelta_logprobs(stored: np.ndarray, coding: str) -> np.ndarray:
+    """The first, lossless step of decoding: undo the row-wise delta (a reader may cache its result)."""
+    return stored if coding == "fp32" else _row_undelta(stored)
+
+
+def logprobs_from_codes(codes: np.ndarray, ref: np.ndarray | None, coding: str) -> np.ndarray:
+    """The second step of decoding: undelta'd codes (and ``logprob_ref`` for ``u8``) -> float32."""
     if coding == "fp32":
-        return np.asarray(stored, dtype=np.float32)
-    if coding == "fp16":
-        return _row_undelta(stored).view(np.float16).astype(np.float32)
+        return np.asarray(codes, dtype=np.float32)
+    if coding == "fp16":  # a table lookup is ~2.5x faster than numpy's float16 -> float32 cast, same bits
+        return np.take(_fp16_table(), codes)
     if coding == "bf16":
-        return bf16_bits_to_f32(_row_undelta(stored))
+        return bf16_bits_to_f32(codes)
     if coding == "u8":
-        codes = _row_undelta(stored)
-        ref = arrays["logprob_ref"].astype(np.float32)[:, None]
-        gap = np.square(codes.astype(np.float32) / _U8_LEVELS) * U8_GAP_NATS
-        out = ref - gap
-        out[codes == U8_PAD] = -np.inf
-        return out
+        out = np.take(_U8_GAP, codes)
+        return np.subtract(np.asarray(ref, dtype=np.float32)[:, None], out, out=out)
     raise ValueError(f"unknown value coding {coding!r}")
+
+
+@functools.cache
+def _fp16_table() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def _encode_u8(lp: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:

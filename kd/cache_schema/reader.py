@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .codecs import decode_hidden, decode_logprobs
+from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig
 from .storage import Location, checksum_bytes
@@ -110,7 +110,7 @@ class _Shard:
                 arr = self._open()[name]
             except KeyError:
                 raise CacheCorruptError(f"{self.where}: array {name!r} missing") from None
-            if name in ("target_ids", "ids", "logprobs", "tail_logmass") and arr.shape[0] != self.entry.tokens:
+            if not name.startswith("attn_") and arr.shape[0] != self.entry.tokens:
                 raise CacheCorruptError(f"{self.where}/{name}: {arr.shape[0]} rows, manifest says {self.entry.tokens} tokens")
             self._arrays[name] = arr
         return arr
@@ -120,7 +120,10 @@ class _Shard:
         return f"{self.reader.location.url}/{self.entry.path}"
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of an array, assembled from cached decoded chunks."""
+        """Rows [start, stop) of an array, assembled from cached decoded chunks (a new array).
+
+        ``logprobs`` chunks are cached with their row-wise delta undone, so warm reads skip it.
+        """
         arr = self.array(name)
         step = arr.chunks[0]
         parts = []
@@ -128,17 +131,29 @@ class _Shard:
             key = (self.entry.shard, name, c)
             chunk = self.reader._lru.get(key)
             if chunk is None:
+                self._check_chunk_file(name, c, arr.ndim)
                 try:
                     chunk = arr[c * step : min((c + 1) * step, arr.shape[0])]
                 except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
                     raise CacheCorruptError(f"{self.where}/{name}: chunk {c} unreadable or corrupt ({e})") from None
+                if name == "logprobs":
+                    chunk = undelta_logprobs(chunk, self.reader.signals.value_coding)
                 self.reader._lru.put(key, chunk)
             lo = max(start - c * step, 0)
             hi = min(stop - c * step, chunk.shape[0])
             parts.append(chunk[lo:hi])
         if not parts:
             return np.zeros((0,) + arr.shape[1:], arr.dtype)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # Copy a single slice: callers own what they get, and must not write into the LRU.
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def _check_chunk_file(self, name: str, c: int, ndim: int) -> None:
+        """zarr reads a missing chunk as fill_value: a chunk is present iff the manifest lists it."""
+        rel = f"{name}/c/{c}" + "/0" * (ndim - 1)
+        listed = rel in self.entry.files
+        if listed != self.reader.location.exists(f"{self.entry.path}/{rel}"):
+            problem = "missing (deleted or truncated shard)" if listed else "not listed in the manifest"
+            raise CacheCorruptError(f"{self.where}/{rel}: chunk file {problem}")
 
 
 class CacheReader:
@@ -191,7 +206,11 @@ class CacheReader:
             if self.location.exists(shard_commit_name(shard)):
                 entry = ShardEntry.from_dict(json.loads(self.location.read_bytes(shard_commit_name(shard))))
                 entries.append(entry)
-                tables.append(pq.read_table(pa.BufferReader(self.location.read_bytes(f"{entry.path}/{SHARD_INDEX_FILE}"))))
+                data = self.location.read_bytes(f"{entry.path}/{SHARD_INDEX_FILE}")
+                meta = entry.files.get(SHARD_INDEX_FILE)
+                if meta is None or len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
+                    raise CacheCorruptError(f"{self.location.url}/{entry.path}/{SHARD_INDEX_FILE}: checksum or size mismatch")
+                tables.append(pq.read_table(pa.BufferReader(data)))
         from .writer import INDEX_SCHEMA
 
         return entries, signals, pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
@@ -235,15 +254,14 @@ class CacheReader:
         shard = self._shards[int(c["shard"][row])]
         start, n = int(c["token_start"][row]), int(c["num_tokens"][row])
         sig = self.signals
-        stored = {"logprobs": shard.rows("logprobs", start, start + n)}
-        if sig.value_coding == "u8":
-            stored["logprob_ref"] = shard.rows("logprob_ref", start, start + n)
+        codes = shard.rows("logprobs", start, start + n)  # delta already undone (see _Shard.rows)
+        ref = shard.rows("logprob_ref", start, start + n) if sig.value_coding == "u8" else None
         sample = CachedSample(
             sample_id=sample_id,
             capability=self._strs["capability"][row],
             target_ids=shard.rows("target_ids", start, start + n),
             ids=shard.rows("ids", start, start + n),
-            logprobs=decode_logprobs(stored, sig.value_coding),
+            logprobs=logprobs_from_codes(codes, ref, sig.value_coding),
             tail_logmass=shard.rows("tail_logmass", start, start + n),
             answer_start=int(c["answer_start"][row]),
             seq_len=int(c["seq_len"][row]),

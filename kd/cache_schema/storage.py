@@ -63,7 +63,8 @@ class Location:
 
     def read_bytes(self, rel: str) -> bytes:
         path = self.join(rel)
-        if self.is_local and os.path.islink(path):
+        # Any symlinked component (a shard directory, not just the file) could lead outside.
+        if self.is_local and os.path.realpath(path) != os.path.join(os.path.realpath(self.path), rel):
             raise CachePathError(f"{path}: symbolic links are not allowed inside a cache")
         return self.fs.cat_file(path)
 

@@ -249,6 +249,8 @@ class CacheBuild:
 
     def seal(self, kd_version: str) -> Manifest:
         """Join shard indices, publish ``index.parquet`` then ``manifest.json`` (the seal)."""
+        if self.sealed:  # never rewrite a sealed cache: a later re-commit must not move its shards
+            return Manifest.from_json(self.location.read_bytes(MANIFEST_FILE), f"{self.location.url}/{MANIFEST_FILE}")
         plan = self.plan()
         committed = self.committed()
         missing = [i for i in range(len(plan.shards)) if i not in committed]
