@@ -1,0 +1,124 @@
+"""Builders for small teacher-output caches used by the cache format tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from kd.cache_schema import BuildPlan, CacheBuild, Location, Manifest, SignalConfig, key_inputs
+from kd.cache_schema.synthetic import teacher_like_topk
+from kd.pipeline.signals import TeacherSignals
+
+PROMPT = 6  # prompt tokens before the answer in every synthetic sample
+
+
+def make_signals(
+    sample_id: str,
+    num_tokens: int,
+    sig: SignalConfig,
+    *,
+    seed: int,
+    hidden_dim: int = 8,
+    v_keys: int = 5,
+    neg_inf_every: int = 3,
+) -> TeacherSignals:
+    """A valid TeacherSignals for ``sig``: teacher-like top-k, some -inf padding, optional maps."""
+    rng = np.random.default_rng(seed)
+    k = sig.top_k
+    syn = teacher_like_topk(num_tokens, k, vocab=4096, seed=seed)
+    ids, lp = syn.ids.copy(), syn.logprobs.copy()
+    if k > 1 and neg_inf_every and sig.logits == "topk":
+        lp[::neg_inf_every, -1] = -np.inf  # a padded last entry on some rows
+    counts = None
+    if sig.logits == "sampled":
+        n_distinct = rng.integers(1, k + 1, num_tokens)
+        pad = np.arange(k)[None, :] >= n_distinct[:, None]
+        ids = np.where(pad, -1, ids).astype(np.int32)
+        lp = np.where(pad, -np.inf, lp).astype(np.float32)
+        counts = np.where(pad, 0, rng.integers(1, 9, (num_tokens, k))).astype(np.uint16)
+    target = syn.target_ids
+    input_ids = np.concatenate([rng.integers(0, 4096, PROMPT).astype(np.int32), target])
+    seq_len = len(input_ids)
+    hidden = {layer: rng.normal(0, 3, (num_tokens, hidden_dim)).astype(np.float32) for layer in sig.hidden_layers}
+    t2v, full = {}, {}
+    if "t2v" in sig.attention_kinds:
+        t2v = {layer: rng.dirichlet(np.ones(v_keys), num_tokens).astype(np.float32) for layer in sig.attention_layers}
+    if "full" in sig.attention_kinds:
+        full = {layer: rng.dirichlet(np.ones(seq_len), num_tokens).astype(np.float32) for layer in sig.attention_layers}
+    return TeacherSignals(
+        sample_id=sample_id, target_ids=target, ids=ids, logprobs=lp, tail_logmass=syn.tail_logmass,
+        input_ids=input_ids, answer_start=PROMPT, counts=counts, hidden=hidden, attention_t2v=t2v, attention_full=full,
+    )
+
+
+def inputs_for(sig: SignalConfig, *, teacher: str = "Org/Teacher-7B", dataset: str = "ds-fp-1") -> dict:
+    return key_inputs(teacher={"name": teacher, "revision": "r1"}, tokenizer_hash="tok-1", template_hash="tpl-1",
+                      dataset_fingerprint=dataset, signals=sig, engine={"kind": "hf", "dtype": "float32"})
+
+
+def build_cache(
+    root_url: str,
+    samples: list[TeacherSignals],
+    sig: SignalConfig,
+    *,
+    shard_size: int = 2,
+    teacher: str = "Org/Teacher-7B",
+    dataset: str = "ds-fp-1",
+    commit_shards: Iterable[int] | None = None,
+    seal: bool = True,
+) -> CacheBuild:
+    """Write ``samples`` as a cache under ``root_url``; optionally only some shards, unsealed."""
+    build = CacheBuild(Location.from_url(root_url), inputs_for(sig, teacher=teacher, dataset=dataset),
+                       {"name": teacher}, sig)
+    plan = BuildPlan.from_ids([s.sample_id for s in samples], shard_size)
+    build.start(plan)
+    by_id = {s.sample_id: s for s in samples}
+    shards = range(len(plan.shards)) if commit_shards is None else commit_shards
+    for shard in shards:
+        writer = build.shard_writer(shard)
+        for sid in plan.shards[shard]:
+            writer.add(by_id[sid], f"cap-{int(sid.split('-')[-1]) % 3}")
+        writer.commit()
+    if seal:
+        build.seal("test")
+    return build
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    return json.loads(Path(cache_dir, "manifest.json").read_text())
+
+
+def write_manifest(cache_dir: str | Path, doc: dict) -> None:
+    Path(cache_dir, "manifest.json").write_text(json.dumps(doc, indent=1))
+
+
+def shard_dir(cache_dir: str | Path, shard: int = 0) -> Path:
+    return Path(cache_dir, read_manifest(cache_dir)["shards"][shard]["path"])
+
+
+def flip_byte(path: str | Path, offset: int = -10) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def truncate(path: str | Path, keep: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def chunk_file(cache_dir: str | Path, array: str, shard: int = 0) -> Path:
+    """The first chunk file of ``array`` in ``shard``."""
+    base = shard_dir(cache_dir, shard) / array / "c"
+    for dirpath, _, files in sorted(os.walk(base)):
+        if files:
+            return Path(dirpath, sorted(files)[0])
+    raise FileNotFoundError(f"no chunk under {base}")
+
+
+def manifest_of(build: CacheBuild) -> Manifest:
+    return Manifest.from_json(build.location.read_bytes("manifest.json"), build.location.url)

@@ -1,0 +1,544 @@
+"""The cache format v1 (kd/cache_schema/SPEC.md): round trips, coding bounds, integrity, keys, stores."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cache_helpers import (
+    PROMPT,
+    build_cache,
+    chunk_file,
+    flip_byte,
+    inputs_for,
+    make_signals,
+    read_manifest,
+    shard_dir,
+    truncate,
+    write_manifest,
+)
+from kd.cache_schema import (
+    CacheCorruptError,
+    CachePathError,
+    CacheReader,
+    CacheUnsealedError,
+    JoinedReader,
+    SchemaVersionError,
+    SignalConfig,
+    cache_dir_name,
+    cache_key,
+    decode_logprobs,
+    encode_logprobs,
+    hash_ids,
+    key_inputs,
+    kl_topk_buckets,
+    list_caches,
+    verify_cache,
+)
+from kd.cache_schema.codecs import U8_GAP_NATS, decode_hidden, encode_hidden
+from kd.cache_schema.synthetic import teacher_like_topk
+
+SPEC = Path(__file__).resolve().parents[1] / "kd" / "cache_schema" / "SPEC.md"
+LENGTHS = [1, 7, 1, 300, 2, 64, 1]  # ragged, with 1-token answers, across 4 shards of 2
+
+
+def bf16_cast(x: np.ndarray) -> np.ndarray:
+    """Independent reference: torch's round-to-nearest-even float32 -> bfloat16 -> float32."""
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).to(torch.float32).numpy()
+
+
+def dtype_cast(x: np.ndarray, coding: str) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return {"fp32": lambda: x, "fp16": lambda: x.astype(np.float16).astype(np.float32), "bf16": lambda: bf16_cast(x)}[coding]()
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Exact equality including -inf and signed zeros (NaN never occurs in these tests)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def samples_for(sig: SignalConfig, lengths=LENGTHS, prefix: str = "s"):
+    return [make_signals(f"{prefix}-{i}", n, sig, seed=100 + i) for i, n in enumerate(lengths)]
+
+
+@pytest.fixture
+def memory_root():
+    root = f"memory://kd-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root[len("memory://"):]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# ------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16"])
+def test_exact_codings_round_trip_bit_exact(tmp_path, coding):
+    sig = SignalConfig(top_k=8, value_coding=coding)
+    samples = samples_for(sig)
+    build = build_cache(str(tmp_path), samples, sig)
+    reader = CacheReader(build.location.path)
+    assert reader.sample_ids == [s.sample_id for s in samples] and len(reader) == len(samples)
+    for i, s in enumerate(samples):
+        got = reader.get(s.sample_id)
+        assert got.num_tokens == s.num_tokens == LENGTHS[i]
+        assert np.array_equal(got.ids, s.ids) and got.ids.dtype == np.int32
+        assert np.array_equal(got.target_ids, s.target_ids)
+        assert bits_equal(got.logprobs, dtype_cast(s.logprobs, coding))
+        assert np.isneginf(got.logprobs).sum() == np.isneginf(s.logprobs).sum() > 0  # row 0 has a -inf entry
+        assert bits_equal(got.tail_logmass, s.tail_logmass)
+        assert got.capability == f"cap-{i % 3}"
+        assert (got.answer_start, got.seq_len) == (PROMPT, PROMPT + s.num_tokens)
+        assert got.input_ids_hash == hash_ids(s.input_ids) and got.answer_ids_hash == hash_ids(s.target_ids)
+        assert got.counts is None and got.hidden == {} and got.attention_t2v == {}
+    assert [x.sample_id for x in reader.get_many(["s-3", "s-0"])] == ["s-3", "s-0"]
+    assert verify_cache(build.location.path).ok
+
+
+def test_returned_arrays_are_owned_by_the_caller(tmp_path):
+    sig = SignalConfig(top_k=4, value_coding="fp32", hidden_layers=(1,), hidden_coding="fp32")
+    samples = samples_for(sig, [5, 3])
+    reader = CacheReader(build_cache(str(tmp_path), samples, sig).location.path)
+    first = reader.get("s-0")
+    for arr in (first.ids, first.logprobs, first.tail_logmass, first.target_ids, first.hidden[1]):
+        arr[...] = 0  # a caller mutating its copy must not change what the next read returns
+    again = reader.get("s-0")
+    assert np.array_equal(again.ids, samples[0].ids) and bits_equal(again.logprobs, samples[0].logprobs)
+    assert bits_equal(again.hidden[1], samples[0].hidden[1])
+
+
+def test_u8_kl_bound_on_teacher_like_topk(tmp_path):
+    sig = SignalConfig(top_k=64, value_coding="u8")
+    samples = [make_signals(f"s-{i}", n, sig, seed=i, neg_inf_every=0) for i, n in enumerate([2000, 1500, 1, 2500])]
+    reader = CacheReader(build_cache(str(tmp_path), samples, sig).location.path)
+    kls = []
+    for s in samples:
+        got = reader.get(s.sample_id)
+        kls.append(kl_topk_buckets(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass))
+        folded = np.isneginf(got.logprobs)
+        assert np.array_equal(got.ids, np.where(folded, -1, s.ids))  # folded entries read id -1
+        assert np.all(got.tail_logmass >= s.tail_logmass - 1e-6)  # folded mass went to the tail
+        assert np.all(got.logprobs[:, 0] == s.logprobs[:, 0])  # the top-1 is logprob_ref, exact
+    kl = np.concatenate(kls)
+    assert kl.mean() <= 1e-4, kl.mean()
+    assert np.quantile(kl, 0.99) <= 1e-3
+
+
+def test_empty_answer_rejected_naming_the_sample(tmp_path):
+    sig = SignalConfig(top_k=4)
+    build = build_cache(str(tmp_path), samples_for(sig, [3]), sig, seal=False, commit_shards=[])
+    empty = make_signals("the-empty-one", 3, sig, seed=0)
+    empty.target_ids = empty.target_ids[:0]
+    with pytest.raises(ValueError, match="the-empty-one.*empty answer"):
+        build.shard_writer(0).add(empty, "cap")
+
+
+@pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16"])
+def test_hidden_and_attention_round_trip(tmp_path, coding):
+    sig = SignalConfig(top_k=4, value_coding="fp16", hidden_layers=(0, 3), hidden_coding=coding,
+                       attention_layers=(2, 5), attention_kinds=("t2v", "full"), attention_coding=coding)
+    samples = samples_for(sig, [1, 9, 4, 1, 6])
+    build = build_cache(str(tmp_path), samples, sig)
+    reader = CacheReader(build.location.path)
+    for s in samples:
+        got = reader.get(s.sample_id)
+        assert sorted(got.hidden) == [0, 3] and sorted(got.attention_t2v) == sorted(got.attention_full) == [2, 5]
+        for layer in (0, 3):
+            assert bits_equal(got.hidden[layer], dtype_cast(s.hidden[layer], coding))
+        for layer in (2, 5):
+            assert got.attention_t2v[layer].shape == (s.num_tokens, 5)
+            assert got.attention_full[layer].shape == (s.num_tokens, len(s.input_ids))
+            assert bits_equal(got.attention_t2v[layer], dtype_cast(s.attention_t2v[layer], coding))
+            assert bits_equal(got.attention_full[layer], dtype_cast(s.attention_full[layer], coding))
+    idx = reader.index.to_pydict()
+    # The flat layout: each sample's block starts where the previous one of its shard ended.
+    for shard in set(idx["shard"]):
+        rows = [i for i, sh in enumerate(idx["shard"]) if sh == shard]
+        ends = [0] + [idx["attn_full_start"][i] + idx["num_tokens"][i] * idx["attn_full_keys"][i] for i in rows[:-1]]
+        assert [idx["attn_full_start"][i] for i in rows] == ends
+    assert set(idx["attn_t2v_keys"]) == {5}
+    assert verify_cache(build.location.path).ok
+
+
+def test_sampled_mode_with_counts(tmp_path):
+    sig = SignalConfig(logits="sampled", top_k=12, sampled_draws=12, value_coding="bf16")
+    samples = samples_for(sig, [1, 5, 30])
+    reader = CacheReader(build_cache(str(tmp_path), samples, sig).location.path)
+    for s in samples:
+        got = reader.get(s.sample_id)
+        assert got.counts is not None and got.counts.dtype == np.uint16
+        assert np.array_equal(got.counts, s.counts) and np.array_equal(got.ids, s.ids)
+        assert np.all((got.ids == -1) == np.isneginf(got.logprobs)) and np.all(got.counts[got.ids == -1] == 0)
+        assert bits_equal(got.logprobs, bf16_cast(s.logprobs))
+    bad = make_signals("bad-9", 2, sig, seed=1)
+    bad.counts = None
+    with pytest.raises(ValueError, match="bad-9.*counts"):
+        build_cache(str(tmp_path / "other"), [bad], sig)
+    with pytest.raises(ValueError, match="u8"):
+        SignalConfig(logits="sampled", top_k=4, value_coding="u8")
+
+
+# ------------------------------------------------------------------------------- integrity
+
+
+@pytest.fixture
+def fp16_cache(tmp_path) -> str:
+    sig = SignalConfig(top_k=8, value_coding="fp16", hidden_layers=(1,))
+    return build_cache(str(tmp_path), samples_for(sig), sig).location.path
+
+
+def test_flipped_chunk_byte_detected_by_verify_and_refused_on_read(fp16_cache):
+    target = chunk_file(fp16_cache, "logprobs")
+    flip_byte(target, 20)
+    report = verify_cache(fp16_cache)
+    assert not report.ok and len(report.problems) == 1
+    assert str(target) in report.problems[0] and "checksum" in report.problems[0]
+    reader = CacheReader(fp16_cache)  # the index is intact: opening works, the read refuses
+    with pytest.raises(CacheCorruptError, match="logprobs"):
+        reader.get("s-0")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_truncated_or_missing_chunk_detected_and_refused(fp16_cache, damage):
+    target = chunk_file(fp16_cache, "tail_logmass")
+    if damage == "truncate":
+        truncate(target, os.path.getsize(target) // 2)
+    else:
+        target.unlink()  # zarr alone would read the chunk as zeros (its fill value)
+    report = verify_cache(fp16_cache)
+    assert not report.ok and any(str(target) in p for p in report.problems)
+    with pytest.raises(CacheCorruptError, match="tail_logmass"):
+        CacheReader(fp16_cache).get("s-0")
+
+
+def test_unlisted_chunk_file_refused(fp16_cache):
+    extra = shard_dir(fp16_cache) / "logprobs" / "c" / "99" / "0"
+    extra.parent.mkdir(parents=True)
+    extra.write_bytes(b"stray")
+    report = verify_cache(fp16_cache)
+    assert not report.ok and "not listed" in report.problems[0] and "c/99/0" in report.problems[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_index_refused_at_open(fp16_cache, damage):
+    index = Path(fp16_cache, "index.parquet")
+    flip_byte(index, 100) if damage == "flip" else truncate(index, 50)
+    with pytest.raises(CacheCorruptError, match="index.parquet"):
+        CacheReader(fp16_cache)
+    report = verify_cache(fp16_cache)
+    assert not report.ok and "index.parquet" in report.problems[0]
+
+
+def test_damaged_array_metadata_refused(fp16_cache):
+    flip_byte(shard_dir(fp16_cache) / "ids" / "zarr.json", 30)
+    with pytest.raises(CacheCorruptError, match="ids/zarr.json"):
+        CacheReader(fp16_cache).get("s-0")
+    assert any("ids/zarr.json" in p for p in verify_cache(fp16_cache).problems)
+
+
+@pytest.mark.parametrize("lie", ["total_samples", "total_tokens", "shard_samples", "shard_tokens"])
+def test_manifest_that_lies_about_counts_refused(fp16_cache, lie):
+    doc = read_manifest(fp16_cache)
+    if lie == "total_samples":
+        doc["counts"]["samples"] += 1
+    elif lie == "total_tokens":
+        doc["counts"]["tokens"] -= 1
+    elif lie == "shard_samples":  # consistent with the total, but not with the index
+        doc["counts"]["samples"] += 1
+        doc["shards"][0]["samples"] += 1
+    else:
+        doc["counts"]["tokens"] += 4
+        doc["shards"][1]["tokens"] += 4
+    write_manifest(fp16_cache, doc)
+    with pytest.raises(CacheCorruptError):
+        CacheReader(fp16_cache)
+    assert not verify_cache(fp16_cache).ok
+
+
+def test_unsealed_cache_refused_unless_allowed(tmp_path):
+    sig = SignalConfig(top_k=4, value_coding="u8")
+    samples = samples_for(sig)  # 4 shards of 2, 2, 2, 1 samples
+    build = build_cache(str(tmp_path), samples, sig, commit_shards=[0, 2], seal=False)
+    with pytest.raises(CacheUnsealedError, match="not sealed"):
+        CacheReader(build.location.path)
+    assert not verify_cache(build.location.path).ok
+    partial = CacheReader(build.location.path, allow_unsealed=True)
+    assert partial.manifest is None and partial.sample_ids == ["s-0", "s-1", "s-4", "s-5"]
+    got = partial.get("s-4")
+    assert np.array_equal(got.target_ids, samples[4].target_ids)
+    with pytest.raises(KeyError, match="s-2"):
+        partial.get("s-2")
+    assert [c["sealed"] for c in list_caches(str(tmp_path))] == [False]
+
+
+def test_seal_is_idempotent_and_keeps_the_sealed_shards(tmp_path):
+    sig = SignalConfig(top_k=4)
+    samples = samples_for(sig, [3, 4, 5])
+    build = build_cache(str(tmp_path), samples, sig)
+    before = read_manifest(build.location.path)
+    writer = build.shard_writer(0)  # a straggling duplicate of shard 0 commits after the seal
+    for s in samples[:2]:
+        writer.add(s, "cap")
+    writer.commit()
+    build.seal("test")
+    assert read_manifest(build.location.path) == before
+    assert verify_cache(build.location.path).ok
+
+
+def test_schema_version_mismatch(fp16_cache, tmp_path):
+    doc = read_manifest(fp16_cache)
+    doc["schema_version"] = 2
+    write_manifest(fp16_cache, doc)
+    with pytest.raises(SchemaVersionError, match="schema_version 2"):
+        CacheReader(fp16_cache)
+    assert "schema_version" in verify_cache(fp16_cache).problems[0]
+    assert "schema_version" in list_caches(str(Path(fp16_cache).parent))[0]["error"]
+
+
+@pytest.mark.parametrize("where", ["shard_dotdot", "shard_absolute", "file_dotdot", "file_absolute"])
+def test_path_escape_in_manifest_refused(fp16_cache, where):
+    doc = read_manifest(fp16_cache)
+    shard = doc["shards"][0]
+    if where == "shard_dotdot":
+        shard["path"] = "../elsewhere"
+    elif where == "shard_absolute":
+        shard["path"] = "/etc"
+    else:
+        name = next(iter(shard["files"]))
+        shard["files"]["../../x" if where == "file_dotdot" else "/etc/passwd"] = shard["files"].pop(name)
+    write_manifest(fp16_cache, doc)
+    with pytest.raises(CachePathError):
+        CacheReader(fp16_cache)
+    assert not verify_cache(fp16_cache).ok
+
+
+def test_symlinked_shard_directory_refused(fp16_cache, tmp_path):
+    real = shard_dir(fp16_cache, 1)
+    moved = tmp_path / "outside"
+    shutil.move(str(real), moved)
+    real.symlink_to(moved, target_is_directory=True)
+    with pytest.raises(CachePathError, match="symbolic link"):
+        CacheReader(fp16_cache).get("s-2")
+    assert any("symbolic link" in p for p in verify_cache(fp16_cache).problems)
+
+
+# ------------------------------------------------------------------------------- SPEC.md
+
+
+def spec_example_code() -> str:
+    text = SPEC.read_text()
+    section = text[text.index("## Reading without kd"):]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "SPEC.md: no python example under 'Reading without kd'"
+    return match.group(1)
+
+
+def test_spec_example_uses_only_plain_libraries():
+    modules = set()
+    for node in ast.walk(ast.parse(spec_example_code())):
+        if isinstance(node, ast.Import):
+            modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module.split(".")[0])
+    assert modules <= {"json", "zarr", "pyarrow", "numpy"}, modules
+
+
+@pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16", "u8"])
+def test_spec_example_reads_what_kd_reads(tmp_path, coding):
+    sig = SignalConfig(top_k=16, value_coding=coding)
+    path = build_cache(str(tmp_path), samples_for(sig), sig).location.path
+    namespace: dict = {"__name__": "spec_example"}
+    exec(compile(spec_example_code(), str(SPEC), "exec"), namespace)
+    reader = CacheReader(path)
+    for sid in ("s-0", "s-3", "s-6"):
+        ids, logprobs, tail = namespace["read_topk"](path, sid)
+        got = reader.get(sid)
+        assert np.array_equal(ids, got.ids) and bits_equal(logprobs, got.logprobs) and bits_equal(tail, got.tail_logmass)
+
+
+def test_spec_names_every_array_and_index_column():
+    from kd.cache_schema.writer import INDEX_SCHEMA
+
+    text = SPEC.read_text()
+    for name in INDEX_SCHEMA.names + ["target_ids", "logprob_ref", "tail_logmass", "counts", "hidden_L", "attn_t2v_L",
+                                      "attn_full_L", "crc32c", "xxh3_128", "schema_version", "sealed", "key_inputs"]:
+        assert f"`{name}" in text, name
+
+
+# ------------------------------------------------------------------------------- keys
+
+
+BASE = dict(teacher={"name": "Org/T", "revision": "abc"}, tokenizer_hash="tok", template_hash="tpl",
+            dataset_fingerprint="data", signals=SignalConfig(top_k=64, value_coding="fp16", hidden_layers=(4,)),
+            engine={"kind": "vllm", "dtype": "bfloat16"})
+
+CHANGES = {
+    "teacher": dict(teacher={"name": "Org/T", "revision": "abd"}),
+    "tokenizer": dict(tokenizer_hash="tok2"),
+    "template": dict(template_hash="tpl2"),
+    "dataset": dict(dataset_fingerprint="data2"),
+    "k": dict(signals=SignalConfig(top_k=32, value_coding="fp16", hidden_layers=(4,))),
+    "coding": dict(signals=SignalConfig(top_k=64, value_coding="u8", hidden_layers=(4,))),
+    "hidden_coding": dict(signals=SignalConfig(top_k=64, value_coding="fp16", hidden_layers=(4,), hidden_coding="bf16")),
+    "layers": dict(signals=SignalConfig(top_k=64, value_coding="fp16", hidden_layers=(4, 8))),
+    "attention": dict(signals=SignalConfig(top_k=64, value_coding="fp16", hidden_layers=(4,), attention_layers=(1,),
+                                           attention_kinds=("t2v",))),
+    "engine": dict(engine={"kind": "vllm", "dtype": "float16"}),
+}
+
+
+def test_key_is_deterministic_and_dict_order_irrelevant():
+    key = cache_key(key_inputs(**BASE))
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert cache_key(key_inputs(**BASE)) == key
+    shuffled = dict(BASE, teacher={"revision": "abc", "name": "Org/T"}, engine={"dtype": "bfloat16", "kind": "vllm"})
+    assert cache_key(key_inputs(**shuffled)) == key
+    inputs = key_inputs(**BASE)
+    assert cache_key(dict(reversed(list(inputs.items())))) == key
+    assert cache_dir_name(inputs) == f"Org-T-{key[:16]}"
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_any_change_of_key_inputs_changes_the_key(change):
+    assert cache_key(key_inputs(**{**BASE, **CHANGES[change]})) != cache_key(key_inputs(**BASE))
+
+
+def test_key_documented_derivation():
+    import hashlib
+
+    inputs = key_inputs(**BASE)
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert cache_key(inputs) == hashlib.sha256(canonical).hexdigest()
+    assert inputs["schema_version"] == 1 and inputs["signals"]["hidden_layers"] == [4]
+
+
+def test_empty_key_input_refused():
+    with pytest.raises(ValueError, match="dataset_fingerprint"):
+        key_inputs(**{**BASE, "dataset_fingerprint": ""})
+
+
+# ------------------------------------------------------------------------------- stores and joins
+
+
+def test_memory_url_write_read_verify_list(memory_root):
+    sig = SignalConfig(top_k=8, value_coding="u8", hidden_layers=(2,), hidden_coding="bf16")
+    samples = samples_for(sig, [3, 1, 5])
+    build = build_cache(memory_root, samples, sig)
+    url = build.location.url
+    assert url.startswith("memory://")
+    reader = CacheReader(url)
+    for s in samples:
+        got = reader.get(s.sample_id)
+        assert np.array_equal(got.target_ids, s.target_ids) and bits_equal(got.hidden[2], bf16_cast(s.hidden[2]))
+    report = verify_cache(url)
+    assert report.ok and report.files_checked > 10
+    (listed,) = list_caches(memory_root)
+    assert listed["sealed"] and listed["samples"] == 3 and listed["tokens"] == 9 and listed["key"] == reader.key
+    fs = fsspec.filesystem("memory")
+    chunk = f"{build.location.path}/{read_manifest_fs(fs, build.location.path)['shards'][0]['path']}/target_ids/c/0"
+    data = bytearray(fs.cat_file(chunk))
+    data[5] ^= 1
+    fs.pipe_file(chunk, bytes(data))
+    assert not verify_cache(url).ok
+    with pytest.raises(CacheCorruptError):
+        CacheReader(url).get("s-0")
+
+
+def read_manifest_fs(fs, path: str) -> dict:
+    return json.loads(fs.cat_file(f"{path}/manifest.json"))
+
+
+def test_joined_reader_across_two_caches(tmp_path):
+    sig_a = SignalConfig(top_k=8, value_coding="fp16")
+    sig_b = SignalConfig(top_k=4, value_coding="u8", hidden_layers=(1,))
+    a = samples_for(sig_a, [3, 4, 5, 6])
+    b = [make_signals(f"s-{i}", n, sig_b, seed=7 + i) for i, n in [(3, 6), (1, 4), (2, 5), (9, 2)]]
+    path_a = build_cache(str(tmp_path), a, sig_a, teacher="Org/A").location.path
+    path_b = build_cache(str(tmp_path), b, sig_b, teacher="Org/B").location.path
+    assert path_a != path_b
+    joined = JoinedReader({"a": CacheReader(path_a), "b": CacheReader(path_b)})
+    assert joined.sample_ids == ["s-1", "s-2", "s-3"]  # the first cache's order, ids in both
+    for got in joined.get_many(joined.sample_ids):
+        assert set(got) == {"a", "b"} and got["a"].sample_id == got["b"].sample_id
+        assert got["a"].ids.shape[1] == 8 and got["b"].ids.shape[1] == 4 and 1 in got["b"].hidden
+    by_b = {s.sample_id: s for s in b}
+    assert np.array_equal(joined.get("s-2")["b"].target_ids, by_b["s-2"].target_ids)
+    with pytest.raises(ValueError):
+        JoinedReader({})
+
+
+# ------------------------------------------------------------------------------- codec properties
+
+neg_inf_or_logprob = st.one_of(st.just(-np.inf), st.floats(-200.0, 0.0, width=32))
+
+
+def logprob_rows(max_k: int = 16):
+    return st.tuples(st.integers(1, 12), st.integers(1, max_k)).flatmap(
+        lambda nk: hnp.arrays(np.float32, nk, elements=neg_inf_or_logprob))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lp=logprob_rows(), coding=st.sampled_from(["fp32", "fp16", "bf16"]))
+def test_exact_codings_are_lossless_for_their_dtype(lp, coding):
+    tail = np.full(lp.shape[0], -3.0, np.float32)
+    enc = encode_logprobs(lp, tail, coding)
+    assert bits_equal(decode_logprobs(enc, coding), dtype_cast(lp, coding))
+    assert bits_equal(enc["tail_logmass"], tail)
+
+
+@settings(max_examples=100, deadline=None)
+@given(h=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 9)),
+                    elements=st.floats(-1e5, 1e5, width=32, allow_subnormal=True)),
+       coding=st.sampled_from(["fp32", "fp16", "bf16"]))
+def test_hidden_codings_equal_the_dtype_cast(h, coding):
+    with np.errstate(over="ignore"):  # beyond float16's range both sides give inf
+        assert bits_equal(
+            decode_hidden(encode_hidden(h, coding), coding), dtype_cast(h, coding))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lp=logprob_rows(max_k=64), tail=st.floats(-30.0, -0.015625, width=32))
+def test_u8_error_bound_and_folding(lp, tail):
+    tails = np.full(lp.shape[0], tail, np.float32)
+    enc = encode_logprobs(lp, tails, "u8")
+    dec = decode_logprobs(enc, "u8")
+    ref = np.where(np.isfinite(lp.max(1)), lp.max(1), 0.0).astype(np.float32)[:, None]
+    gap = ref - lp
+    folded = ~(gap < U8_GAP_NATS)
+    assert np.array_equal(np.isneginf(dec), folded)  # folded (incl. -inf) exactly when gap >= 20 nats
+    kept = ~folded
+    h = 0.5 / 254  # half a code step on the sqrt scale
+    s = np.sqrt(np.clip(gap[kept], 0, U8_GAP_NATS) / U8_GAP_NATS)
+    bound = U8_GAP_NATS * (2 * s * h + h * h) + 1e-5 * (1 + np.abs(lp[kept]))
+    assert np.all(np.abs(dec[kept] - lp[kept]) <= bound)
+    assert np.all(np.abs(dec[kept] - lp[kept]) <= 0.08)
+    # Folded finite mass moves into the tail.
+    moved = np.where(folded & np.isfinite(lp), lp, -np.inf).astype(np.float64)
+    expect = np.logaddexp.reduce(np.concatenate([moved, tails[:, None].astype(np.float64)], 1), axis=1)
+    assert np.allclose(enc["tail_logmass"], expect, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 40), k=st.sampled_from([1, 2, 8, 64]), seed=st.integers(0, 2**16))
+def test_u8_on_teacher_like_rows_keeps_kl_tiny(n, k, seed):
+    syn = teacher_like_topk(n, k, vocab=512, seed=seed)
+    enc = encode_logprobs(syn.logprobs, syn.tail_logmass, "u8")
+    kl = kl_topk_buckets(syn.logprobs, syn.tail_logmass, decode_logprobs(enc, "u8"), enc["tail_logmass"])
+    assume(np.all(np.isfinite(kl)))
+    assert kl.max() <= 2e-3
