@@ -1,0 +1,234 @@
+"""Cache I/O benchmark: bytes/token per value coding, coding error, write and read throughput.
+
+    python bench/cache_io.py [--tokens N] [--k 64] [--vocab 32768] [--batches 300]
+
+Everything is measured through the real library (``kd.cache_schema``): caches are written with
+``CacheBuild``/``ShardWriter`` and sealed, sizes are the bytes of every file in the cache
+directory, reads go through ``CacheReader``/``JoinedReader``. Data is synthetic
+(``teacher_like_topk``), cut into samples of 512..1535 answer tokens.
+
+Read throughput counts answer tokens delivered to the caller, decoded to float32
+(ids int32 [k], log-probs float32 [k], tail, target). A joined read counts each token once
+although it carries both teachers' signals. "cold" = a fresh reader per batch (opening the
+cache, reading and checking its index, decompressing every chunk touched); the files are in
+the OS page cache, so cold does not include disk reads. "warm" = one reader, its decoded-chunk
+LRU filled by earlier batches. "memcpy" copies the same decoded bytes with numpy; the ratio
+read/memcpy shows how close the reader gets to the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kd.cache_schema import (  # noqa: E402
+    VALUE_CODINGS,
+    BuildPlan,
+    CacheBuild,
+    CacheReader,
+    JoinedReader,
+    Location,
+    SignalConfig,
+    key_inputs,
+    kl_topk_buckets,
+)
+from kd.cache_schema.synthetic import teacher_like_topk  # noqa: E402
+
+TARGET_LOSSLESS_BPT = 160.0
+TARGET_LOSSY_BPT = 110.0
+TARGET_LOSSY_KL = 1e-4
+TARGET_JOIN_WARM_TPS = 1e6
+SHARD_TOKENS = 262_144  # shard size the storage notes recommend
+
+
+class Sample:
+    """The attributes ShardWriter reads (a light stand-in for kd.pipeline TeacherSignals)."""
+
+    def __init__(self, sid, target_ids, ids, logprobs, tail):
+        self.sample_id, self.target_ids, self.ids, self.logprobs, self.tail_logmass = sid, target_ids, ids, logprobs, tail
+        self.counts = None
+        self.input_ids = np.concatenate([np.zeros(16, np.int32), target_ids])
+        self.answer_start = 16
+        self.hidden, self.attention_t2v, self.attention_full = {}, {}, {}
+
+
+def make_samples(data, rng, prefix: str, roll: int = 0) -> list[Sample]:
+    n = data.ids.shape[0]
+    arrays = [np.roll(a, roll, axis=0) for a in (data.target_ids, data.ids, data.logprobs, data.tail_logmass)]
+    cuts = [0]
+    while cuts[-1] < n:
+        cuts.append(min(n, cuts[-1] + int(rng.integers(512, 1536))))
+    return [Sample(f"{prefix}{i:06d}", *(a[lo:hi] for a in arrays)) for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teacher: str) -> tuple[str, float]:
+    sig = SignalConfig(top_k=k, value_coding=coding)
+    inputs = key_inputs(teacher={"name": teacher}, tokenizer_hash="bench-tok", template_hash="bench-tpl",
+                        dataset_fingerprint="bench-data", signals=sig)
+    build = CacheBuild(root, inputs, {"name": teacher}, sig)
+    mean_len = np.mean([len(s.target_ids) for s in samples])
+    plan = BuildPlan.from_ids([s.sample_id for s in samples], max(1, int(SHARD_TOKENS // mean_len)))
+    by_id = {s.sample_id: s for s in samples}
+    t0 = time.perf_counter()
+    build.start(plan)
+    for shard, ids in enumerate(plan.shards):
+        writer = build.shard_writer(shard)
+        for sid in ids:
+            writer.add(by_id[sid], "bench")
+        writer.commit()
+    build.seal("bench")
+    return build.location.path, time.perf_counter() - t0
+
+
+def disk_bytes(path: str) -> dict[str, int]:
+    """Bytes on disk grouped by array name (plus 'metadata' for JSON/parquet files)."""
+    out: dict[str, int] = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, path).split("/")
+            group = rel[2] if len(rel) > 3 and rel[0] == "shards" and f != "zarr.json" else "metadata"
+            out[group] = out.get(group, 0) + os.path.getsize(full)
+    return out
+
+
+def read_batches(make_reader, batches: list[list[str]], fresh: bool) -> float:
+    """Tokens/s over ``batches``; ``make_reader()`` per batch when ``fresh`` (cold)."""
+    reader = None if fresh else make_reader()
+    n = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        if fresh:
+            reader = make_reader()
+        for item in reader.get_many(batch):
+            n += next(iter(item.values())).num_tokens if isinstance(item, dict) else item.num_tokens
+    return n / (time.perf_counter() - t0)
+
+
+def memcpy_tps(bytes_per_token: int, seconds: float = 0.5) -> float:
+    src = np.ones(64 << 20, np.uint8)
+    dst = np.empty_like(src)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.copyto(dst, src)
+        n += src.nbytes
+    return n / (time.perf_counter() - t0) / bytes_per_token
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x / 1e6:7.2f}M"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=200_000, help="answer tokens per cache")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--batches", type=int, default=300, help="random batches per read measurement")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    ap.add_argument("--codings", default=",".join(VALUE_CODINGS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default=None, help="where to write caches (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    codings = args.codings.split(",")
+    rng = np.random.default_rng(args.seed)
+
+    t0 = time.perf_counter()
+    data = teacher_like_topk(args.tokens, args.k, vocab=args.vocab, seed=args.seed)
+    print(f"synthetic teacher_like_topk: {args.tokens} tokens, k={args.k}, vocab={args.vocab} "
+          f"({time.perf_counter() - t0:.1f}s to generate)")
+    samples_a = make_samples(data, np.random.default_rng(args.seed + 1), "s")
+    samples_b = make_samples(data, np.random.default_rng(args.seed + 1), "s", roll=args.tokens // 3)  # "teacher B"
+    ids = [s.sample_id for s in samples_a]
+    batches = [[ids[j] for j in rng.integers(0, len(ids), args.batch_size)] for _ in range(args.batches)]
+    mean_seq = np.mean([len(s.target_ids) for s in samples_a])
+    print(f"{len(ids)} samples (mean {mean_seq:.0f} tokens), batches of {args.batch_size} sequences\n")
+
+    decoded_bpt = args.k * 8 + 8  # ids int32 + log-probs float32 per entry; tail + target per token
+    mem_one = memcpy_tps(decoded_bpt)
+    mem_two = mem_one / 2
+
+    tmp = tempfile.TemporaryDirectory(prefix="kd-bench-") if args.dir is None else None
+    root = Location.from_url(args.dir or tmp.name)
+    rows = []
+    try:
+        for coding in codings:
+            path_a, dt_write = write_cache(root, samples_a, coding, args.k, "teacher-A")
+            path_b, _ = write_cache(root, samples_b, coding, args.k, "teacher-B")
+            sizes = disk_bytes(path_a)
+            bpt = sum(sizes.values()) / args.tokens
+            row = {"coding": coding, "bpt": bpt, "sizes": {k: v / args.tokens for k, v in sizes.items()},
+                   "write": args.tokens / dt_write}
+            # Coding error against the fp32 originals, over every token.
+            reader = CacheReader(path_a)
+            kls = []
+            for s in samples_a:
+                got = reader.get(s.sample_id)
+                kls.append(kl_topk_buckets(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass))
+            kl = np.concatenate(kls)
+            row["kl_mean"], row["kl_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
+            row["cold"] = read_batches(lambda: CacheReader(path_a), batches[: max(20, len(batches) // 10)], fresh=True)
+            warm_one = CacheReader(path_a)
+            read_batches(lambda: warm_one, batches, fresh=False)  # fill the LRU
+            row["warm"] = read_batches(lambda: warm_one, batches, fresh=False)
+            join = lambda: JoinedReader({"A": CacheReader(path_a), "B": CacheReader(path_b)})  # noqa: E731
+            row["join_cold"] = read_batches(join, batches[: max(20, len(batches) // 10)], fresh=True)
+            warm_join = join()
+            read_batches(lambda: warm_join, batches, fresh=False)
+            row["join_warm"] = read_batches(lambda: warm_join, batches, fresh=False)
+            rows.append(row)
+            print(f"  {coding}: written and read ({row['bpt']:.1f} B/token)", flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    print("\nBytes/token on disk (every file of the cache directory), by array:")
+    arrays = sorted({a for r in rows for a in r["sizes"]})
+    print(f"  {'coding':<6} {'total':>7} " + " ".join(f"{a:>13}" for a in arrays))
+    for r in rows:
+        print(f"  {r['coding']:<6} {r['bpt']:7.1f} " + " ".join(f"{r['sizes'].get(a, 0):13.1f}" for a in arrays))
+
+    print(f"\nThroughput in answer tokens/s (memcpy of the decoded {decoded_bpt} B/token: "
+          f"{fmt_rate(mem_one)} one cache, {fmt_rate(mem_two)} two caches):")
+    print(f"  {'coding':<6} {'KL mean':>9} {'KL p99':>9} {'write':>8} {'cold':>8} {'warm':>8} {'join cold':>9} "
+          f"{'join warm':>9} {'warm/memcpy':>11} {'join/memcpy':>11}")
+    for r in rows:
+        print(f"  {r['coding']:<6} {r['kl_mean']:9.2e} {r['kl_p99']:9.2e} {fmt_rate(r['write'])} {fmt_rate(r['cold'])} "
+              f"{fmt_rate(r['warm'])} {fmt_rate(r['join_cold']):>9} {fmt_rate(r['join_warm']):>9} "
+              f"{r['warm'] / mem_one:11.3f} {r['join_warm'] / mem_two:11.3f}")
+
+    by = {r["coding"]: r for r in rows}
+    print("\nTargets:")
+    verdicts = []
+
+    def target(name: str, ok: bool, detail: str) -> None:
+        verdicts.append(ok)
+        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {detail}")
+
+    exact = [c for c in ("fp32", "fp16", "bf16") if c in by]
+    if exact:
+        best = min(exact, key=lambda c: by[c]["bpt"])
+        target(f"lossless <= {TARGET_LOSSLESS_BPT:.0f} B/token", by[best]["bpt"] <= TARGET_LOSSLESS_BPT,
+               f"best exact coding {best} = {by[best]['bpt']:.1f} B/token (fp32 bit-exact = "
+               f"{by['fp32']['bpt'] if 'fp32' in by else float('nan'):.1f}; fp16/bf16 are exact to that dtype only)")
+    if "u8" in by:
+        u8 = by["u8"]
+        target(f"lossy <= {TARGET_LOSSY_BPT:.0f} B/token at mean KL <= {TARGET_LOSSY_KL:g}",
+               u8["bpt"] <= TARGET_LOSSY_BPT and u8["kl_mean"] <= TARGET_LOSSY_KL,
+               f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e}")
+    for c in codings:
+        target(f"warm two-cache join >= {TARGET_JOIN_WARM_TPS / 1e6:.0f}M tokens/s ({c})",
+               by[c]["join_warm"] >= TARGET_JOIN_WARM_TPS, f"{by[c]['join_warm'] / 1e6:.2f}M tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
