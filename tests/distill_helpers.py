@@ -57,13 +57,13 @@ def build_test_cache(teacher_dir: str | Path, jsonl: str | Path, root: str | Pat
 @pytest.fixture(scope="session")
 def kd_world(tmp_path_factory):
     """Tiny teacher (4 x 128) and student (2 x 64) VLMs sharing a tokenizer, a student with another
-    tokenizer (seed 1), synthetic data (train 9 records, val 6) and three teacher caches written by
+    tokenizer (tokenizer_seed 1), synthetic data (train 9 records, val 6) and three teacher caches written by
     the hf engine: perception (top-k 16 + hidden + t2v layer 0), reasoning (top-k 16 + full maps of
     layers 0..2) and planning (sampled 12 draws + t2v layer 2)."""
     root = tmp_path_factory.mktemp("kd_world")
     teacher = build_preset("vlm", "teacher", root / "teacher")
     student = build_preset("vlm", "student", root / "student")
-    other = build_preset("vlm", "student", root / "student-seed1", seed=1)
+    other = build_preset("vlm", "student", root / "student-tok1", seed=1, tokenizer_seed=1)
     paths = synthesize(root / "data", 5, seed=0, splits=(0.6, 0.4, 0.0))
     engine = load_engine("hf", teacher)
     specs = {
@@ -74,5 +74,5 @@ def kd_world(tmp_path_factory):
     caches = {role: build_test_cache(teacher, paths["train"], root / "caches", spec, engine=engine)
               for role, spec in specs.items()}
     engine.close()
-    return {"root": root, "teacher": teacher, "student": student, "student_seed1": other,
+    return {"root": root, "teacher": teacher, "student": student, "student_tok1": other,
             "train": paths["train"], "val": paths["val"], "caches": caches}

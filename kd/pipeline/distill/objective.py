@@ -42,7 +42,8 @@ from kd.pipeline.mixing import mixing_matrix, teacher_weights
 from .config import LossConfig
 from .student import StudentOutputs
 
-__all__ = ["TeacherPlan", "LossBreakdown", "DistillObjective", "plan_teacher", "default_attention_map"]
+__all__ = ["TeacherPlan", "LossBreakdown", "DistillObjective", "build_objective", "plan_teacher",
+           "default_attention_map"]
 
 
 @dataclass
@@ -101,13 +102,30 @@ def plan_teacher(role: str, signals: Any, cfg: LossConfig, *, student_layers: in
     return plan
 
 
+def build_objective(cfg: LossConfig, sources: Mapping[str, Any], student: nn.Module) -> "DistillObjective":
+    """The objective for a student and its teachers (``data.TeacherSource``s): plans from each cache's
+    signals, teacher hidden widths read from the cache's first sample, depths from its manifest."""
+    from .student import student_dims
+
+    n_layers, width = student_dims(student)
+    plans = {}
+    for role, src in sources.items():
+        hidden_width = None
+        if src.signals.hidden_layers and len(src.reader):
+            first = src.reader.get(src.reader.sample_ids[0])
+            hidden_width = int(first.hidden[src.signals.hidden_layers[0]].shape[1])
+        plans[role] = plan_teacher(role, src.signals, cfg, student_layers=n_layers, teacher_width=hidden_width,
+                                   teacher_depth=src.teacher_depth if src.signals.hidden_layers else None)
+    return DistillObjective(cfg, plans, student_width=width)
+
+
 @dataclass
 class LossBreakdown:
     """The named losses of one batch and their parts.
 
     ``losses``: ``{"ce": CE, role: L_r}`` with graphs (the inputs of loss weights and AGP).
     ``terms``: detached parts for logging (``ce``, ``kd/<role>``, ``hidden/<role>``,
-    ``attn_t2v/<role>``, ``attn_full/<role>``). ``teacher_weights``: ``[B, n_teachers]`` mixing
+    ``attn/<role>`` and per layer ``attn_<kind>/<role>/L<student layer>``). ``teacher_weights``: ``[B, n_teachers]`` mixing
     weights the batch used (columns in teacher order).
     """
 

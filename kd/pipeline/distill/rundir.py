@@ -24,7 +24,7 @@ __all__ = ["write_run_files", "check_resume_compatible", "MetricsLogger", "RESUM
 
 # Fields that may change between a run and its resume (they do not change what is trained).
 RESUME_FREE_FIELDS = frozenset({
-    "resume", "quiet", "val_data", "train.log_every", "train.eval_every", "train.eval_batch_size",
+    "out", "resume", "quiet", "val_data", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_max_new_tokens", "train.eval_max_samples", "train.save_every", "train.keep_checkpoints",
     "train.num_workers",
 })

@@ -33,9 +33,9 @@ from kd.pipeline.mixing import LearnableLossWeights, agp_combine, assign_grads, 
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import DistillConfig
 from .data import DistillDataset, EpochSampler, collate, open_teachers
-from .objective import DistillObjective, LossBreakdown, plan_teacher
+from .objective import DistillObjective, LossBreakdown, build_objective
 from .rundir import MetricsLogger, check_resume_compatible, write_run_files
-from .student import load_student, student_dims, student_forward
+from .student import load_student, student_forward
 
 __all__ = ["RunResult", "DistillModule", "distill", "cosine_with_warmup"]
 
@@ -114,18 +114,14 @@ def distill(config: DistillConfig) -> RunResult:
     student, processor = load_student(cfg.student)
     sources = open_teachers(cfg.teachers, cfg.vocab_maps, processor)
     dataset = DistillDataset(load_records(cfg.data), processor, sources, missing=cfg.missing)
-    n_layers, width = student_dims(student)
-    first = dataset.records[0].id
-    plans = {role: plan_teacher(role, src.signals, lc, student_layers=n_layers, teacher_depth=src.teacher_depth,
-                                teacher_width=_hidden_width(src, first)) for role, src in sources.items()}
-    objective = DistillObjective(lc, plans, student_width=width)
+    objective = build_objective(lc, sources, student)
     if objective.attention_layers:
         student.set_attn_implementation("eager")  # attention maps need materialised weights
     teachers_doc = {role: src.describe() for role, src in sources.items()}
     if cfg.resume and ckpt is not None:
         check_resume_compatible(run_dir, cfg, teachers_doc)
     if main:
-        write_run_files(run_dir, cfg, teachers_doc, {r: p.to_dict() for r, p in plans.items()})
+        write_run_files(run_dir, cfg, teachers_doc, {r: p.to_dict() for r, p in objective.plans.items()})
     val_records = load_records(cfg.val_data) if cfg.val_data else None
 
     module = DistillModule(student, objective)
@@ -279,13 +275,6 @@ def _allreduce_grads(raw: nn.Module, accelerator: Accelerator) -> None:
     for p in raw.parameters():
         if p.grad is not None:
             p.grad = accelerator.reduce(p.grad, "mean")
-
-
-def _hidden_width(src, sample_id: str) -> int | None:
-    if not src.signals.hidden_layers:
-        return None
-    cached = src.reader.get(sample_id)
-    return int(cached.hidden[src.signals.hidden_layers[0]].shape[1])
 
 
 def _evaluate(accelerator: Accelerator, student: nn.Module, processor: Any, records, tc, logger: MetricsLogger,

@@ -1,0 +1,322 @@
+"""Stage two on tiny models and real caches (written by the hf teacher engine): config, alignment,
+loss wiring against a hand computation, mixing weights, projector gradients, resume, run directory,
+a short training run, learnable weights + AGP."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from distill_helpers import kd_world  # noqa: F401
+
+from kd.cache_schema import CachedSample, CacheReader
+from kd.pipeline.dataset import load_records
+from kd.pipeline.distill import AlignmentError, DistillConfig, VocabMap, distill, load_config, open_teachers
+from kd.pipeline.distill.data import DistillDataset, collate, to_student_ids
+from kd.pipeline.distill.objective import build_objective
+from kd.pipeline.distill.student import load_student, student_forward
+from kd.pipeline.distill.train import DistillModule
+from kd.pipeline.encoding import encode_record
+from kd.pipeline.losses import attention_map_loss, hidden_state_loss, sampled_kd_loss, topk_kd_loss
+
+ROLES = ("perception", "reasoning", "planning")
+FAST = {"lr": 1e-3, "warmup_steps": 0, "grad_accum": 1, "batch_size": 3}
+
+
+def make_config(world, out, **fields) -> DistillConfig:
+    train = {**FAST, **fields.pop("train", {})}
+    fields.setdefault("teachers", world["caches"])
+    return load_config(student=str(world["student"]), data=str(world["train"]), out=str(out), quiet=True,
+                       train=train, **fields)
+
+
+@pytest.fixture(scope="module")
+def setup(kd_world):
+    student, processor = load_student(kd_world["student"], attention=True)
+    sources = open_teachers(kd_world["caches"], {}, processor)
+    dataset = DistillDataset(load_records(kd_world["train"]), processor, sources)
+    return student, processor, sources, dataset
+
+
+def first_scene_batch(dataset):
+    """Scene 0's three records: one perception, one reasoning, one planning sample."""
+    items = [dataset[i] for i in range(3)]
+    assert [s.capability for s in items] == list(ROLES)
+    return collate(items)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_from_yaml_toml_and_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "student: s\ndata: d.jsonl\nout: o\nteachers: {perception: /c/p, planning: /c/q}\n"
+        "loss: {kd_kind: jsd, hidden_layer_map: {perception: {'1': 2}}}\ntrain: {lr: 1.0e-4}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.lr=3e-4", "loss.agp=true", "train.max_steps=7",
+                                              "teachers.reasoning=/c/r"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float) and cfg.loss.agp is True
+    assert cfg.train.max_steps == 7 and cfg.loss.kd_kind == "jsd" and cfg.roles == ["perception", "planning", "reasoning"]
+    assert cfg.loss.hidden_layer_map == {"perception": {1: 2}}
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # JSON round trip
+    (tmp_path / "run.toml").write_text('student = "s"\ndata = "d"\nout = "o"\n[teachers]\nplanning = "/c"\n'
+                                       '[train]\ngrad_accum = 2\n')
+    assert load_config(tmp_path / "run.toml").train.grad_accum == 2
+    with pytest.raises(ValueError, match=r"train\.lrr"):
+        load_config(tmp_path / "run.toml", ["train.lrr=1"])
+    with pytest.raises(ValueError, match=r"loss\.kd_kind must be one of"):
+        load_config(tmp_path / "run.toml", ["loss.kd_kind=kl"])
+    with pytest.raises(ValueError, match="mixing_matrix"):
+        load_config(tmp_path / "run.toml", ["loss.mixing_matrix=[[0.5, 0.5]]"])
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def test_alignment_error_names_sample_and_cache_for_another_tokenizer(kd_world):
+    _, processor = load_student(kd_world["student_tok1"])
+    sources = open_teachers(kd_world["caches"], {}, processor)
+    with pytest.raises(AlignmentError) as err:
+        DistillDataset(load_records(kd_world["train"]), processor, sources)
+    named = re.match(r"sample '([^']+)'", str(err.value))
+    assert named and named.group(1) in {r.id for r in load_records(kd_world["train"])}
+    assert f"cache {kd_world['caches']['perception']}" in str(err.value)
+
+
+def test_alignment_error_names_a_corrupted_answer(kd_world, setup):
+    _, processor, sources, _ = setup
+    lines = Path(kd_world["train"]).read_text().splitlines()
+    rec = json.loads(lines[4])
+    rec["answer"] = "no" if rec["answer"] == "yes" else "yes"
+    lines[4] = json.dumps(rec)
+    bad = Path(kd_world["train"]).with_name("train-corrupt.jsonl")
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AlignmentError, match=rf"sample '{rec['id']}'.*cache {kd_world['caches']['perception']}"):
+        DistillDataset(load_records(bad), processor, sources)
+
+
+def test_vocab_map_lets_a_teacher_with_another_tokenizer_serve(kd_world):
+    _, processor = load_student(kd_world["student_tok1"])
+    maps = {"perception": "auto", "reasoning": str(kd_world["teacher"]), "planning": "auto"}
+    sources = open_teachers(kd_world["caches"], maps, processor)
+    dataset = DistillDataset(load_records(kd_world["train"]), processor, sources)
+    sample = dataset[0]
+    teacher_tok = load_student(kd_world["teacher"])[1].tokenizer
+    cached = sources["perception"].reader.get(sample.sample_id)
+    mapped = sample.teachers["perception"].ids
+    keep = mapped >= 0
+    assert 0.5 < keep.mean() < 1.0  # BPEs of two corpora over the same words share most token strings
+    assert (processor.tokenizer.convert_ids_to_tokens(mapped[keep].tolist())
+            == teacher_tok.convert_ids_to_tokens(cached.ids[keep].tolist()))
+    assert np.array_equal(sources["perception"].vocab_map.map_ids(cached.target_ids), sample.answer_ids)
+    lost = np.where(~keep & (cached.ids >= 0), np.exp(cached.logprobs), 0.0).sum(1)
+    assert np.allclose(np.exp(sample.teachers["perception"].tail), np.exp(cached.tail_logmass) + lost, atol=1e-6)
+
+
+def test_unmapped_topk_entries_fold_into_the_tail():
+    cached = CachedSample(sample_id="s", capability="perception", target_ids=np.array([5], np.int32),
+                          ids=np.array([[5, 7, -1]], np.int32),
+                          logprobs=np.array([[np.log(0.5), np.log(0.3), -np.inf]], np.float32),
+                          tail_logmass=np.log(np.array([0.2], np.float32)), answer_start=3, seq_len=4,
+                          input_ids_hash="", answer_ids_hash="")
+    out = to_student_ids(cached, VocabMap.from_pairs({5: 1}, "test"))
+    assert out.ids.tolist() == [[1, -1, -1]]
+    assert np.allclose(np.exp(out.logprobs), [[0.5, 0.0, 0.0]]) and np.allclose(np.exp(out.tail), [0.5])
+    with pytest.raises(ValueError, match="same student id"):
+        VocabMap.from_pairs({1: 3, 2: 3}, "dup")
+
+
+def test_missing_samples_error_by_default_and_skip_on_request(kd_world, setup):
+    _, processor, sources, _ = setup
+    extra = Path(kd_world["train"]).with_name("train-plus-val.jsonl")
+    extra.write_text(Path(kd_world["train"]).read_text() + Path(kd_world["val"]).read_text().splitlines()[0] + "\n")
+    with pytest.raises(KeyError, match=r"1 sample\(s\) missing from cache"):
+        DistillDataset(load_records(extra), processor, sources)
+    assert len(DistillDataset(load_records(extra), processor, sources, missing="skip")) == 9
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def test_loss_wiring_equals_a_hand_computation(kd_world, setup):
+    student, processor, sources, dataset = setup
+    cfg = make_config(kd_world, "unused").loss
+    objective = build_objective(cfg, sources, student)
+    # The Drive-KD layer choices for a 2-layer student and 4-layer teacher.
+    plans = objective.plans
+    assert plans["perception"].hidden_map == {1: 2, 2: 4} and plans["perception"].t2v_map == {0: [0]}
+    assert plans["reasoning"].full_map == {0: [0, 1, 2]} and plans["planning"].t2v_map == {0: [2]}
+    assert plans["planning"].logits == "sampled"
+    batch = first_scene_batch(dataset)
+    with torch.no_grad():
+        out = student_forward(student, batch, hidden_layers=objective.hidden_layers,
+                              attention_layers=objective.attention_layers)
+        bd = objective(out, batch)
+
+        # By hand: one independent eager forward per sample, the cache read directly, library losses.
+        w = {"perception": [0.8, 0.1, 0.1], "reasoning": [0.1, 0.8, 0.1], "planning": [0.1, 0.1, 0.8]}
+        logits, targets, terms = [], [], {f"{t}/{r}": 0.0 for t in ("kd", "hidden", "attn") for r in ROLES}
+        n = int(batch["num_tokens"].sum())
+        for b, sid in enumerate(batch["sample_ids"]):
+            rec = dataset.records[b]
+            assert rec.id == sid
+            enc = encode_record(processor, rec.as_dict())
+            o = student(input_ids=torch.from_numpy(enc.input_ids.astype(np.int64))[None], output_hidden_states=True,
+                        output_attentions=True, **{k: torch.from_numpy(v) for k, v in enc.model_inputs.items()})
+            pos = torch.from_numpy(enc.target_positions)
+            lg = o.logits[0, pos]
+            logits.append(lg)
+            targets.append(torch.from_numpy(enc.answer_ids.astype(np.int64)))
+            t_b = len(pos)
+            wb = {r: w[batch["capabilities"][b]][j] * t_b / n for j, r in enumerate(ROLES)}
+            img = torch.from_numpy(enc.image_token_mask)
+            c = {r: CacheReader(kd_world["caches"][r]).get(sid) for r in ROLES}
+            p = c["perception"]
+            terms["kd/perception"] += wb["perception"] * topk_kd_loss(
+                lg, torch.from_numpy(p.ids), torch.from_numpy(p.logprobs), torch.from_numpy(p.tail_logmass))
+            terms["hidden/perception"] += wb["perception"] * 0.5 * sum(
+                hidden_state_loss(o.hidden_states[s][0, pos], torch.from_numpy(p.hidden[t]), objective.projectors["perception"][s])
+                for s, t in ((1, 2), (2, 4)))
+            terms["attn/perception"] += wb["perception"] * attention_map_loss(
+                o.attentions[0][0].mean(0)[pos][:, img], torch.from_numpy(p.attention_t2v[0]))
+            r = c["reasoning"]
+            terms["kd/reasoning"] += wb["reasoning"] * topk_kd_loss(
+                lg, torch.from_numpy(r.ids), torch.from_numpy(r.logprobs), torch.from_numpy(r.tail_logmass))
+            full = torch.stack([torch.from_numpy(r.attention_full[layer]) for layer in (0, 1, 2)]).mean(0)
+            terms["attn/reasoning"] += wb["reasoning"] * attention_map_loss(o.attentions[0][0].mean(0)[pos], full)
+            q = c["planning"]
+            terms["kd/planning"] += wb["planning"] * sampled_kd_loss(
+                lg, torch.from_numpy(q.ids), torch.from_numpy(q.counts.astype(np.float32)), torch.from_numpy(q.logprobs))
+            terms["attn/planning"] += wb["planning"] * attention_map_loss(
+                o.attentions[0][0].mean(0)[pos][:, img], torch.from_numpy(q.attention_t2v[2]))
+        ce = F.cross_entropy(torch.cat(logits), torch.cat(targets))
+    assert bd.terms["ce"] == pytest.approx(float(ce), rel=1e-4)
+    for key, value in terms.items():
+        if key != "hidden/reasoning" and key != "hidden/planning":
+            assert bd.terms[key] == pytest.approx(float(value), rel=1e-4, abs=1e-9), key
+    assert "hidden/reasoning" not in bd.terms and "hidden/planning" not in bd.terms  # no hidden states cached
+    expected = float(ce) + sum(float(v) for v in terms.values())
+    assert float(bd.total(objective.fixed_weights())) == pytest.approx(expected, rel=1e-4)
+    assert set(bd.losses) == {"ce", *ROLES}
+
+
+def test_mixing_matrix_is_applied_per_capability(kd_world, setup):
+    student, _, sources, dataset = setup
+    batch = first_scene_batch(dataset)
+    n_tok = batch["num_tokens"].double()
+    for diag in (0.6, 1.0):
+        cfg = make_config(kd_world, "unused", loss={"mixing_diag": diag}).loss
+        objective = build_objective(cfg, sources, student)
+        with torch.no_grad():
+            bd = objective(student_forward(student, batch, hidden_layers=objective.hidden_layers,
+                                           attention_layers=objective.attention_layers), batch)
+        off = (1 - diag) / 2
+        expected = torch.full((3, 3), off) + torch.eye(3) * (diag - off)  # samples are P, R, Pl = teacher order
+        assert torch.allclose(bd.teacher_weights, expected)
+        if diag == 1.0:  # a teacher sees only its own capability's sample
+            with torch.no_grad():
+                per_row = objective._kd_rows(student_forward(student, batch).logits, batch["teachers"]["perception"], "topk")
+            t0 = int(batch["num_tokens"][0])
+            assert bd.terms["kd/perception"] == pytest.approx(float(per_row[:t0].sum() / n_tok.sum()), rel=1e-5)
+    batch["capabilities"][0] = "Perception"
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        objective(student_forward(student, batch, hidden_layers=objective.hidden_layers,
+                                  attention_layers=objective.attention_layers), batch)
+
+
+def test_gradients_reach_projectors_and_student(kd_world, setup):
+    student, _, sources, dataset = setup
+    objective = build_objective(make_config(kd_world, "unused").loss, sources, student)
+    module = DistillModule(student, objective)
+    module.zero_grad()
+    bd = module(first_scene_batch(dataset))
+    bd.total(objective.fixed_weights()).backward()
+    for s in (1, 2):
+        g = objective.projectors["perception"][s].weight.grad
+        assert g is not None and float(g.abs().sum()) > 0
+    assert float(student.get_decoder().layers[0].self_attn.q_proj.weight.grad.abs().sum()) > 0
+    module.zero_grad()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def run_a(kd_world):
+    out = kd_world["root"] / "run-a"
+    cfg = make_config(kd_world, out, val_data=str(kd_world["val"]),
+                      train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 3, "eval_every": 2,
+                             "eval_max_new_tokens": 3})
+    return cfg, distill(cfg)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_run_dir_records_config_teachers_metrics_and_safetensors_checkpoints(kd_world, run_a):
+    cfg, result = run_a
+    run = result.run_dir
+    assert result.steps == 4 and result.resumed_from is None and math.isfinite(result.final_loss)
+    assert DistillConfig.from_dict(json.loads((run / "config.json").read_text())) == cfg.resolved()
+    teachers = json.loads((run / "teachers.json").read_text())
+    for role, url in kd_world["caches"].items():
+        assert teachers[role]["url"] == url and teachers[role]["key"] == CacheReader(url).key
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [2, 4] and set(val[0]["accuracy"]) == set(ROLES)
+    assert all(r["tokens_per_s"] > 0 and "kd/perception" in r["terms"] for r in rows if r["split"] == "train")
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]
+    ck = run / "checkpoints" / "step-00000004"
+    assert (ck / "model" / "model.safetensors").exists() and not list(ck.rglob("*.bin"))
+    assert (ck / "objective.safetensors").exists() and (ck / "rng.safetensors").exists()
+    torch.load(ck / "optimizer.pt", weights_only=True)
+    assert json.loads((ck / "trainer_state.json").read_text())["step"] == 4
+    assert (run / "model" / "model.safetensors").exists() and json.loads((run / "eval.json").read_text())["step"] == 4
+    with pytest.raises(FileExistsError, match="resume"):
+        distill(cfg)
+
+
+def test_resume_continues_with_identical_next_step_loss(kd_world, run_a):
+    cfg, result = run_a
+    out = kd_world["root"] / "run-b"
+    shutil.copytree(result.run_dir, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    resumed = distill(DistillConfig.from_dict({**cfg.to_dict(), "out": str(out), "resume": True}))
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    a, b = _losses(result.run_dir), _losses(out)
+    assert sorted(b) == [1, 2, 3, 4]
+    assert b[3] == pytest.approx(a[3], abs=1e-6) and b[4] == pytest.approx(a[4], abs=1e-6)
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        distill(DistillConfig.from_dict({**cfg.to_dict(), "out": str(out), "resume": True,
+                                         "train": {**cfg.to_dict()["train"], "lr": 0.5}}))
+
+
+def test_short_training_run_lowers_the_training_loss(kd_world):
+    cfg = make_config(kd_world, kd_world["root"] / "run-short",
+                      train={"max_steps": 12, "batch_size": 9, "lr": 3e-3, "max_grad_norm": 1.0})
+    result = distill(cfg)
+    losses = _losses(result.run_dir)
+    assert losses[12] < 0.7 * losses[1], losses
+
+
+def test_learnable_weights_with_agp_run(kd_world):
+    cfg = make_config(kd_world, kd_world["root"] / "run-agp",
+                      loss={"weighting": "learnable", "agp": True, "weights_lr": 0.1}, train={"max_steps": 3})
+    result = distill(cfg)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    weights = [r["weights"] for r in rows]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(w["ce"] >= 0.6 - 1e-6 and sum(w.values()) == pytest.approx(1.0, abs=1e-5) for w in weights)
+    assert weights[-1] != weights[0]  # GradNorm moved them
+    assert (result.last_checkpoint / "loss_weights.safetensors").exists()
