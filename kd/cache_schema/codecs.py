@@ -45,7 +45,9 @@ def _row_delta(u: np.ndarray) -> np.ndarray:
 
 
 def _row_undelta(d: np.ndarray) -> np.ndarray:
-    return np.cumsum(d, axis=-1, dtype=d.dtype)
+    # Accumulating in uint32 and truncating is exact (mod 2^8 / 2^16) and ~3x faster than numpy's
+    # cumsum in the narrow dtype.
+    return np.cumsum(d, axis=-1, dtype=np.uint32).astype(d.dtype)
 
 
 def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict[str, np.ndarray]:
