@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             row["warm"] = read_batches(lambda: warm_one, batches, fresh=False)
             join = lambda: JoinedReader({"A": CacheReader(path_a), "B": CacheReader(path_b)})  # noqa: E731
             row["join_cold"] = read_batches(join, batches[: max(20, len(batches) // 10)], fresh=True)
+            lru = decoded_chunk_bytes(coding, args.k, args.tokens) // 10
+            small_join = JoinedReader({"A": CacheReader(path_a, cache_bytes=lru), "B": CacheReader(path_b, cache_bytes=lru)})
+            read_batches(lambda: small_join, batches[: max(20, len(batches) // 10)], fresh=False)
+            row["join_lru10"] = read_batches(lambda: small_join, batches[: max(40, len(batches) // 5)], fresh=False)
             warm_join = join()
             read_batches(lambda: warm_join, batches, fresh=False)
             row["join_warm"] = read_batches(lambda: warm_join, batches, fresh=False)
@@ -210,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nThroughput in answer tokens/s (memcpy of the decoded {decoded_bpt} B/token: "
           f"{fmt_rate(mem_one)} one cache, {fmt_rate(mem_two)} two caches):")
     print(f"  {'coding':<6} {'KL mean':>9} {'KL p99':>9} {'write':>8} {'cold':>8} {'lru10%':>8} {'warm':>8} {'join cold':>9} "
-          f"{'join warm':>9} {'warm/memcpy':>11} {'join/memcpy':>11}")
+          f"{'join lru10%':>11} {'join warm':>9} {'warm/memcpy':>11} {'join/memcpy':>11}")
     for r in rows:
         print(f"  {r['coding']:<6} {r['kl_mean']:9.2e} {r['kl_p99']:9.2e} {fmt_rate(r['write'])} {fmt_rate(r['cold'])} {fmt_rate(r['lru10'])} "
-              f"{fmt_rate(r['warm'])} {fmt_rate(r['join_cold']):>9} {fmt_rate(r['join_warm']):>9} "
+              f"{fmt_rate(r['warm'])} {fmt_rate(r['join_cold']):>9} "
+              f"{fmt_rate(r['join_lru10']):>11} {fmt_rate(r['join_warm']):>9} "
               f"{r['warm'] / mem_one:11.3f} {r['join_warm'] / mem_two:11.3f}")
 
     by = {r["coding"]: r for r in rows}
@@ -228,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if exact:
         best = min(exact, key=lambda c: by[c]["bpt"])
         target(f"lossless <= {TARGET_LOSSLESS_BPT:.0f} B/token", by[best]["bpt"] <= TARGET_LOSSLESS_BPT,
-               f"best exact coding {best} = {by[best]['bpt']:.1f} B/token (fp32 bit-exact = "
-               f"{by['fp32']['bpt'] if 'fp32' in by else float('nan'):.1f}; fp16/bf16 are exact to that dtype only)")
+               f"best exact coding {best} = {by[best]['bpt']:.1f} B/token"
+               + (f" (fp32, bit-exact to the teacher: {by['fp32']['bpt']:.1f})" if "fp32" in by else "")
+               + "; fp16/bf16 are exact to that dtype's cast only")
     if "u8" in by:
         u8 = by["u8"]
         target(f"lossy <= {TARGET_LOSSY_BPT:.0f} B/token at mean KL <= {TARGET_LOSSY_KL:g}",
@@ -237,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e}")
     for c in codings:
         target(f"warm two-cache join >= {TARGET_JOIN_WARM_TPS / 1e6:.0f}M tokens/s ({c})",
-               by[c]["join_warm"] >= TARGET_JOIN_WARM_TPS, f"{by[c]['join_warm'] / 1e6:.2f}M tokens/s")
+               by[c]["join_warm"] >= TARGET_JOIN_WARM_TPS,
+               f"{by[c]['join_warm'] / 1e6:.2f}M tokens/s warm; {by[c]['join_lru10'] / 1e6:.2f}M when the caches are "
+               "10x the LRU (not a target, but what random reads over a large cache get)")
     return 0
 
 
