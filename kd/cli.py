@@ -192,6 +192,78 @@ def models_tiny(out_dir: Path = typer.Option(..., "--out", help="Where to save t
     print(build_preset(kind, preset, out_dir, seed=seed))
 
 
+@app.command("distill")
+def distill_cmd(
+    student: Optional[Path] = typer.Option(None, help="Student model directory (transformers layout)."),
+    data: Optional[Path] = typer.Option(None, help="Training JSONL (stage-one format; same ids as the caches)."),
+    teacher: list[str] = typer.Option([], "--teacher", help="ROLE=CACHE (repeatable), e.g. perception=caches/t-1a2b..."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (config, checkpoints, metrics, final model)."),
+    val_data: Optional[Path] = typer.Option(None, help="Validation JSONL for periodic evaluation."),
+    config: Optional[Path] = typer.Option(None, help="Distill config (YAML/TOML/JSON); options given here override it."),
+    override: list[str] = typer.Option([], "--set", help="section.field=value override, e.g. loss.temperature=2 (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue from the run directory's last checkpoint."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Train a student from one or more teacher caches (CE + top-k KD + hidden + attention losses)."""
+    from kd.cache_schema import CacheError
+    from kd.pipeline.distill import AlignmentError, distill, load_config
+
+    fields: dict = {}
+    for name, value in (("student", student), ("data", data), ("out", out_dir), ("val_data", val_data)):
+        if value is not None:
+            fields[name] = str(value)
+    if teacher:
+        roles = {}
+        for item in teacher:
+            role, sep, url = item.partition("=")
+            if not sep or not role or not url:
+                _fail(f"--teacher expects ROLE=CACHE, got {item!r}")
+            roles[role] = url
+        fields["teachers"] = roles
+    if resume:
+        fields["resume"] = True
+    if quiet or as_json:
+        fields["quiet"] = True
+    try:
+        cfg = load_config(config, override, **fields)
+        result = distill(cfg)
+    except (AlignmentError, CacheError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), "steps": result.steps,
+               "final_loss": result.final_loss, "resumed_from": result.resumed_from, "eval": result.eval}
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        err.print(f"trained {result.steps} steps, final loss {result.final_loss}")
+        print(result.model_dir)
+
+
+@app.command("eval")
+def eval_cmd(model: Path = typer.Option(..., help="Model directory to evaluate."),
+             data: Path = typer.Option(..., help="JSONL with gold answers (stage-one format)."),
+             max_new_tokens: int = typer.Option(8, help="Greedy decoding length."),
+             batch_size: int = typer.Option(8, help="Samples per generate call."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Greedy-decode answers and report exact-match accuracy per capability and on average."""
+    from kd.pipeline.evaluate import evaluate
+
+    if not (model / "config.json").is_file():
+        _fail(f"{model} is not a model directory (no config.json)")
+    try:
+        result = evaluate(model, data, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=1, default=str))
+        return
+    table = Table("capability", "accuracy", "n")
+    for cap, acc in result["accuracy"].items():
+        table.add_row(cap, f"{acc:.3f}", str(result["counts"][cap]))
+    table.add_row("average", f"{result['average']:.3f}", str(result["n"]))
+    out.print(table)
+
+
 @app.command("demo")
 def demo(workdir: Path = typer.Option(Path("kd-demo"), help="Working directory (data, models, caches, report)."),
          quick: bool = typer.Option(False, "--quick", help="A smaller run (the tests use it)."),
