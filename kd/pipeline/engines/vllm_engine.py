@@ -6,6 +6,11 @@ the answer-predicting rows are kept. Hidden states come from the same call throu
 request; vLLM's own connector needs CUDA streams, so a CPU-safe subclass (synchronous copy) is
 defined here. vLLM never materialises attention maps: those need the transformers engine.
 
+vLLM turns prompt log-probs into Python lists for every prompt position (k+1 entries each), although
+only the answer rows are kept; on a small model that costs more than the forward pass. Our requests
+are tagged so that vLLM's front end keeps the tensors it already has as arrays instead
+(``_install_array_prompt_logprobs``); without that hook (another vLLM version) the lists are used.
+
 vLLM is imported only when an engine is built, so this module imports without it.
 """
 
@@ -30,6 +35,80 @@ from kd.pipeline.signals import TeacherSignals
 # instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.
 _ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 _CONNECTOR = "CpuHiddenStatesConnector"
+_ARRAY_TAG = "kd_array_prompt_logprobs"  # SamplingParams.extra_args key marking our requests
+
+
+class ArrayPromptLogprobs:
+    """Prompt log-probs of one request as arrays, in place of vLLM's per-position Python lists.
+
+    Row ``r`` scores prompt position ``r + 1`` (position 0 has none, as in vLLM): column 0 is the
+    actual token, columns ``1..k`` the top-k sorted by log-prob (vLLM's ``gather_logprobs`` layout).
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, tensors: Any) -> None:
+        token_ids, logprobs = tensors[0], tensors[1]
+        self._chunks.append((_as_numpy(token_ids), _as_numpy(logprobs)))
+        self._arrays = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(token_ids [P-1, k+1] int, logprobs [P-1, k+1] float32)``."""
+        if self._arrays is None:
+            if len(self._chunks) == 1:
+                self._arrays = self._chunks[0]
+            else:
+                self._arrays = (np.concatenate([c[0] for c in self._chunks]), np.concatenate([c[1] for c in self._chunks]))
+        return self._arrays
+
+    def __len__(self) -> int:  # positions, counting position 0 like vLLM's containers
+        return 1 + sum(c[0].shape[0] for c in self._chunks)
+
+
+def _as_numpy(t: Any) -> np.ndarray:
+    # A copy: the arrays outlive the engine step that produced them (cheap: [positions, k+1]).
+    return t.numpy().copy() if isinstance(t, torch.Tensor) else np.array(t)
+
+
+def _install_array_prompt_logprobs() -> bool:
+    """Make vLLM's front end keep tagged requests' prompt log-probs as ``ArrayPromptLogprobs``.
+
+    Patches ``LogprobsProcessor`` (vLLM's per-request output-side state) once per process; the
+    patch only acts on requests whose ``SamplingParams.extra_args`` carry ``_ARRAY_TAG`` and that
+    do not detokenize, every other request takes vLLM's own path. Returns False (nothing patched)
+    when this vLLM's internals do not look as expected; the engine then reads vLLM's lists.
+    """
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        return False
+    if getattr(LogprobsProcessor, "_kd_array_prompt_logprobs", False):
+        return True
+    new_request = LogprobsProcessor.__dict__.get("from_new_request")
+    update = LogprobsProcessor.__dict__.get("_update_prompt_logprobs")
+    if not isinstance(new_request, classmethod) or update is None:
+        return False
+    orig_new = new_request.__func__
+
+    def from_new_request(cls, tokenizer, request):
+        proc = orig_new(cls, tokenizer, request)
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        if extra.get(_ARRAY_TAG) and tokenizer is None and proc.prompt_logprobs is not None:
+            proc.prompt_logprobs = ArrayPromptLogprobs()
+        return proc
+
+    def _update_prompt_logprobs(self, prompt_logprobs_tensors):
+        if isinstance(self.prompt_logprobs, ArrayPromptLogprobs):
+            self.prompt_logprobs.add(prompt_logprobs_tensors)
+        else:
+            update(self, prompt_logprobs_tensors)
+
+    LogprobsProcessor.from_new_request = classmethod(from_new_request)
+    LogprobsProcessor._update_prompt_logprobs = _update_prompt_logprobs
+    LogprobsProcessor._kd_array_prompt_logprobs = True
+    return True
 
 
 def _make_connector_class() -> type:
@@ -125,6 +204,8 @@ class VLLMEngine:
     ``hidden_layers`` are fixed when vLLM starts (first ``capture`` if not given here); ``device`` is
     informational, vLLM picks its own platform. ``max_logprobs=-1`` lets each capture choose its k;
     ``logits="sampled"`` asks vLLM for the full vocabulary at every prompt position (slow for big vocabularies).
+    ``array_prompt_logprobs`` (default on) reads prompt log-probs as arrays (see the module docstring);
+    off, vLLM's per-position lists are read.
     """
 
     name = "vllm"
@@ -132,7 +213,8 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
                  trust_remote_code: bool = False, hidden_layers: tuple[int, ...] | None = None,
                  max_model_len: int | None = None, max_images_per_prompt: int = 4,
-                 base_dir: str | Path | None = None, **llm_kwargs: Any) -> None:
+                 base_dir: str | Path | None = None, array_prompt_logprobs: bool = True,
+                 **llm_kwargs: Any) -> None:
         for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -140,6 +222,7 @@ class VLLMEngine:
         self.model_dir = Path(model_dir)
         self.device, self.dtype, self.base_dir = device, str(dtype).removeprefix("torch."), base_dir
         self.trust_remote_code = trust_remote_code
+        self.array_prompt_logprobs = array_prompt_logprobs
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.is_vlm = getattr(config, "vision_config", None) is not None
         self.num_layers = num_text_layers(config)
@@ -215,7 +298,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        extra = {_ARRAY_TAG: True} if self.array_prompt_logprobs and _install_array_prompt_logprobs() else None
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
+                                extra_args=extra)
         prompts = []
         for s in samples:
             p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
@@ -242,19 +327,31 @@ class VLLMEngine:
         common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
                       answer_start=s.answer_start)
         pl = out.prompt_logprobs
-        # Entry i holds the distribution that predicts token i (entry 0 is empty).
-        rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
+        if isinstance(pl, ArrayPromptLogprobs):
+            # Row r predicts token r + 1; column 0 is the actual token, then the top-k in order.
+            all_ids, all_lps = pl.arrays()
+            sel = np.arange(s.answer_start - 1, s.answer_start - 1 + s.num_answer_tokens)
+            if all_ids.shape[0] != len(s.input_ids) - 1 or not np.array_equal(all_ids[sel, 0], s.answer_ids):
+                raise RuntimeError(f"sample {s.sample_id!r}: vLLM's prompt log-prob rows do not line up with the "
+                                   f"answer tokens (layout changed?); "
+                                   "array_prompt_logprobs=False makes the engine read vLLM's lists instead")
+            row_ids, row_lps = all_ids[sel, 1:], all_lps[sel, 1:]
+        else:
+            # Entry i holds the distribution that predicts token i (entry 0 is empty).
+            rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
+            width = min(len(r[0]) for r in rows)
+            row_ids = np.asarray([r[0][:width] for r in rows], dtype=np.int64)
+            row_lps = np.asarray([r[1][:width] for r in rows], dtype=np.float32)
         if spec.logits == "sampled":
-            vocab = max(len(r[0]) for r in rows)
-            dense = torch.full((len(rows), vocab), -torch.inf, dtype=torch.float64)
-            for j, (ids, lps) in enumerate(rows):
-                dense[j, torch.tensor(ids)] = torch.tensor(lps, dtype=torch.float64)
+            vocab = int(row_ids.max()) + 1
+            dense = torch.full((len(row_ids), vocab), -torch.inf, dtype=torch.float64)
+            dense.scatter_(1, torch.from_numpy(row_ids.astype(np.int64)), torch.from_numpy(row_lps).double())
             ids, vals, counts = sample_sparse(dense, spec.sampled_draws, sample_seed(spec.seed, s))
             signals = TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail_logmass(torch.from_numpy(vals)).numpy(),
                                      counts=counts, **common)
         else:
-            ids = np.asarray([r[0][: spec.top_k] for r in rows], dtype=np.int32)
-            vals = torch.tensor([r[1][: spec.top_k] for r in rows], dtype=torch.float32)
+            ids = np.ascontiguousarray(row_ids[:, : spec.top_k], dtype=np.int32)
+            vals = torch.from_numpy(np.ascontiguousarray(row_lps[:, : spec.top_k], dtype=np.float32))
             signals = TeacherSignals(ids=ids, logprobs=vals.numpy(), tail_logmass=tail_logmass(vals).numpy(), **common)
         if spec.hidden_layers:
             signals.hidden = self._hidden(s, hidden_path, spec.hidden_layers)
