@@ -1,67 +1,503 @@
-"""`kd demo`: the whole pipeline on a tiny built-in example, from nothing, on CPU.
+"""`kd demo`: the whole pipeline on a tiny built-in example, from nothing to a report, on CPU.
 
-Synthetic driving scenes -> tiny teacher VLMs -> one cache per capability teacher -> inspect
-and verify. Running it again reuses every cache (no teacher runs) and says so.
+1. synthesize driving scenes (``kd data synth``) and split the training scenes in two disjoint
+   parts: the teacher's (clean answers) and the student's (a fraction of answers corrupted);
+2. build a tiny teacher VLM and TRAIN it (plain cross-entropy loop on its part);
+3. ``kd cache build`` one cache per capability role (perception / reasoning / planning) from that
+   one trained checkpoint, on the student's data, with the hf engine and role-specific signals;
+4. ``kd distill`` a smaller student once with CE only (SFT) and with multi-teacher KD (and, in the
+   full mode, one signal at a time: the ablation), same student init, data and steps, per seed;
+5. ``kd eval`` every model on the held-out test split; write ``report.md``, ``report.json`` and a
+   plot of the training curves (``kd.pipeline.report``).
+
+Running it again reuses the data, the trained teacher (checkpoint, curve and scores) and every
+cache, so no teacher runs; only the students are trained again, from the caches. The report
+says what was reused, with the timings of this run and of the original builds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import random
+import shutil
 import time
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from kd.cache_schema import CacheReader, verify_cache
 
 from .build import BuildRequest, build_cache
-from .synth import synthesize
-from .tiny_models import build_preset
+from .synth import QUESTIONS, synthesize
+from .tiny_models import STUDENT, TEACHER, build_preset
 
-# One teacher per Drive-KD capability, each with the signals Drive-KD distils for it.
+# One teacher role per Drive-KD capability, each with the signals Drive-KD distils for it
+# (teacher: 4 decoder layers, so layer 2 is the penultimate one).
 ROLE_SIGNALS: dict[str, dict[str, Any]] = {
     "perception": {"attention_layers": (0,), "attention_kind": "t2v"},
     "reasoning": {"attention_layers": (1, 2), "attention_kind": "full", "hidden_layers": (2,)},
     "planning": {"attention_layers": (2,), "attention_kind": "t2v"},
+}
+CAPABILITIES = ("perception", "reasoning", "planning")
+
+# Student variants: loss weights on top of CE (1.0). "kd" uses every cached signal.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sft": {"label": "student SFT (CE only)", "kd": 0.0, "hidden": 0.0, "attention": 0.0},
+    "logits": {"label": "student CE + logit KD", "kd": 1.0, "hidden": 0.0, "attention": 0.0},
+    "hidden": {"label": "student CE + hidden", "kd": 0.0, "hidden": 1.0, "attention": 0.0},
+    "attention": {"label": "student CE + attention", "kd": 0.0, "hidden": 0.0, "attention": 1.0},
+    "kd": {"label": "student multi-teacher KD (all signals)", "kd": 1.0, "hidden": 1.0, "attention": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes, steps and loss settings of one demo mode."""
+
+    mode: str
+    n_scenes: int  # synthesised; splits 80 / 5 / 15 % train / val / test
+    teacher_scenes: int  # the first train scenes: the teacher's clean training set
+    student_scenes: int  # the next train scenes (disjoint from the teacher's): the student's
+    label_noise: float  # fraction of the student's answers replaced by a wrong one of the same question
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    student_steps: int
+    student_batch: int
+    student_lr: float
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    eval_every: int  # student validation accuracy every N steps (for the curves)
+    val_samples: int  # validation records scored at each of those points
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    top_k: int = 16
+    splits: tuple[float, float, float] = (0.8, 0.05, 0.15)
+    teacher_init_seed: int = 1
+    data_seed: int = 0
+
+    def variant_loss(self, name: str) -> dict[str, float]:
+        v = VARIANTS[name]
+        return {"ce": 1.0, "kd": self.kd_weight * v["kd"], "hidden": self.hidden_weight * v["hidden"],
+                "attention": self.attention_weight * v["attention"], "temperature": self.temperature}
+
+
+PLANS: dict[str, DemoPlan] = {
+    "quick": DemoPlan(mode="quick", n_scenes=400, teacher_scenes=240, student_scenes=80, label_noise=0.1,
+                      teacher_steps=200, teacher_batch=32, teacher_lr=1e-3,
+                      student_steps=120, student_batch=16, student_lr=1e-3,
+                      seeds=(0,), variants=("sft", "kd"), eval_every=40, val_samples=60),
+    "full": DemoPlan(mode="full", n_scenes=2000, teacher_scenes=1200, student_scenes=300, label_noise=0.1,
+                     teacher_steps=900, teacher_batch=32, teacher_lr=1e-3,
+                     student_steps=400, student_batch=16, student_lr=1e-3,
+                     seeds=(0, 1, 2), variants=("sft", "logits", "hidden", "attention", "kd"),
+                     eval_every=100, val_samples=150),
 }
 
 
 @dataclass
 class DemoResult:
     workdir: str
+    mode: str = "quick"
     caches: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workdir": self.workdir, "caches": self.caches, "seconds": round(self.seconds, 2)}
+        files = {k: self.report.get("files", {}).get(k) for k in ("markdown", "json", "plot")}
+        return {"workdir": self.workdir, "mode": self.mode, "caches": self.caches, "seconds": round(self.seconds, 2),
+                "report": files, "results": self.report.get("summary", {})}
 
 
-def run_demo(workdir: str | Path, *, quick: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """One intra-op thread per process: on a busy 2-core machine two threads stall on each other."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def corrupt_answers(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+    """Copies of ``rows`` where ``round(fraction * n)`` answers (chosen by ``seed``) are replaced by another
+    answer of the same question's closed set, uniformly; those rows carry ``label_noise: true`` and
+    ``clean_answer`` (metadata: the student never reads it)."""
+    rng = random.Random(seed)
+    out = [dict(r) for r in rows]
+    n_bad = int(round(fraction * len(out)))
+    for i in rng.sample(range(len(out)), n_bad):
+        r = out[i]
+        options = [a for a in QUESTIONS[r["question"]].answers if a != r["answer"]]
+        r["clean_answer"], r["answer"], r["label_noise"] = r["answer"], rng.choice(options), True
+    return out
+
+
+def majority_baseline(train_rows: Sequence[dict[str, Any]], test_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy on ``test_rows`` of answering each question type with its most frequent training answer
+    (what a model that ignores the image can reach)."""
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    for r in train_rows:
+        by_q[r["question"]][r["answer"]] += 1
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r in test_rows:
+        guess = by_q[r["question"]].most_common(1)[0][0] if by_q[r["question"]] else ""
+        hits[r["capability"]].append(guess == r["answer"])
+    acc = {c: sum(h) / len(h) for c, h in sorted(hits.items())}
+    return {"accuracy": acc, "average": sum(acc.values()) / len(acc) if acc else 0.0}
+
+
+# ----------------------------------------------------------------------------- stage 0: data
+
+
+def prepare_data(work: Path, plan: DemoPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Synthesize (once) and write the teacher's and the student's training files."""
     t0 = time.perf_counter()
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    n_scenes = 60 if quick else 600
-    data_dir = work / "data"
-    if not (data_dir / "train.jsonl").exists():
-        log(f"synthesizing {n_scenes} driving scenes -> {data_dir}")
-        synthesize(data_dir, n_scenes, seed=0)
-    result = DemoResult(str(work))
-    for i, (role, signals) in enumerate(ROLE_SIGNALS.items()):
-        teacher_dir = work / "models" / f"teacher-{role}"
-        if not (teacher_dir / "config.json").exists():
-            build_preset("vlm", "teacher", teacher_dir, seed=10 + i)
-        request = BuildRequest(teacher=str(teacher_dir), data=str(data_dir / "train.jsonl"), out=str(work / "caches"),
-                               engine="hf", top_k=16, role=role, shard_size=64, batch_size=8, **signals)
+    data = work / "data" / plan.mode
+    synth_json = data / "synth.json"
+    fresh = True
+    if synth_json.exists():
+        meta = json.loads(synth_json.read_text())
+        fresh = meta.get("n_scenes") != plan.n_scenes or meta.get("seed") != plan.data_seed
+    if fresh or not (data / "test.jsonl").exists():
+        log(f"synthesizing {plan.n_scenes} driving scenes -> {data}")
+        synthesize(data, plan.n_scenes, seed=plan.data_seed, splits=plan.splits)
+    train = _read_jsonl(data / "train.jsonl")
+    scenes = sorted({r["scene"] for r in train})
+    if len(scenes) < plan.teacher_scenes + plan.student_scenes:
+        raise ValueError(f"{len(scenes)} training scenes < teacher {plan.teacher_scenes} + student {plan.student_scenes}")
+    t_scenes = set(scenes[: plan.teacher_scenes])
+    s_scenes = set(scenes[plan.teacher_scenes: plan.teacher_scenes + plan.student_scenes])
+    teacher_rows = [r for r in train if r["scene"] in t_scenes]
+    student_rows = corrupt_answers([r for r in train if r["scene"] in s_scenes], plan.label_noise, plan.data_seed)
+    paths = {"teacher_train": data / "teacher_train.jsonl", "student_train": data / "student_train.jsonl",
+             "val": data / "val.jsonl", "test": data / "test.jsonl"}
+    for key, rows in (("teacher_train", teacher_rows), ("student_train", student_rows)):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if not paths[key].exists() or paths[key].read_text(encoding="utf-8") != text:
+            _write_jsonl(paths[key], rows)  # rewritten only when it changes: the caches key on its bytes
+    test_rows = _read_jsonl(paths["test"])
+    info = {
+        "dir": str(data), "reused": not fresh, "seconds": round(time.perf_counter() - t0, 2),
+        "paths": {k: str(v) for k, v in paths.items()},
+        "records": {"teacher_train": len(teacher_rows), "student_train": len(student_rows),
+                    "val": len(_read_jsonl(paths["val"])), "test": len(test_rows)},
+        "scenes": {"teacher_train": len(t_scenes), "student_train": len(s_scenes)},
+        "noisy_student_records": sum(1 for r in student_rows if r.get("label_noise")),
+        "majority_baseline": majority_baseline(student_rows, test_rows),
+    }
+    log(f"data {'reused' if info['reused'] else 'written'}: teacher {info['records']['teacher_train']} clean records, "
+        f"student {info['records']['student_train']} records ({info['noisy_student_records']} corrupted), "
+        f"test {info['records']['test']}")
+    return info
+
+
+# ----------------------------------------------------------------------------- stage 1: the teacher
+
+
+TEACHER_MARK = "kd_demo_teacher.json"
+
+
+def train_supervised(model_dir: str | Path, train_jsonl: str | Path, out_dir: str | Path, *, steps: int,
+                     batch_size: int, lr: float, seed: int = 0, val_jsonl: str | Path | None = None,
+                     eval_every: int = 0, val_samples: int = 100, log: Callable[[str], None] = print,
+                     log_every: int = 10) -> dict[str, Any]:
+    """Plain cross-entropy training of a VLM on the answer tokens (the teacher's SFT).
+
+    The samples are encoded once (the student encoding of ``kd.pipeline.distill``, so the teacher
+    learns exactly the format it is later cached and evaluated in); AdamW, 20 warmup steps then a
+    cosine decay to 10 %, gradient clipping at 1. Saves the model to ``out_dir``; returns the curve.
+    """
+    import math
+
+    import torch
+
+    from kd.pipeline.dataset import load_records
+    from kd.pipeline.distill.data import DistillDataset, collate
+    from kd.pipeline.distill.student import load_student, student_forward
+    from kd.pipeline.evaluate import evaluate_model
+    from kd.pipeline.losses import answer_ce_loss
+
+    model, processor = load_student(model_dir)
+    tok = getattr(processor, "tokenizer", processor)
+    dataset = DistillDataset(load_records(train_jsonl), processor, {})
+    items = [dataset[i] for i in range(len(dataset))]
+    val = load_records(val_jsonl)[:val_samples] if val_jsonl and eval_every else None
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = min(20, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warm + 1) if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    curve: list[dict[str, Any]] = []
+    order: list[int] = []
+    t0 = time.perf_counter()
+    model.train()
+    window: list[float] = []
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order += torch.randperm(len(items), generator=gen).tolist()
+        batch = collate([items[i] for i in order[:batch_size]], pad_id=tok.pad_token_id or 0)
+        del order[:batch_size]
+        out = student_forward(model, batch)
+        loss = answer_ce_loss(out.logits, batch["targets"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window.append(float(loss.detach()))
+        if step % log_every == 0 or step == steps:
+            curve.append({"step": step, "split": "train", "loss": sum(window) / len(window),
+                          "seconds": round(time.perf_counter() - t0, 2)})
+            window = []
+        if val is not None and (step % eval_every == 0 or step == steps):
+            res = evaluate_model(model, processor, val, batch_size=50)
+            curve.append({"step": step, "split": "val", "average": res["average"], "accuracy": res["accuracy"]})
+            last = next((c["loss"] for c in reversed(curve) if c["split"] == "train"), float("nan"))
+            log(f"  teacher step {step}/{steps}: loss {last:.3f}, val average {res['average']:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    model.eval()
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return {"curve": curve, "seconds": round(time.perf_counter() - t0, 2), "samples": len(items)}
+
+
+def prepare_teacher(work: Path, plan: DemoPlan, data: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Build and train the teacher once; a checkpoint with a matching recipe is reused as it is."""
+    from kd.pipeline.dataset import dataset_fingerprint, load_records
+    from kd.pipeline.evaluate import evaluate
+
+    paths = data["paths"]
+    recipe = {"preset": asdict(TEACHER), "init_seed": plan.teacher_init_seed, "steps": plan.teacher_steps,
+              "batch": plan.teacher_batch, "lr": plan.teacher_lr,
+              "data": dataset_fingerprint(load_records(paths["teacher_train"])), "version": 1}
+    fp = _sha(recipe)
+    final = work / "models" / f"teacher-{plan.mode}"
+    mark = final / TEACHER_MARK
+    if mark.exists():
+        info = json.loads(mark.read_text())
+        if info.get("fingerprint") == fp and (final / "config.json").exists():
+            log(f"teacher reused (trained earlier in {info['train_seconds']:.0f}s; not run again) -> {final}")
+            return {**info, "reused": True, "seconds": 0.0, "path": str(final)}
+    t0 = time.perf_counter()
+    init = work / "models" / f"teacher-{plan.mode}-init"
+    if init.exists():
+        shutil.rmtree(init)
+    build_preset("vlm", "teacher", init, seed=plan.teacher_init_seed)
+    log(f"training the teacher ({TEACHER.num_layers} layers x {TEACHER.hidden_size}) on "
+        f"{data['records']['teacher_train']} clean records, {plan.teacher_steps} steps of {plan.teacher_batch}")
+    untrained = evaluate(init, paths["test"], batch_size=50)
+    tmp = work / "models" / f"teacher-{plan.mode}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trained = train_supervised(init, paths["teacher_train"], tmp, steps=plan.teacher_steps,
+                               batch_size=plan.teacher_batch, lr=plan.teacher_lr, seed=plan.teacher_init_seed,
+                               val_jsonl=paths["val"], eval_every=max(1, plan.teacher_steps // 4),
+                               val_samples=plan.val_samples, log=log)
+    result = evaluate(tmp, paths["test"], batch_size=50)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    shutil.rmtree(init, ignore_errors=True)
+    info = {"fingerprint": fp, "recipe": recipe, "train_seconds": trained["seconds"],
+            "build_seconds": round(time.perf_counter() - t0, 2), "curve": trained["curve"],
+            "eval_test": _scores(result), "eval_untrained": _scores(untrained)}
+    _write_json(mark, info)
+    log(f"teacher trained in {trained['seconds']:.0f}s: test average {result['average']:.3f} "
+        f"(untrained {untrained['average']:.3f}) -> {final}")
+    return {**info, "reused": False, "seconds": info["build_seconds"], "path": str(final)}
+
+
+def _scores(res: dict[str, Any]) -> dict[str, Any]:
+    return {"accuracy": {c: res["accuracy"].get(c, 0.0) for c in CAPABILITIES}, "average": res["average"],
+            "overall": res["overall"], "n": res["n"], "counts": dict(res.get("counts", {}))}
+
+
+# ----------------------------------------------------------------------------- stage 1: caches
+
+
+def build_caches(work: Path, plan: DemoPlan, teacher_dir: str, data: dict[str, Any],
+                 log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """``kd cache build`` for each role from the one trained teacher, on the student's data."""
+    caches = {}
+    for role, signals in ROLE_SIGNALS.items():
+        request = BuildRequest(teacher=teacher_dir, data=data["paths"]["student_train"], out=str(work / "caches"),
+                               engine="hf", top_k=plan.top_k, role=role, shard_size=128, batch_size=16,
+                               teacher_name=f"demo-teacher-{plan.mode}", **signals)
         res = build_cache(request)
         report = verify_cache(res.path)
         summary = CacheReader(res.path).summary()
         state = "reused (no teacher ran)" if res.reused else f"built in {res.seconds:.1f}s"
-        log(f"{role:<10} {state}: {res.samples} samples, {res.tokens} tokens, "
+        log(f"cache {role:<10} {state}: {res.samples} samples, {res.tokens} tokens, "
             f"{summary['bytes_per_token']} B/token, verify {'OK' if report.ok else 'FAILED'} -> {res.path}")
         if not report.ok:
             raise RuntimeError(f"demo cache failed verification: {report.problems}")
-        result.caches[role] = {"path": res.path, "key": res.key, "reused": res.reused, "seconds": round(res.seconds, 2),
-                               "samples": res.samples, "tokens": res.tokens, "bytes_per_token": summary["bytes_per_token"]}
+        caches[role] = {"path": res.path, "key": res.key, "reused": res.reused, "seconds": round(res.seconds, 2),
+                        "samples": res.samples, "tokens": res.tokens, "bytes_per_token": summary["bytes_per_token"],
+                        "signals": {k: list(v) if isinstance(v, tuple) else v for k, v in signals.items()}}
+    return caches
+
+
+# ----------------------------------------------------------------------------- stage 2: students
+
+
+def student_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One ``kd distill`` run and its ``kd eval`` on the test split (runs in a worker process)."""
+    from kd.pipeline.distill import DistillConfig, distill
+    from kd.pipeline.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    run_dir = Path(job["out"])
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    with _torch_threads(job.get("threads", 1)):
+        config = DistillConfig(student=job["student"], data=job["data"], teachers=job["teachers"], out=str(run_dir),
+                               val_data=job["val"], quiet=True, loss=job["loss"], train=job["train"])
+        res = distill(config)
+        train_s = time.perf_counter() - t0
+        result = evaluate(res.model_dir, job["test"], batch_size=50)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimiser state: not needed by the report
+    return {"variant": job["variant"], "seed": job["seed"], "run_dir": str(run_dir), "steps": res.steps,
+            "train_seconds": round(train_s, 2), "seconds": round(time.perf_counter() - t0, 2),
+            "eval_test": _scores(result)}
+
+
+def student_jobs(work: Path, plan: DemoPlan, data: dict[str, Any], caches: dict[str, dict[str, Any]]) -> list[dict]:
+    teachers = {role: c["path"] for role, c in caches.items()}
+    jobs = []
+    for seed in plan.seeds:
+        init = work / "models" / f"student-init-s{seed}"
+        if not (init / "config.json").exists():
+            build_preset("vlm", "student", init, seed=100 + seed)  # same init for every variant of a seed
+        for variant in plan.variants:
+            loss = plan.variant_loss(variant)
+            jobs.append({
+                "variant": variant, "seed": seed, "student": str(init), "data": data["paths"]["student_train"],
+                "val": data["paths"]["val"], "test": data["paths"]["test"], "teachers": teachers,
+                "out": str(work / "runs" / plan.mode / f"{variant}-s{seed}"),
+                "loss": {**loss, "mixing_diag": 0.8},
+                "train": {"lr": plan.student_lr, "batch_size": plan.student_batch, "grad_accum": 1,
+                          "max_steps": plan.student_steps, "warmup_steps": min(20, plan.student_steps // 10),
+                          "min_lr_ratio": 0.1, "seed": seed, "mixed_precision": "no", "log_every": 5,
+                          "eval_every": plan.eval_every, "eval_batch_size": 50, "eval_max_samples": plan.val_samples,
+                          "keep_checkpoints": 1},
+            })
+    # Longest first (all signals, then single signals), so two workers finish together.
+    cost = {"kd": 0, "attention": 1, "hidden": 2, "logits": 3, "sft": 4}
+    return sorted(jobs, key=lambda j: (cost.get(j["variant"], 5), j["seed"]))
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_students(jobs: list[dict[str, Any]], workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the jobs in ``workers`` processes (one torch thread each), or in this process if 1."""
+    results = []
+
+    def report(r: dict[str, Any]) -> None:
+        e = r["eval_test"]
+        caps = ", ".join(f"{c[:4]} {e['accuracy'][c]:.2f}" for c in CAPABILITIES)
+        log(f"  {r['variant']:<9} seed {r['seed']}: test average {e['average']:.3f} ({caps}) in {r['seconds']:.0f}s")
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            results.append(student_job(job))
+            report(results[-1])
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
+        futures = [ex.submit(student_job, job) for job in jobs]
+        for fut in as_completed(futures):
+            results.append(fut.result())
+            report(results[-1])
+    return results
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def demo_workers() -> int:
+    """Parallel student runs: one per CPU core, at most 2 (``KD_DEMO_WORKERS`` overrides)."""
+    env = os.environ.get("KD_DEMO_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_demo(workdir: str | Path, *, quick: bool = True, log: Callable[[str], None] = print,
+             plan: DemoPlan | None = None, workers: int | None = None) -> DemoResult:
+    """Run the demo in ``workdir`` (``quick``: the small mode; ``plan`` overrides the mode's settings)."""
+    from . import report as report_mod
+
+    t0 = time.perf_counter()
+    plan = plan or PLANS["quick" if quick else "full"]
+    workers = workers or demo_workers()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, Any] = {}
+    with _torch_threads(1):
+        data = prepare_data(work, plan, log)
+        timings["data"] = data["seconds"]
+        teacher = prepare_teacher(work, plan, data, log)
+        timings["teacher"] = teacher["seconds"]
+        t1 = time.perf_counter()
+        caches = build_caches(work, plan, teacher["path"], data, log)
+        timings["caches"] = round(time.perf_counter() - t1, 2)
+        jobs = student_jobs(work, plan, data, caches)
+    log(f"training {len(jobs)} students ({len(plan.seeds)} seed(s) x {len(plan.variants)} variants, "
+        f"{plan.student_steps} steps each) from the caches in {workers} process(es)")
+    t2 = time.perf_counter()
+    students = run_students(jobs, workers, log)
+    timings["students"] = round(time.perf_counter() - t2, 2)
+    result = DemoResult(str(work), mode=plan.mode)
+    result.caches = caches
+    timings["total_before_report"] = round(time.perf_counter() - t0, 2)
+    doc = report_mod.build_report(work, plan=plan, data=data, teacher=teacher, caches=caches, students=students,
+                                  timings=timings, workers=workers)
     result.seconds = time.perf_counter() - t0
+    doc["timings"]["total"] = round(result.seconds, 2)
+    report_mod.write_report(work, doc)
+    result.report = doc
+    log(report_mod.format_table(doc))
+    log(f"report: {work / 'report.md'}, {work / 'report.json'}, {work / doc['files']['plot']}")
     (work / "demo.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
