@@ -22,7 +22,6 @@ from cache_helpers import (
     build_cache,
     chunk_file,
     flip_byte,
-    inputs_for,
     make_signals,
     read_manifest,
     shard_dir,

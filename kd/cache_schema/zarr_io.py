@@ -8,7 +8,6 @@ flipped byte in a chunk fails the read that touches it.
 from __future__ import annotations
 
 import numpy as np
-import zarr
 import zarr.codecs as zc
 from zarr.storage import FsspecStore, LocalStore
 

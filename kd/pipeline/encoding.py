@@ -15,13 +15,14 @@ text already carries explicit ``<image>`` placeholders.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kd.cache_schema.writer import hash_ids  # one definition: the cache's alignment proof
 
 IMAGE_PLACEHOLDER = "<image>"
 _END_OF_TURN_CANDIDATES = ("<end_of_utterance>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -72,10 +73,6 @@ class EncodedSample:
         return hash_ids(self.answer_ids)
 
 
-def hash_ids(ids: Sequence[int] | np.ndarray) -> str:
-    """Stable hex digest (sha256, 32 hex chars) of the ids as int32 little-endian bytes."""
-    arr = np.asarray(ids, dtype="<i4")
-    return hashlib.sha256(arr.tobytes()).hexdigest()[:32]
 
 
 def _tokenizer_of(proc: Any) -> Any:
