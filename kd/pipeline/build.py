@@ -163,6 +163,10 @@ def _engine_for(request: BuildRequest, engine: str):
     if key not in _WARM_ENGINES:
         from .engines import load_engine
 
+        if engine == "vllm":  # vLLM's KV-transfer state is per process: one vLLM engine alive at a time
+            for other in [k for k in _WARM_ENGINES if k[0] == "vllm"]:
+                _WARM_ENGINES.pop(other).close()
+
         opts = dict(request.engine_options)
         if engine == "vllm":
             opts.setdefault("hidden_layers", tuple(request.hidden_layers))
