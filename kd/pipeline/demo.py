@@ -77,7 +77,7 @@ class DemoPlan:
     temperature: float = 2.0
     kd_weight: float = 1.0
     hidden_weight: float = 1.0
-    attention_weight: float = 1.0
+    attention_weight: float = 1000.0  # attention-map MSE is ~1e-4: see report.py's design notes
     top_k: int = 16
     splits: tuple[float, float, float] = (0.8, 0.05, 0.15)
     teacher_init_seed: int = 1
@@ -92,11 +92,11 @@ class DemoPlan:
 PLANS: dict[str, DemoPlan] = {
     "quick": DemoPlan(mode="quick", n_scenes=400, teacher_scenes=240, student_scenes=80, label_noise=0.1,
                       teacher_steps=200, teacher_batch=32, teacher_lr=1e-3,
-                      student_steps=120, student_batch=16, student_lr=1e-3,
-                      seeds=(0,), variants=("sft", "kd"), eval_every=40, val_samples=60),
+                      student_steps=150, student_batch=16, student_lr=3e-3,
+                      seeds=(0,), variants=("sft", "kd"), eval_every=50, val_samples=60),
     "full": DemoPlan(mode="full", n_scenes=2000, teacher_scenes=1200, student_scenes=300, label_noise=0.1,
-                     teacher_steps=900, teacher_batch=32, teacher_lr=1e-3,
-                     student_steps=400, student_batch=16, student_lr=1e-3,
+                     teacher_steps=700, teacher_batch=32, teacher_lr=7e-4,
+                     student_steps=600, student_batch=16, student_lr=3e-3,
                      seeds=(0, 1, 2), variants=("sft", "logits", "hidden", "attention", "kd"),
                      eval_every=100, val_samples=150),
 }
@@ -117,6 +117,23 @@ class DemoResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No transformers progress bars (loading / writing shards) while the demo runs."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -308,19 +325,30 @@ def prepare_teacher(work: Path, plan: DemoPlan, data: dict[str, Any], log: Calla
     fp = _sha(recipe)
     final = work / "models" / f"teacher-{plan.mode}"
     mark = final / TEACHER_MARK
+    test_fp = dataset_fingerprint(load_records(paths["test"]))
+    t_start = time.perf_counter()
     if mark.exists():
         info = json.loads(mark.read_text())
         if info.get("fingerprint") == fp and (final / "config.json").exists():
-            log(f"teacher reused (trained earlier in {info['train_seconds']:.0f}s; not run again) -> {final}")
-            return {**info, "reused": True, "seconds": 0.0, "path": str(final)}
+            evaluated = info.get("eval_data") == test_fp
+            if not evaluated:  # same teacher, another test split: score it again (that runs the teacher)
+                t0 = time.perf_counter()
+                info["eval_test"] = _scores(evaluate(final, paths["test"], batch_size=50))
+                info["eval_untrained"] = _eval_untrained_teacher(work, plan, paths["test"])
+                info["eval_data"] = test_fp
+                _write_json(mark, info)
+                log(f"teacher checkpoint reused, re-evaluated on a new test split in {time.perf_counter() - t0:.0f}s")
+            else:
+                log(f"teacher reused (trained earlier in {info['train_seconds']:.0f}s; not run again) -> {final}")
+            return {**info, "reused": evaluated, "reused_checkpoint": True, "path": str(final),
+                    "seconds": 0.0 if evaluated else round(time.perf_counter() - t_start, 2)}
     t0 = time.perf_counter()
     init = work / "models" / f"teacher-{plan.mode}-init"
     if init.exists():
         shutil.rmtree(init)
-    build_preset("vlm", "teacher", init, seed=plan.teacher_init_seed)
+    untrained = _eval_untrained_teacher(work, plan, paths["test"], keep=init)
     log(f"training the teacher ({TEACHER.num_layers} layers x {TEACHER.hidden_size}) on "
         f"{data['records']['teacher_train']} clean records, {plan.teacher_steps} steps of {plan.teacher_batch}")
-    untrained = evaluate(init, paths["test"], batch_size=50)
     tmp = work / "models" / f"teacher-{plan.mode}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -333,13 +361,28 @@ def prepare_teacher(work: Path, plan: DemoPlan, data: dict[str, Any], log: Calla
         shutil.rmtree(final)
     tmp.replace(final)
     shutil.rmtree(init, ignore_errors=True)
-    info = {"fingerprint": fp, "recipe": recipe, "train_seconds": trained["seconds"],
+    info = {"fingerprint": fp, "recipe": recipe, "eval_data": test_fp, "train_seconds": trained["seconds"],
             "build_seconds": round(time.perf_counter() - t0, 2), "curve": trained["curve"],
-            "eval_test": _scores(result), "eval_untrained": _scores(untrained)}
+            "eval_test": _scores(result), "eval_untrained": untrained}
     _write_json(mark, info)
     log(f"teacher trained in {trained['seconds']:.0f}s: test average {result['average']:.3f} "
         f"(untrained {untrained['average']:.3f}) -> {final}")
     return {**info, "reused": False, "seconds": info["build_seconds"], "path": str(final)}
+
+
+def _eval_untrained_teacher(work: Path, plan: DemoPlan, test: str, keep: Path | None = None) -> dict[str, Any]:
+    """Scores of the teacher's random init (the "clearly better than untrained" reference)."""
+    from kd.pipeline.evaluate import evaluate
+
+    init = keep or work / "models" / f"teacher-{plan.mode}-init-eval"
+    if init.exists():
+        shutil.rmtree(init)
+    build_preset("vlm", "teacher", init, seed=plan.teacher_init_seed)
+    try:
+        return _scores(evaluate(init, test, batch_size=50))
+    finally:
+        if keep is None:
+            shutil.rmtree(init, ignore_errors=True)
 
 
 def _scores(res: dict[str, Any]) -> dict[str, Any]:
@@ -396,6 +439,20 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
             "eval_test": _scores(result)}
 
 
+def hidden_layer_map() -> dict[str, dict[int, int]]:
+    """Each cached teacher hidden layer -> the student layer at the same relative depth.
+
+    Stage one's manifest does not record the teacher's depth, so the objective's default would map
+    teacher layer 2 (of 4) onto the student's *last* layer (2 of 2); this keeps depth proportional.
+    """
+    out = {}
+    for role, s in ROLE_SIGNALS.items():
+        layers = s.get("hidden_layers") or ()
+        if layers:
+            out[role] = {max(1, round(t * STUDENT.num_layers / TEACHER.num_layers)): t for t in layers}
+    return out
+
+
 def student_jobs(work: Path, plan: DemoPlan, data: dict[str, Any], caches: dict[str, dict[str, Any]]) -> list[dict]:
     teachers = {role: c["path"] for role, c in caches.items()}
     jobs = []
@@ -409,7 +466,7 @@ def student_jobs(work: Path, plan: DemoPlan, data: dict[str, Any], caches: dict[
                 "variant": variant, "seed": seed, "student": str(init), "data": data["paths"]["student_train"],
                 "val": data["paths"]["val"], "test": data["paths"]["test"], "teachers": teachers,
                 "out": str(work / "runs" / plan.mode / f"{variant}-s{seed}"),
-                "loss": {**loss, "mixing_diag": 0.8},
+                "loss": {**loss, "mixing_diag": 0.8, "hidden_layer_map": hidden_layer_map()},
                 "train": {"lr": plan.student_lr, "batch_size": plan.student_batch, "grad_accum": 1,
                           "max_steps": plan.student_steps, "warmup_steps": min(20, plan.student_steps // 10),
                           "min_lr_ratio": 0.1, "seed": seed, "mixed_precision": "no", "log_every": 5,
@@ -421,35 +478,84 @@ def student_jobs(work: Path, plan: DemoPlan, data: dict[str, Any], caches: dict[
     return sorted(jobs, key=lambda j: (cost.get(j["variant"], 5), j["seed"]))
 
 
-def _worker_init() -> None:
+def _report_job(r: dict[str, Any], log: Callable[[str], None]) -> None:
+    e = r["eval_test"]
+    caps = ", ".join(f"{c[:4]} {e['accuracy'][c]:.2f}" for c in CAPABILITIES)
+    log(f"  {r['variant']:<9} seed {r['seed']}: test average {e['average']:.3f} ({caps}) in {r['seconds']:.0f}s")
+
+
+def worker_main(jobs_file: str) -> None:
+    """Entry point of one worker process: run the jobs listed in ``jobs_file``, writing ``<out>.result.json`` each."""
     import torch
 
     torch.set_num_threads(1)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    for job in json.loads(Path(jobs_file).read_text()):
+        result = student_job(job)
+        _write_json(Path(job["out"] + ".result.json"), result)
 
 
 def run_students(jobs: list[dict[str, Any]], workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run the jobs in ``workers`` processes (one torch thread each), or in this process if 1."""
-    results = []
+    """Run the jobs in ``workers`` separate Python processes (one torch thread each), or here if 1.
 
-    def report(r: dict[str, Any]) -> None:
-        e = r["eval_test"]
-        caps = ", ".join(f"{c[:4]} {e['accuracy'][c]:.2f}" for c in CAPABILITIES)
-        log(f"  {r['variant']:<9} seed {r['seed']}: test average {e['average']:.3f} ({caps}) in {r['seconds']:.0f}s")
+    Workers are plain subprocesses (``python -c``), not multiprocessing, so the caller's ``__main__``
+    is never re-imported. Jobs are dealt round-robin (the list is sorted longest first).
+    """
+    import subprocess
+    import sys
 
     if workers <= 1 or len(jobs) <= 1:
+        results = []
         for job in jobs:
             results.append(student_job(job))
-            report(results[-1])
+            _report_job(results[-1], log)
         return results
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
-        futures = [ex.submit(student_job, job) for job in jobs]
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            report(results[-1])
-    return results
+    workers = min(workers, len(jobs))
+    runs_root = Path(jobs[0]["out"]).parent
+    runs_root.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        Path(job["out"] + ".result.json").unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = []
+    for w in range(workers):
+        jobs_file = runs_root / f"worker-{w}.jobs.json"
+        _write_json(jobs_file, jobs[w::workers])
+        log_file = open(runs_root / f"worker-{w}.log", "w", encoding="utf-8")
+        cmd = [sys.executable, "-c", "import sys; from kd.pipeline.demo import worker_main; worker_main(sys.argv[1])",
+               str(jobs_file)]
+        procs.append((subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file,
+                      runs_root / f"worker-{w}.log"))
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        while True:
+            for job in jobs:
+                path = Path(job["out"] + ".result.json")
+                if job["out"] not in results and path.exists():
+                    results[job["out"]] = json.loads(path.read_text())
+                    _report_job(results[job["out"]], log)
+            if len(results) == len(jobs):
+                break
+            for p, _, log_path in procs:
+                if p.poll() not in (None, 0):
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"student worker failed (exit {p.returncode}); end of {log_path}:\n{tail}")
+            if all(p.poll() == 0 for p, _, _ in procs) and len(results) < len(jobs):
+                time.sleep(0.5)  # a result written just before exit
+                if not all(Path(j["out"] + ".result.json").exists() for j in jobs):
+                    raise RuntimeError("student workers exited without writing every result")
+            time.sleep(0.5)
+    finally:
+        for p, f, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            f.close()
+    return [results[j["out"]] for j in jobs]
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -474,7 +580,7 @@ def run_demo(workdir: str | Path, *, quick: bool = True, log: Callable[[str], No
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, Any] = {}
-    with _torch_threads(1):
+    with _torch_threads(1), _quiet_progress():
         data = prepare_data(work, plan, log)
         timings["data"] = data["seconds"]
         teacher = prepare_teacher(work, plan, data, log)
