@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kd.cache_schema import BuildPlan, CacheBuild, Location, SignalConfig, key_inputs
+from kd.pipeline.build import BuildRequest, build_cache
 from kd.pipeline.dataset import dataset_fingerprint, load_records
 from kd.pipeline.engines import SignalSpec, load_engine
 from kd.pipeline.synth import synthesize
@@ -59,7 +60,8 @@ def kd_world(tmp_path_factory):
     """Tiny teacher (4 x 128) and student (2 x 64) VLMs sharing a tokenizer, a student with another
     tokenizer (tokenizer_seed 1), synthetic data (train 9 records, val 6) and three teacher caches written by
     the hf engine: perception (top-k 16 + hidden + t2v layer 0), reasoning (top-k 16 + full maps of
-    layers 0..2) and planning (sampled 12 draws + t2v layer 2)."""
+    layers 0..2), both written here with ``build_test_cache``, and planning (sampled 12 draws + t2v
+    layer 2, written by ``kd.pipeline.build.build_cache``)."""
     root = tmp_path_factory.mktemp("kd_world")
     teacher = build_preset("vlm", "teacher", root / "teacher")
     student = build_preset("vlm", "student", root / "student")
@@ -69,10 +71,14 @@ def kd_world(tmp_path_factory):
     specs = {
         "perception": SignalSpec(top_k=16, hidden_layers=(2, 4), attention_layers=(0,), attention_kind="t2v"),
         "reasoning": SignalSpec(top_k=16, attention_layers=(0, 1, 2), attention_kind="full"),
-        "planning": SignalSpec(logits="sampled", sampled_draws=12, attention_layers=(2,), attention_kind="t2v"),
     }
     caches = {role: build_test_cache(teacher, paths["train"], root / "caches", spec, engine=engine)
               for role, spec in specs.items()}
     engine.close()
+    # The planning cache goes through stage one's own recipe (its manifest records no model_dir).
+    caches["planning"] = build_cache(BuildRequest(
+        teacher=str(teacher), data=str(paths["train"]), out=str(root / "caches"), engine="hf", logits="sampled",
+        sampled_draws=12, value_coding="fp32", attention_layers=(2,), attention_kind="t2v", role="planning",
+        shard_size=16)).path
     return {"root": root, "teacher": teacher, "student": student, "student_tok1": other,
             "train": paths["train"], "val": paths["val"], "caches": caches}

@@ -104,6 +104,9 @@ def test_alignment_error_names_a_corrupted_answer(kd_world, setup):
 def test_vocab_map_lets_a_teacher_with_another_tokenizer_serve(kd_world):
     _, processor = load_student(kd_world["student_tok1"])
     maps = {"perception": "auto", "reasoning": str(kd_world["teacher"]), "planning": "auto"}
+    with pytest.raises(ValueError, match="records no teacher model_dir"):  # stage one's manifests do not
+        open_teachers(kd_world["caches"], maps, processor)
+    maps["planning"] = str(kd_world["teacher"])
     sources = open_teachers(kd_world["caches"], maps, processor)
     dataset = DistillDataset(load_records(kd_world["train"]), processor, sources)
     sample = dataset[0]

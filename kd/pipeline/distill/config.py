@@ -204,16 +204,17 @@ class DistillConfig:
         return cls(**_known(cls, d, ""))
 
     def resolved(self) -> "DistillConfig":
-        """A copy with local paths made absolute (URLs with a scheme are kept)."""
+        """A copy with existing local paths (and ``out``) made absolute; URLs and hub ids are kept."""
 
-        def absolute(p: str | None) -> str | None:
-            if p is None or "://" in p:
-                return p
+        def absolute(p: str | None, must_exist: bool = True) -> str | None:
+            if p is None or "://" in p or (must_exist and not Path(p).expanduser().exists()):
+                return p  # URLs and names that are not local paths (e.g. a hub id) stay as given
             return str(Path(p).expanduser().resolve())
 
         d = self.to_dict()
-        for name in ("student", "data", "out", "val_data"):
+        for name in ("student", "data", "val_data"):
             d[name] = absolute(d[name])
+        d["out"] = absolute(d["out"], must_exist=False)
         d["teachers"] = {r: absolute(u) for r, u in d["teachers"].items()}
         d["vocab_maps"] = {r: v if v == "auto" else absolute(v) for r, v in d["vocab_maps"].items()}
         return DistillConfig.from_dict(d)

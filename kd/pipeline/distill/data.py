@@ -148,6 +148,9 @@ def open_teachers(teachers: Mapping[str, str], vocab_maps: Mapping[str, str] | N
     out = {}
     for role, url in teachers.items():
         reader = CacheReader(url)
+        recorded = (reader.manifest.teacher or {}).get("role") if reader.manifest else None
+        if recorded and recorded != role:
+            log.warning("cache %s was built for role %r and serves role %r here", url, recorded, role)
         vmap = None
         spec = (vocab_maps or {}).get(role)
         if spec is not None:

@@ -101,8 +101,11 @@ def distill(config: DistillConfig) -> RunResult:
     cfg = config.resolved()
     tc, lc = cfg.train, cfg.loss
     run_dir = Path(cfg.out)
+    records = load_records(cfg.data)
+    # DDP must be told when some batches leave parameters unused: text-only samples skip a VLM's vision tower.
+    unused = any(not r.images for r in records) and any(r.images for r in records)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(tc.mixed_precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     main = accelerator.is_main_process
     set_seed(tc.seed)
 
@@ -113,7 +116,7 @@ def distill(config: DistillConfig) -> RunResult:
                               "choose another out directory")
     student, processor = load_student(cfg.student)
     sources = open_teachers(cfg.teachers, cfg.vocab_maps, processor)
-    dataset = DistillDataset(load_records(cfg.data), processor, sources, missing=cfg.missing)
+    dataset = DistillDataset(records, processor, sources, missing=cfg.missing)
     objective = build_objective(lc, sources, student)
     if objective.attention_layers:
         student.set_attn_implementation("eager")  # attention maps need materialised weights
