@@ -25,15 +25,15 @@ import random
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kd.cache_schema import CacheReader, verify_cache
 
 from .build import BuildRequest, build_cache
-from .synth import QUESTIONS, synthesize
+from .synth import QUESTIONS, split_sizes, synthesize
 from .tiny_models import STUDENT, TEACHER, build_preset
 
 # One teacher role per Drive-KD capability, each with the signals Drive-KD distils for it
@@ -175,7 +175,7 @@ def corrupt_answers(rows: Sequence[dict[str, Any]], fraction: float, seed: int) 
     ``clean_answer`` (metadata: the student never reads it)."""
     rng = random.Random(seed)
     out = [dict(r) for r in rows]
-    n_bad = int(round(fraction * len(out)))
+    n_bad = round(fraction * len(out))
     for i in rng.sample(range(len(out)), n_bad):
         r = out[i]
         options = [a for a in QUESTIONS[r["question"]].answers if a != r["answer"]]
@@ -208,7 +208,8 @@ def prepare_data(work: Path, plan: DemoPlan, log: Callable[[str], None]) -> dict
     fresh = True
     if synth_json.exists():
         meta = json.loads(synth_json.read_text())
-        fresh = meta.get("n_scenes") != plan.n_scenes or meta.get("seed") != plan.data_seed
+        fresh = (meta.get("n_scenes") != plan.n_scenes or meta.get("seed") != plan.data_seed
+                 or meta.get("scenes_per_split") != split_sizes(plan.n_scenes, plan.splits))
     if fresh or not (data / "test.jsonl").exists():
         log(f"synthesizing {plan.n_scenes} driving scenes -> {data}")
         synthesize(data, plan.n_scenes, seed=plan.data_seed, splits=plan.splits)
@@ -522,10 +523,11 @@ def run_students(jobs: list[dict[str, Any]], workers: int, log: Callable[[str], 
         Path(job["out"] + ".result.json").unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     procs = []
+    stack = contextlib.ExitStack()
     for w in range(workers):
         jobs_file = runs_root / f"worker-{w}.jobs.json"
         _write_json(jobs_file, jobs[w::workers])
-        log_file = open(runs_root / f"worker-{w}.log", "w", encoding="utf-8")
+        log_file = stack.enter_context(open(runs_root / f"worker-{w}.log", "w", encoding="utf-8"))  # noqa: SIM115
         cmd = [sys.executable, "-c", "import sys; from kd.pipeline.demo import worker_main; worker_main(sys.argv[1])",
                str(jobs_file)]
         procs.append((subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file,
@@ -550,11 +552,11 @@ def run_students(jobs: list[dict[str, Any]], workers: int, log: Callable[[str], 
                     raise RuntimeError("student workers exited without writing every result")
             time.sleep(0.5)
     finally:
-        for p, f, _ in procs:
+        for p, _, _ in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-            f.close()
+        stack.close()
     return [results[j["out"]] for j in jobs]
 
 

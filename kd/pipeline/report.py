@@ -98,7 +98,7 @@ def build_report(work: Path, *, plan: Any, data: Mapping[str, Any], teacher: Map
                      **aggregate([data["majority_baseline"]])},
         "teacher_untrained": {"label": "teacher, untrained init", "kind": "teacher",
                               **aggregate([teacher["eval_untrained"]])},
-        "teacher": {"label": "teacher, trained (one checkpoint for all three roles)", "kind": "teacher",
+        "teacher": {"label": "teacher, trained (serves all 3 roles)", "kind": "teacher",
                     "roles": list(caches), **aggregate([teacher["eval_test"]])},
     }
     for v in plan.variants:
@@ -223,6 +223,12 @@ def _curves(teacher: Mapping[str, Any], runs: Mapping[str, Mapping[int, str]]) -
     return out
 
 
+def _final_ce(doc: Mapping[str, Any], variant: str, last: int = 10) -> float | None:
+    """Mean over the last ``last`` logged steps of a variant's train answer CE (mean over seeds)."""
+    pts = doc["curves"]["students"].get(variant, {}).get("train_ce") or []
+    return statistics.fmean(p[1] for p in pts[-last:]) if pts else None
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -261,6 +267,16 @@ def _conclusion(doc: Mapping[str, Any]) -> list[str]:
         line += ("KD was " + ("ahead on average" if mean > 0 else "not ahead on average")
                  + " but not consistently across seeds / beyond the test noise: no claim that KD beats SFT here.")
     out.append(line)
+    sft, base_avg = m["sft"]["mean"]["average"], base["average"]
+    if sft <= base_avg + 3 * se:
+        ce = {v: _final_ce(doc, v) for v in ("sft", "kd")}
+        ce_txt = (f" (final train answer CE {ce['sft']:.2f} vs {ce['kd']:.2f} for the KD student)"
+                  if None not in ce.values() else "")
+        out.append(f"The SFT student stays at the no-image baseline ({_pct(sft)}% vs {_pct(base_avg)}%): with "
+                   f"{doc['data']['records']['student_train']} records ({doc['plan']['label_noise']:.0%} corrupted) "
+                   f"and {doc['plan']['student_steps']} steps it does not learn to use the image{ce_txt}. So the KD "
+                   "gain here is mostly the teacher's signals getting the student off that plateau within this "
+                   "budget; it does not show that SFT cannot learn the task with more data or steps.")
     per_cap = ", ".join(f"{c} {100 * d['mean'][c]:+.1f}" for c in CAPABILITIES)
     out.append(f"Per capability (KD - SFT, mean over seeds, points): {per_cap}.")
     singles = [a for a in doc["ablation"] if a["variant"] not in ("kd",)]
@@ -281,21 +297,20 @@ def _cell(model: Mapping[str, Any], metric: str) -> str:
 
 def format_table(doc: Mapping[str, Any]) -> str:
     """The results as a plain-text table (what ``kd demo`` prints)."""
-    head = f"{'model':<46} {'perception':>13} {'reasoning':>13} {'planning':>13} {'average':>13} {'seeds':>5}"
-    lines = [f"test accuracy (%) on {sum(doc['test_counts'].values())} held-out records, {doc['mode']} mode "
-             f"({doc['seeds_note']})", head, "-" * len(head)]
-    for key, mdl in doc["models"].items():
-        cells = " ".join(f"{_cell(mdl, m).replace('±', '+-'):>13}" for m in METRICS)
-        lines.append(f"{mdl['label'][:46]:<46} {cells} {mdl['n_seeds']:>5}")
-    if doc.get("kd_vs_sft"):
-        lines.append("")
+    head = f"{'model':<42} {'perception':>12} {'reasoning':>12} {'planning':>12} {'average':>12} {'seeds':>5}"
+    lines = [(f"test accuracy (%) on {sum(doc['test_counts'].values())} held-out records, {doc['mode']} mode "
+              f"({doc['seeds_note']})"), head, "-" * len(head)]
+    for mdl in doc["models"].values():
+        cells = " ".join(f"{_cell(mdl, m).replace('±', '+-'):>12}" for m in METRICS)
+        lines.append(f"{mdl['label'][:42]:<42} {cells} {mdl['n_seeds']:>5}")
+    lines.append("")
     lines.extend(doc["conclusion"])
-    r = doc["reuse"]
-    tm = doc["timings"]
+    r, tm = doc["reuse"], doc["timings"]
     lines.append(f"reuse: teacher {'reused' if r['teacher'] else 'trained'}, caches "
                  f"{'all reused' if all(r['caches'].values()) else 'built'}"
-                 f"{' (no teacher ran in this run)' if r['no_teacher_ran'] else ''}; timings: teacher {tm['teacher']:.0f}s, "
-                 f"caches {tm['caches']:.0f}s, students {tm['students']:.0f}s, total {tm.get('total', 0):.0f}s")
+                 f"{' (no teacher ran in this run)' if r['no_teacher_ran'] else ''}; timings: teacher "
+                 f"{tm['teacher']:.0f}s, caches {tm['caches']:.0f}s, students {tm['students']:.0f}s, "
+                 f"total {tm.get('total', 0):.0f}s")
     return "\n".join(lines)
 
 
@@ -306,121 +321,140 @@ def _md_table(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _md_ablation(doc: Mapping[str, Any]) -> list[str]:
+    L = ["## Which signals helped (ablation, paired with SFT per seed)", "",
+         ("| variant | loss weights (ce, kd, hidden, attention) | average | Δ vs SFT (mean ± std) | seeds ahead | "
+          "Δ perception | Δ reasoning | Δ planning | verdict |"),
+         "|---|---|---|---|---|---|---|---|---|"]
+    for a in doc["ablation"]:
+        dd, lw = a["delta_vs_sft"], a["loss"]
+        sd = dd["std"]["average"]
+        spread = f" ± {100 * sd:.1f}" if sd is not None else ""
+        caps = " | ".join(f"{100 * dd['mean'][c]:+.1f}" for c in CAPABILITIES)
+        L.append(f"| {a['label']} | {lw['ce']:g}, {lw['kd']:g}, {lw['hidden']:g}, {lw['attention']:g} "
+                 f"| {_pct(a['mean']['average'])} | {100 * dd['mean']['average']:+.1f}{spread} "
+                 f"| {dd['wins']['average']}/{len(dd['seeds'])} | {caps} | {a['verdict']['average']} |")
+    L += ["", ("A verdict says *helped* / *hurt* only when every seed agrees and the mean clears the test-set "
+               "standard error; otherwise *unclear*."), ""]
+    return L
+
+
+def _md_timings(doc: Mapping[str, Any]) -> list[str]:
+    r, tm = doc["reuse"], doc["timings"]
+    teacher_state = "yes (no teacher ran)" if r["teacher"] else "no"
+    L = ["## Reuse and timings", "",
+         "| stage | this run (s) | reused | when built (s) |", "|---|---|---|---|",
+         f"| data (synthesize + split) | {tm['data']:.1f} | {'yes' if r['data'] else 'no'} | |",
+         (f"| teacher training (+ its test eval) | {tm['teacher']:.1f} | {teacher_state} "
+          f"| {tm['teacher_original_train_seconds']:.1f} (training) |")]
+    for role, c in doc["caches"].items():
+        state = "yes (no teacher ran)" if c["reused"] else "no"
+        L.append(f"| cache {role} | {0.0 if c['reused'] else c['seconds']:.1f} | {state} "
+                 f"| {'' if c['reused'] else c['seconds']} |")
+    L += [f"| all caches (build or reuse + verify) | {tm['caches']:.1f} | | |",
+          (f"| students ({len(doc['seeds'])} seed(s) x {len(doc['plan']['variants'])} variants, {tm['workers']} "
+           f"process(es)) | {tm['students']:.1f} | no: trained again from the caches | |"),
+          f"| total | {tm.get('total', 0):.1f} | | |", ""]
+    built = [role for role, reused in r["caches"].items() if not reused]
+    if r["no_teacher_ran"]:
+        L.append("This run ran no teacher at all: the trained teacher checkpoint and every cache were reused.")
+    else:
+        teacher = "reused the trained teacher" if r["teacher"] else "trained (or re-scored) the teacher"
+        caches = "built the caches of " + ", ".join(built) if built else "reused every cache"
+        L.append(f"This run {teacher} and {caches}.")
+    return L
+
+
 def render_markdown(doc: Mapping[str, Any]) -> str:
-    d, r, tm = doc["design"], doc["reuse"], doc["timings"]
+    d = doc["design"]
     L = [f"# kd demo report ({doc['mode']} mode)", ""]
     L += [f"- {line}" for line in doc["conclusion"]]
     L += ["", f"Seeds: {doc['seeds']} ({doc['seeds_note']}).", "", "## Experiment design", ""]
-    for k in ("task", "teacher", "student", "why", "training", "loss", "test"):
-        L.append(f"- **{k}**: {d[k]}")
-    L.append("- **signals cached per role** (all from the one trained teacher, hf engine): " + "; ".join(
-        f"{role}: {', '.join(f'{k}={v}' for k, v in s.items())}" for role, s in d["signals"].items()))
+    L += [f"- **{k}**: {d[k]}" for k in ("task", "teacher", "student", "why", "training", "loss", "test")]
+    signals = "; ".join(f"{role}: {', '.join(f'{k}={v}' for k, v in s.items())}" for role, s in d["signals"].items())
+    L.append(f"- **signals cached per role** (all from the one trained teacher, hf engine): {signals}")
     L += ["", "## Results (test split, greedy exact match, %)", "",
           "Mean ± sample std over seeds for students; teacher and baselines are single runs.", ""]
     L += _md_table(doc)
-    L += ["", f"Test records per capability: {doc['test_counts']}; binomial standard error of one model's average "
-          f"≈ {100 * doc['test_standard_error_average']:.1f} points.", ""]
+    L += ["", (f"Test records per capability: {doc['test_counts']}; binomial standard error of one model's average "
+               f"≈ {100 * doc['test_standard_error_average']:.1f} points."), ""]
     if doc["ablation"]:
-        L += ["## Which signals helped (ablation, paired with SFT per seed)", "",
-              "| variant | loss weights (ce, kd, hidden, attention) | average | Δ vs SFT (mean ± std) | seeds ahead | "
-              "Δ perception | Δ reasoning | Δ planning | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-        for a in doc["ablation"]:
-            dd, lw = a["delta_vs_sft"], a["loss"]
-            sd = dd["std"]["average"]
-            L.append(f"| {a['label']} | {lw['ce']:g}, {lw['kd']:g}, {lw['hidden']:g}, {lw['attention']:g} "
-                     f"| {_pct(a['mean']['average'])} | {100 * dd['mean']['average']:+.1f}"
-                     + (f" ± {100 * sd:.1f}" if sd is not None else "")
-                     + f" | {dd['wins']['average']}/{len(dd['seeds'])} | "
-                     + " | ".join(f"{100 * dd['mean'][c]:+.1f}" for c in CAPABILITIES)
-                     + f" | {a['verdict']['average']} |")
-        L += ["", "A verdict says *helped* / *hurt* only when every seed agrees and the mean clears the test-set "
-              "standard error; otherwise *unclear*.", ""]
+        L += _md_ablation(doc)
     L += ["## Training curves", "", f"![training curves]({doc['files']['plot']})", "",
-          "Teacher: CE loss and validation average; students: answer CE (the same scale for every variant; KD runs "
-          "also minimise their KD terms) and validation average, mean over seeds (bands: min-max).", ""]
-    L += ["## Reuse and timings", "",
-          "| stage | this run (s) | reused | when built (s) |", "|---|---|---|---|",
-          f"| data (synthesize + split) | {tm['data']:.1f} | {'yes' if r['data'] else 'no'} | |",
-          f"| teacher training (+ its test eval) | {tm['teacher']:.1f} | {'yes (no teacher ran)' if r['teacher'] else 'no'} "
-          f"| {tm['teacher_original_train_seconds']:.1f} (training) |"]
-    for role, c in doc["caches"].items():
-        L.append(f"| cache {role} | {0.0 if c['reused'] else c['seconds']:.1f} | {'yes (no teacher ran)' if c['reused'] else 'no'} "
-                 f"| {'' if c['reused'] else c['seconds']} |")
-    L += [f"| all caches (build or reuse + verify) | {tm['caches']:.1f} | | |",
-          f"| students ({len(doc['seeds'])} seed(s) x {len(doc['plan']['variants'])} variants, {tm['workers']} "
-          f"process(es)) | {tm['students']:.1f} | no: trained again from the caches | |",
-          f"| total | {tm.get('total', 0):.1f} | | |", ""]
-    L.append("This run " + ("ran no teacher at all: the trained teacher checkpoint and every cache were reused."
-                            if r["no_teacher_ran"] else "trained the teacher and/or built caches."))
-    L += ["", "## Caches", "", "| role | signals | samples | tokens | bytes/token | key | path |", "|---|---|---|---|---|---|---|"]
+          ("Teacher: CE loss and validation average; students: answer CE (the same scale for every variant; KD runs "
+           "also minimise their KD terms) and validation average, mean over seeds (bands: min-max)."), ""]
+    L += _md_timings(doc)
+    L += ["", "## Caches", "", "| role | signals | samples | tokens | bytes/token | key | path |",
+          "|---|---|---|---|---|---|---|"]
     for role, c in doc["caches"].items():
         sig = ", ".join(f"{k}={v}" for k, v in c["signals"].items())
         L.append(f"| {role} | top-k logits, {sig} | {c['samples']} | {c['tokens']} | {c['bytes_per_token']} | "
                  f"`{c['key'][:16]}` | `{c['path']}` |")
+    ratio = doc["data"]["scenes"]["teacher_train"] / max(1, doc["data"]["scenes"]["student_train"])
     L += ["", "## Caveats", "",
-          "- Tiny models on synthetic data: this shows the pipeline working and the direction of effects under this "
-          "design, not Drive-KD's numbers.",
-          "- Part of any KD gain is information the student's data lacks: the teacher was trained on 3x-4x more scenes "
-          "with clean answers, while 10% of the student's answers are wrong.",
-          "- One trained teacher checkpoint serves all three roles; its three caches differ only in the extra signals "
-          "(the logit KD term therefore sees the same distribution three times, weighted 0.8/0.1/0.1).",
+          ("- Tiny models on synthetic data: this shows the pipeline working and the direction of effects under this "
+           "design, not Drive-KD's numbers."),
+          (f"- Part of any KD gain is information the student's data lacks: the teacher was trained on {ratio:.1f}x "
+           f"as many scenes, with clean answers, while {doc['plan']['label_noise']:.0%} of the student's answers are "
+           "wrong."),
+          ("- One trained teacher checkpoint serves all three roles; its three caches differ only in the extra signals "
+           "(the logit KD term therefore sees the same distribution three times, weighted 0.8/0.1/0.1)."),
           f"- {doc['seeds_note']}.", ""]
     return "\n".join(L)
 
 
+COLOURS = {"majority": "#bbbbbb", "teacher_untrained": "#8c564b", "teacher": "black", "sft": "tab:gray",
+           "logits": "tab:blue", "hidden": "tab:purple", "attention": "tab:orange", "kd": "tab:green"}
+
+
 def plot_curves(doc: Mapping[str, Any], path: Path) -> None:
+    """Teacher loss / val accuracy, student train CE and val accuracy over steps, and test accuracy bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     c = doc["curves"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
-    tr = c["teacher"]["train"]
+    tr, tv = c["teacher"]["train"], c["teacher"]["val"]
     if tr:
-        ax.plot([p[0] for p in tr], [p[1] for p in tr], color="black", label="train CE")
-    ax.set_title("teacher training" + (" (reused checkpoint)" if doc["reuse"]["teacher"] else ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer CE")
-    ax.set_yscale("log")
+        ax.plot([p[0] for p in tr], [p[1] for p in tr], color="black", label="train answer CE")
+    ax.set(title="teacher training" + (" (reused checkpoint: curve of the run that trained it)"
+                                       if doc["reuse"]["teacher"] else ""), xlabel="step", ylabel="answer CE",
+           yscale="log")
     ax2 = ax.twinx()
-    tv = c["teacher"]["val"]
     if tv:
-        ax2.plot([p[0] for p in tv], [p[1] for p in tv], "o-", color="tab:red", label="val average")
+        ax2.plot([p[0] for p in tv], [p[1] for p in tv], "o-", color="tab:red", label="val average accuracy")
     ax2.set_ylabel("val average accuracy", color="tab:red")
     ax2.set_ylim(0, 1)
-    colours = {"sft": "tab:gray", "logits": "tab:blue", "hidden": "tab:purple", "attention": "tab:orange",
-               "kd": "tab:green"}
-    for key, ax, ylabel in (("train_ce", axes[0][1], "answer CE (train)"), ("val_average", axes[1][0], "val average accuracy")):
+    for key, ax, ylabel in (("train_ce", axes[0][1], "train answer CE"),
+                            ("val_average", axes[1][0], "val average accuracy")):
         for v, s in c["students"].items():
             pts = s[key]
             if not pts:
                 continue
             x = [p[0] for p in pts]
-            ax.plot(x, [p[1] for p in pts], label=doc["models"][v]["label"], color=colours.get(v))
-            ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=colours.get(v), alpha=0.15)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title("students: " + ylabel + f" (mean over {doc['n_seeds']} seed(s))")
+            ax.plot(x, [p[1] for p in pts], label=doc["models"][v]["label"], color=COLOURS.get(v))
+            ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=COLOURS.get(v), alpha=0.15)
+        ax.set(xlabel="step", ylabel=ylabel, title=f"students: {ylabel} (mean over {doc['n_seeds']} seed(s))")
         if key == "train_ce":
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+            base = doc["models"]["majority"]["mean"]["average"]
+            ax.axhline(base, color=COLOURS["majority"], ls="--", lw=1, label="majority answer (no image), test")
+        ax.legend(fontsize=7, loc="upper right" if key == "train_ce" else "upper left")
     ax = axes[1][1]
     names = list(doc["models"])
     width = 0.8 / max(1, len(names))
     for i, k in enumerate(names):
         mdl = doc["models"][k]
-        ys = [mdl["mean"][m] for m in METRICS]
-        errs = [mdl["std"][m] or 0.0 for m in METRICS]
-        ax.bar([j + i * width for j in range(len(METRICS))], ys, width, yerr=errs, label=mdl["label"][:40],
-               color=colours.get(k), capsize=2)
+        ax.bar([j + i * width for j in range(len(METRICS))], [mdl["mean"][m] for m in METRICS], width,
+               yerr=[mdl["std"][m] or 0.0 for m in METRICS], label=mdl["label"], color=COLOURS.get(k), capsize=2)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(METRICS))], METRICS)
-    ax.set_ylim(0, 1)
-    ax.set_title("test accuracy")
-    ax.legend(fontsize=6)
+    ax.set(ylim=(0, 1), title="test accuracy (error bars: std over seeds)")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(f"kd demo ({doc['mode']} mode)")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
