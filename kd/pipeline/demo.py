@@ -74,7 +74,7 @@ class DemoPlan:
     variants: tuple[str, ...]
     eval_every: int  # student validation accuracy every N steps (for the curves)
     val_samples: int  # validation records scored at each of those points
-    temperature: float = 2.0
+    temperature: float = 1.0  # T=2 (the probe's) made logit KD alone no better than SFT here; T=1 helped
     kd_weight: float = 1.0
     hidden_weight: float = 1.0
     attention_weight: float = 1000.0  # attention-map MSE is ~1e-4: see report.py's design notes
@@ -459,8 +459,12 @@ def student_jobs(work: Path, plan: DemoPlan, data: dict[str, Any], caches: dict[
     jobs = []
     for seed in plan.seeds:
         init = work / "models" / f"student-init-s{seed}"
-        if not (init / "config.json").exists():
-            build_preset("vlm", "student", init, seed=100 + seed)  # same init for every variant of a seed
+        if not (init / "config.json").exists():  # same init for every variant of a seed
+            tmp = init.with_name(init.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_preset("vlm", "student", tmp, seed=100 + seed)
+            shutil.rmtree(init, ignore_errors=True)
+            tmp.replace(init)
         for variant in plan.variants:
             loss = plan.variant_loss(variant)
             jobs.append({
