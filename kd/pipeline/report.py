@@ -295,14 +295,20 @@ def _cell(model: Mapping[str, Any], metric: str) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
+SHORT_LABELS = {"majority": "majority answer (no image)", "teacher_untrained": "teacher, untrained init",
+                "teacher": "teacher, trained (all 3 roles)", "sft": "student SFT (CE only)",
+                "logits": "student CE + logit KD", "hidden": "student CE + hidden", "attention": "student CE + attention",
+                "kd": "student KD (all signals)"}
+
+
 def format_table(doc: Mapping[str, Any]) -> str:
-    """The results as a plain-text table (what ``kd demo`` prints)."""
-    head = f"{'model':<42} {'perception':>12} {'reasoning':>12} {'planning':>12} {'average':>12} {'seeds':>5}"
-    lines = [(f"test accuracy (%) on {sum(doc['test_counts'].values())} held-out records, {doc['mode']} mode "
-              f"({doc['seeds_note']})"), head, "-" * len(head)]
-    for mdl in doc["models"].values():
-        cells = " ".join(f"{_cell(mdl, m).replace('±', '+-'):>12}" for m in METRICS)
-        lines.append(f"{mdl['label'][:42]:<42} {cells} {mdl['n_seeds']:>5}")
+    """The results as a plain-text table of at most 80 columns (what ``kd demo`` prints)."""
+    head = f"{'test accuracy, %':<32}" + "".join(f"{m:>12}" for m in METRICS)
+    lines = [(f"{doc['mode']} mode, {sum(doc['test_counts'].values())} held-out test records; students: mean +- std "
+              f"over {doc['n_seeds']} seed(s)"), head, "-" * len(head)]
+    for key, mdl in doc["models"].items():
+        label = SHORT_LABELS.get(key, mdl["label"])[:32]
+        lines.append(f"{label:<32}" + "".join(f"{_cell(mdl, m).replace(' ± ', '+-'):>12}" for m in METRICS))
     lines.append("")
     lines.extend(doc["conclusion"])
     r, tm = doc["reuse"], doc["timings"]
