@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 import yaml
 
 __all__ = ["LossConfig", "TrainConfig", "DistillConfig", "load_config", "apply_overrides"]
@@ -200,10 +200,10 @@ class DistillConfig:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
         return cls(**_known(cls, d, ""))
 
-    def resolved(self) -> "DistillConfig":
+    def resolved(self) -> DistillConfig:
         """A copy with existing local paths (and ``out``) made absolute; URLs and hub ids are kept."""
 
         def absolute(p: str | None, must_exist: bool = True) -> str | None:

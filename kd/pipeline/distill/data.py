@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 from kd.cache_schema import CachedSample, CacheReader, hash_ids
 from kd.pipeline.dataset import Record
 from kd.pipeline.encoding import encode_record, end_of_turn_token
+
 # The teacher engine's batching of processor outputs; the student batches the same way.
 from kd.pipeline.engines.hf_engine import _stack_model_inputs
 
@@ -60,7 +61,7 @@ class VocabMap:
     source: str
 
     @classmethod
-    def from_pairs(cls, pairs: Mapping[int, int], source: str) -> "VocabMap":
+    def from_pairs(cls, pairs: Mapping[int, int], source: str) -> VocabMap:
         if not pairs:
             raise ValueError(f"vocab map {source}: empty")
         values = list(pairs.values())
@@ -74,12 +75,12 @@ class VocabMap:
         return cls(table, source)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "VocabMap":
+    def from_json(cls, path: str | Path) -> VocabMap:
         d = json.loads(Path(path).read_text())
         return cls.from_pairs({int(k): int(v) for k, v in d.items()}, str(path))
 
     @classmethod
-    def from_tokenizers(cls, teacher_tok: Any, student_tok: Any, source: str = "tokenizers") -> "VocabMap":
+    def from_tokenizers(cls, teacher_tok: Any, student_tok: Any, source: str = "tokenizers") -> VocabMap:
         """Map every teacher token whose exact string is also a student token."""
         student = _tokenizer_of(student_tok).get_vocab()
         teacher = _tokenizer_of(teacher_tok).get_vocab()
@@ -377,7 +378,7 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
         ts = [s.teachers[role] for s in samples]
         k = max(t.ids.shape[1] for t in ts)
 
-        def pad(arrs, value, dtype):
+        def pad(arrs, value, dtype, k=k):
             return torch.from_numpy(np.concatenate([np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value)
                                                     for a in arrs]).astype(dtype))
 

@@ -102,7 +102,7 @@ def plan_teacher(role: str, signals: Any, cfg: LossConfig, *, student_layers: in
     return plan
 
 
-def build_objective(cfg: LossConfig, sources: Mapping[str, Any], student: nn.Module) -> "DistillObjective":
+def build_objective(cfg: LossConfig, sources: Mapping[str, Any], student: nn.Module) -> DistillObjective:
     """The objective for a student and its teachers (``data.TeacherSource``s): plans from each cache's
     signals, teacher hidden widths read from the cache's first sample, depths from its manifest."""
     from .student import student_dims
@@ -195,14 +195,14 @@ class DistillObjective(nn.Module):
                 for s, tl in sorted(plan.hidden_map.items()):
                     proj = self.projectors[role][s]
                     per_layer.append(self._per_sample(
-                        lambda b: hidden_state_loss(out.hidden[s][spans[b]], t["hidden"][tl][spans[b]], proj,
-                                                    cfg.hidden_kind), w[:, j], n_tok, n))
+                        [hidden_state_loss(out.hidden[s][sp], t["hidden"][tl][sp], proj, cfg.hidden_kind)
+                         for sp in spans], w[:, j], n_tok, n))
                 parts.append(("hidden", cfg.hidden, torch.stack(per_layer).mean()))
             attn = []
             for kind, amap in (("t2v", plan.t2v_map), ("full", plan.full_map)):
                 for s, tls in sorted(amap.items()):
-                    value = self._per_sample(lambda b: self._attention(out, batch, t, kind, s, tls, b, role),
-                                             w[:, j], n_tok, n)
+                    value = self._per_sample([self._attention(out, batch, t, kind, s, tls, b, role)
+                                              for b in range(len(spans))], w[:, j], n_tok, n)
                     attn.append(value)
                     terms[f"attn_{kind}/{role}/L{s}"] = float(value.detach())
             if attn:
@@ -228,11 +228,11 @@ class DistillObjective(nn.Module):
                             reduction="none")
 
     @staticmethod
-    def _per_sample(loss_of, weights: Tensor, n_tok: Tensor, n: int) -> Tensor:
-        """``sum_b w_b * T_b * loss_of(b) / N``."""
+    def _per_sample(per_sample: Sequence[Tensor], weights: Tensor, n_tok: Tensor, n: int) -> Tensor:
+        """``sum_b w_b * T_b * per_sample[b] / N``."""
         total = None
-        for b in range(len(n_tok)):
-            term = weights[b] * n_tok[b] * loss_of(b)
+        for b, value in enumerate(per_sample):
+            term = weights[b] * n_tok[b] * value
             total = term if total is None else total + term
         return total / n
 
