@@ -274,9 +274,9 @@ def _conclusion(doc: Mapping[str, Any]) -> list[str]:
                   if None not in ce.values() else "")
         out.append(f"The SFT student stays at the no-image baseline ({_pct(sft)}% vs {_pct(base_avg)}%): with "
                    f"{doc['data']['records']['student_train']} records ({doc['plan']['label_noise']:.0%} corrupted) "
-                   f"and {doc['plan']['student_steps']} steps it does not learn to use the image{ce_txt}. So the KD "
-                   "gain here is mostly the teacher's signals getting the student off that plateau within this "
-                   "budget; it does not show that SFT cannot learn the task with more data or steps.")
+                   f"and {doc['plan']['student_steps']} steps it does not learn to use the image{ce_txt}. So a KD "
+                   "gain in this setup is mostly the teacher's signals getting the student off that plateau within "
+                   "this budget; it does not show that SFT cannot learn the task with more data or steps.")
     per_cap = ", ".join(f"{c} {100 * d['mean'][c]:+.1f}" for c in CAPABILITIES)
     out.append(f"Per capability (KD - SFT, mean over seeds, points): {per_cap}.")
     singles = [a for a in doc["ablation"] if a["variant"] not in ("kd",)]
