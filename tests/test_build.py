@@ -73,6 +73,15 @@ def test_build_contents_match_records(workdir, reference):
         np.testing.assert_allclose(s.attention_full[0].sum(axis=1), 1.0, atol=2e-3)  # fp16-coded maps
 
 
+def test_manifest_records_teacher_depth_and_tokenizer(workdir, reference):
+    """Students map layers and check tokenizers from the manifest alone, with no teacher at hand."""
+    teacher = CacheReader(reference).manifest.teacher
+    config = json.loads((workdir / "teacher" / "config.json").read_text())
+    assert teacher["num_layers"] == config["text_config"]["num_hidden_layers"]
+    assert len(teacher["tokenizer_sha256"]) == 64
+    assert Path(teacher["model_dir"]) == (workdir / "teacher").resolve()
+
+
 def test_same_request_reuses_sealed_cache_without_teacher(workdir, reference, monkeypatch):
     def no_engine(*a, **k):
         raise AssertionError("a teacher engine was started for a sealed cache")

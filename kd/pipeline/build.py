@@ -141,6 +141,18 @@ def teacher_identity(request: BuildRequest) -> tuple[dict[str, Any], str, str]:
     return ident, raw["tokenizer_sha256"], hashlib.sha256(template.encode()).hexdigest()
 
 
+def teacher_depth(model_dir: str) -> int | None:
+    """Decoder layers of the teacher, recorded so students can map layers without the teacher."""
+    from transformers import AutoConfig
+
+    from .engines.base import num_text_layers
+
+    try:
+        return num_text_layers(AutoConfig.from_pretrained(model_dir))
+    except (OSError, ValueError, AttributeError, KeyError):  # an unknown config only loses a default
+        return None
+
+
 @dataclass
 class ShardJob:
     """A self-contained description of one shard's work (sent to dask workers as plain data)."""
@@ -226,7 +238,8 @@ def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
         engine={"kind": engine, "dtype": request.dtype, "seed": request.seed if request.logits == "sampled" else None},
     )
     meta = {"name": ident["name"], "role": request.role, "engine": engine, "dtype": request.dtype,
-            "revision": request.teacher_revision}
+            "revision": request.teacher_revision, "num_layers": teacher_depth(request.teacher),
+            "tokenizer_sha256": tok_hash, "model_dir": str(Path(request.teacher).resolve())}
     build = CacheBuild(Location.from_url(request.out), inputs, meta, signals)
     return build, records, engine
 
