@@ -5,17 +5,24 @@ sample -> shard plan) once; each shard is written under a fresh attempt director
 becomes visible only when its ``shards/NNNNN.commit.json`` is published atomically; the
 sealer joins the shard indices into ``index.parquet`` and publishes ``manifest.json`` last.
 A killed build leaves only unreferenced attempt directories, which the seal removes.
+The seal is safe only with one builder at a time: ``kd.pipeline.build`` holds the build
+lease (``lease.py``) and passes it here so the seal checks it before deleting anything.
+A full disk raises ``CacheNoSpaceError`` naming the file; nothing is committed or sealed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
+import re
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -24,12 +31,48 @@ import zarr
 
 from .codecs import encode_hidden, encode_logprobs, folded_mask
 from .errors import CacheCorruptError, CacheError
+from .faults import fault_point
 from .key import cache_dir_name, cache_key
-from .manifest import INDEX_FILE, MANIFEST_FILE, PLAN_FILE, FileEntry, Manifest, ShardEntry, SignalConfig
+from .manifest import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    SignalConfig,
+)
 from .storage import Location, checksum_bytes
 from .zarr_io import array_codecs, zarr_store
 
+if TYPE_CHECKING:
+    from .lease import BuildLease
+
 SHARD_INDEX_FILE = "index.parquet"
+ATTEMPT_DIR = re.compile(r"^\d{5}-[0-9a-f]{12}$")  # shards/NNNNN-<attempt>
+TEMP_FILE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")  # write_atomic's temp name
+LEASE_TEMP = ".lease.json.tmp-"  # the live heartbeat's temp file: never swept
+
+
+class CacheNoSpaceError(CacheError, OSError):
+    """The disk (or quota) filled up while writing; nothing half-written was published."""
+
+
+@contextlib.contextmanager
+def _no_space(where: str, cleanup: Location | None = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT into CacheNoSpaceError naming the file; drop ``cleanup`` to free space."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, CacheNoSpaceError):
+            raise
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup.fs.rm(cleanup.path, recursive=True)
+        err = CacheNoSpaceError(f"{e.filename or where}: no space left on device while writing {where}; nothing was "
+                                "committed or sealed: free space and rerun `kd cache build` to resume")
+        err.errno = e.errno
+        raise err from e
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -90,6 +133,7 @@ class ShardWriter:
 
     def add(self, sample: SampleSignals, capability: str) -> None:
         _check_sample(sample, self.signals)
+        fault_point("batch")  # teacher outputs in memory, nothing of this shard on disk yet
         self._samples.append((sample, capability))
 
     def commit(self) -> ShardEntry:
@@ -98,24 +142,28 @@ class ShardWriter:
             raise CacheError(f"shard {self.shard}: no samples to commit")
         rel = f"shards/{self.shard:05d}-{uuid.uuid4().hex[:12]}"
         arrays, index = self._assemble()
-        group = zarr.open_group(store=zarr_store(self.cache.child(rel)), mode="w", zarr_format=3)
-        group.attrs.update({"kd_shard": self.shard, "kd_signals": self.signals.to_dict()})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, data in arrays.items():
-                filters, compressors, chunks = array_codecs(name, data)
-                arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters, compressors=compressors)
-                if data.size:
-                    arr[...] = data
-        sink = pa.BufferOutputStream()
-        pq.write_table(index, sink, compression="zstd")
-        self.cache.write_atomic(f"{rel}/{SHARD_INDEX_FILE}", sink.getvalue().to_pybytes())
-        files = {}
-        for path, size in sorted(self.cache.walk_files(rel).items()):
-            data = self.cache.read_bytes(path)
-            files[path[len(rel) + 1 :]] = FileEntry(len(data), checksum_bytes(data))
-        entry = ShardEntry(self.shard, rel, len(self._samples), int(index.column("num_tokens").to_numpy().sum()), files)
-        self.cache.write_atomic(shard_commit_name(self.shard), json.dumps(entry.to_dict(), indent=1).encode())
+        where = f"shard {self.shard} ({self.cache.url}/{rel})"
+        with _no_space(where, cleanup=self.cache.child(rel)):
+            group = zarr.open_group(store=zarr_store(self.cache.child(rel)), mode="w", zarr_format=3)
+            group.attrs.update({"kd_shard": self.shard, "kd_signals": self.signals.to_dict()})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name, data in arrays.items():
+                    filters, compressors, chunks = array_codecs(name, data)
+                    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters, compressors=compressors)
+                    if data.size:
+                        arr[...] = data
+                    fault_point("shard_write", f"{self.cache.url}/{rel}/{name}")
+            sink = pa.BufferOutputStream()
+            pq.write_table(index, sink, compression="zstd")
+            self.cache.write_atomic(f"{rel}/{SHARD_INDEX_FILE}", sink.getvalue().to_pybytes())
+            files = {}
+            for path, size in sorted(self.cache.walk_files(rel).items()):
+                data = self.cache.read_bytes(path)
+                files[path[len(rel) + 1 :]] = FileEntry(len(data), checksum_bytes(data))
+            entry = ShardEntry(self.shard, rel, len(self._samples), int(index.column("num_tokens").to_numpy().sum()), files)
+            self.cache.write_atomic(shard_commit_name(self.shard), json.dumps(entry.to_dict(), indent=1).encode())
+        fault_point("after_commit")
         return entry
 
     def _assemble(self) -> tuple[dict[str, np.ndarray], pa.Table]:
@@ -199,7 +247,7 @@ class BuildPlan:
     shards: list[list[str]]
 
     @classmethod
-    def from_ids(cls, sample_ids: Iterable[str], shard_size: int) -> "BuildPlan":
+    def from_ids(cls, sample_ids: Iterable[str], shard_size: int) -> BuildPlan:
         ids = list(sample_ids)
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
@@ -230,7 +278,8 @@ class CacheBuild:
             if existing.get("key") != self.key or existing.get("shards") != plan.shards:
                 raise CacheError(f"{self.location.url}: an unfinished build with a different plan exists; use --force")
             return
-        self.location.write_atomic(PLAN_FILE, json.dumps(doc).encode())
+        with _no_space(f"the plan of {self.location.url}"):
+            self.location.write_atomic(PLAN_FILE, json.dumps(doc).encode())
 
     def plan(self) -> BuildPlan:
         return BuildPlan(json.loads(self.location.read_bytes(PLAN_FILE))["shards"])
@@ -247,10 +296,21 @@ class CacheBuild:
     def shard_writer(self, shard: int) -> ShardWriter:
         return ShardWriter(self.location, shard, self.signals)
 
-    def seal(self, kd_version: str) -> Manifest:
-        """Join shard indices, publish ``index.parquet`` then ``manifest.json`` (the seal)."""
+    def clear(self, keep: Iterable[str] = ()) -> None:
+        """Delete everything of this cache but ``keep`` (names at its top), for ``--force``."""
+        for name in self.location.listdir():
+            if name not in set(keep):
+                self.location.remove(name, recursive=True)
+
+    def seal(self, kd_version: str, lease: BuildLease | None = None) -> Manifest:
+        """Join shard indices, publish ``index.parquet`` then ``manifest.json`` (the seal).
+
+        With ``lease`` (what ``build_cache`` passes), the lease is checked before the seal
+        deletes stray attempt directories and before it publishes the manifest, so a builder
+        that lost its lease (paused past the TTL) stops instead of deleting a live shard.
+        """
         if self.sealed:  # never rewrite a sealed cache: a later re-commit must not move its shards
-            return Manifest.from_json(self.location.read_bytes(MANIFEST_FILE), f"{self.location.url}/{MANIFEST_FILE}")
+            return self._sealed_manifest()
         plan = self.plan()
         committed = self.committed()
         missing = [i for i in range(len(plan.shards)) if i not in committed]
@@ -271,7 +331,6 @@ class CacheBuild:
         sink = pa.BufferOutputStream()
         pq.write_table(index, sink, compression="zstd")
         index_bytes = sink.getvalue().to_pybytes()
-        self.location.write_atomic(INDEX_FILE, index_bytes)
         shards = [committed[i] for i in range(len(plan.shards))]
         manifest = Manifest(
             key=self.key,
@@ -285,12 +344,33 @@ class CacheBuild:
             created=_now(),
             kd_version=kd_version,
         )
+        if lease is not None:
+            lease.check()
+        if self.sealed:  # another sealer won meanwhile: its index and attempt dirs are the cache
+            return self._sealed_manifest()
+        with _no_space(f"the index of {self.location.url}"):
+            self.location.write_atomic(INDEX_FILE, index_bytes)
+        fault_point("seal_index")
         self._remove_stray_attempts({s.path.split("/", 1)[1] for s in shards})
-        if not self.sealed:  # a concurrent sealer may have won; its manifest is equivalent
+        fault_point("before_manifest")
+        if lease is not None:
+            lease.check()
+        with _no_space(f"the manifest of {self.location.url}"):
             self.location.write_atomic(MANIFEST_FILE, manifest.to_json())
         return manifest
 
+    def _sealed_manifest(self) -> Manifest:
+        return Manifest.from_json(self.location.read_bytes(MANIFEST_FILE), f"{self.location.url}/{MANIFEST_FILE}")
+
     def _remove_stray_attempts(self, keep: set[str]) -> None:
-        for name in self.location.listdir("shards"):
-            if not name.endswith(".commit.json") and name not in keep:
-                self.location.remove(f"shards/{name}", recursive=True)
+        """Delete attempt dirs no commit names and temp files of killed atomic writes.
+
+        Only names this writer creates are touched (never an unknown file), a name that
+        vanishes meanwhile is fine, and the live lease's heartbeat temp file is left alone.
+        """
+        stray = [f"shards/{n}" for n in self.location.listdir("shards")
+                 if (ATTEMPT_DIR.match(n) and n not in keep) or TEMP_FILE.match(n)]
+        stray += [n for n in self.location.listdir() if TEMP_FILE.match(n) and not n.startswith(LEASE_TEMP)]
+        for rel in stray:
+            with contextlib.suppress(FileNotFoundError):
+                self.location.remove(rel, recursive=True)
