@@ -244,31 +244,47 @@ def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     return build, records, engine
 
 
-def build_cache(request: BuildRequest, progress: "BuildProgress | None" = None) -> BuildResult:
-    """Build (or reuse, or resume) the cache for one teacher and return where it is."""
+def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
+                lease_timeout: float | None = None) -> BuildResult:
+    """Build (or reuse, or resume) the cache for one teacher and return where it is.
+
+    The driver holds the cache's build lease (``kd.cache_schema.lease``) from plan to seal:
+    a second builder of the same cache waits for it (at most ``lease_timeout`` seconds, then
+    ``CacheLockedError``), then finds the cache sealed and reuses it; a killed builder's
+    lease goes stale and is taken over, and the build resumes from its committed shards.
+    """
+    from kd.cache_schema.lease import LEASE_FILE, BuildLease
+
     from .fanout import run_jobs
 
     t0 = time.perf_counter()
     build, records, engine = prepare(request)
-    if build.sealed and not request.force:
+
+    def reused() -> BuildResult:
         m = json.loads(build.location.read_bytes(MANIFEST_FILE))
         return BuildResult(build.location.url, build.key, build.teacher["name"], m["counts"]["samples"],
                            m["counts"]["tokens"], time.perf_counter() - t0, True, 0, m["counts"]["shards"])
-    if request.force and build.location.exists():
-        build.location.fs.rm(build.location.path, recursive=True)
-    plan = BuildPlan.from_ids([r.id for r in records], request.shard_size)
-    build.start(plan)
-    done = build.committed()
-    jobs = [
-        ShardJob(asdict_request(request), engine, build.location.url, build.inputs, build.teacher, i, ids)
-        for i, ids in enumerate(plan.shards)
-        if i not in done
-    ]
-    if progress:
-        progress.start(total_samples=len(records), done_samples=sum(e.samples for e in done.values()),
-                       total_shards=len(plan.shards), done_shards=len(done))
-    stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
-    manifest = build.seal(__version__)
+
+    if build.sealed and not request.force:
+        return reused()
+    with BuildLease(build.location, wait_timeout=lease_timeout) as lease:
+        if build.sealed and not request.force:  # the builder we waited for finished it
+            return reused()
+        if request.force:
+            build.clear(keep=[LEASE_FILE])
+        plan = BuildPlan.from_ids([r.id for r in records], request.shard_size)
+        build.start(plan)
+        done = build.committed()
+        jobs = [
+            ShardJob(asdict_request(request), engine, build.location.url, build.inputs, build.teacher, i, ids)
+            for i, ids in enumerate(plan.shards)
+            if i not in done
+        ]
+        if progress:
+            progress.start(total_samples=len(records), done_samples=sum(e.samples for e in done.values()),
+                           total_shards=len(plan.shards), done_shards=len(done))
+        stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
+        manifest = build.seal(__version__, lease=lease)
     if progress:
         progress.finish()
     return BuildResult(build.location.url, build.key, build.teacher["name"], manifest.samples, manifest.tokens,
