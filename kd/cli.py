@@ -66,9 +66,11 @@ def cache_build(
     config: Optional[Path] = typer.Option(None, help="Build config (YAML/TOML) listing several teachers with roles and signals."),
     force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher directory (off by default)."),
+    lease_timeout: Optional[float] = typer.Option(None, help="Seconds to wait while another builder holds this cache's lease (default: until it finishes or its lease goes stale)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
     """Run teacher(s) teacher-forced over a dataset and write sealed cache(s); print their paths."""
+    from kd.cache_schema import CacheError
     from kd.config_files import build_requests_from_config, load_config
     from kd.pipeline.build import BuildProgress, BuildRequest, build_cache
     from kd.pipeline.dataset import DatasetError
@@ -102,7 +104,7 @@ def cache_build(
         results = []
         for req in requests:
             progress = BuildProgress(f"capture {Path(req.teacher).name}", enabled=sys.stderr.isatty() and not as_json)
-            res = build_cache(req, progress)
+            res = build_cache(req, progress, lease_timeout=lease_timeout)
             results.append(res)
             if not as_json:
                 state = "reused sealed cache" if res.reused else f"built {res.shards_built}/{res.shards_total} shards"
@@ -110,7 +112,7 @@ def cache_build(
                 print(res.path)
     except DatasetError as e:
         _fail(str(e))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, CacheError) as e:
         _fail(str(e))
     if as_json:
         payload = [r.to_dict() for r in results]
