@@ -223,11 +223,27 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None)
     return {"shard": job.shard, "samples": len(job.sample_ids), "tokens": tokens, "skipped": 0}
 
 
+def check_engine_limits(request: BuildRequest, engine: str, records: list[Record]) -> None:
+    """Refuse a k or a sample the engine cannot serve, from the teacher's config and tokenizer alone.
+
+    Runs before any cache directory exists: ``--top-k`` above the vocabulary (or vLLM's
+    ``max_logprobs``), and samples whose prompt + image tokens + answer exceed the context, are
+    errors naming the option or the sample, not a failure hours into the build.
+    """
+    from .engines.base import check_context, check_top_k, engine_limits, load_config_and_processor
+
+    config, processor = load_config_and_processor(request.teacher, request.trust_remote_code)
+    limits = engine_limits(engine, config, request.engine_options, where=f"teacher {request.teacher}")
+    check_top_k(request.signal_spec(), limits)
+    check_context(records, processor, limits, source=request.data)
+
+
 def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     """Validate inputs and derive the cache identity; writes nothing."""
     records = load_records(request.data)  # raises DatasetError naming line and field; nothing written
     engine = resolve_engine(request.engine, request)
     ident, tok_hash, tmpl_hash = teacher_identity(request)
+    check_engine_limits(request, engine, records)
     signals = request.signal_config()
     inputs = key_inputs(
         teacher=ident,

@@ -92,10 +92,155 @@ def ensure_encoded(processor: Any, batch: Batch, base_dir: str | Path | None = N
     return out
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config (the text config of a VLM, the config itself otherwise)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_text_layers(config: Any) -> int:
     """Decoder layers of the language model (the text config of a VLM)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers)
+    return int(text_config(config).num_hidden_layers)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one engine can do with one model, known from the config alone (no weights loaded).
+
+    ``max_positions``: tokens one teacher-forced sequence may hold (prompt + image tokens +
+    answer); ``vocab_size``: the logits' width, the most ids a top-k can hold; ``max_logprobs``:
+    the most log-probs per position the engine returns (vLLM's ``max_logprobs``; None = the vocab).
+    ``where`` names the model (and engine setting) the numbers come from, for error messages.
+    """
+
+    engine: str
+    max_positions: int | None
+    vocab_size: int | None
+    max_logprobs: int | None = None
+    where: str = ""
+
+    @property
+    def max_top_k(self) -> int | None:
+        caps = [c for c in (self.vocab_size, self.max_logprobs) if c is not None]
+        return min(caps) if caps else None
+
+
+def engine_limits(engine: str, config: Any, options: Mapping[str, Any] | None = None, where: str = "") -> EngineLimits:
+    """Context and top-k limits of ``engine`` on a model with this (transformers) config.
+
+    vLLM's ``max_model_len`` and ``max_logprobs`` engine options lower the model's own limits
+    (``max_logprobs=-1``, kd's default, means no cap beyond the vocabulary).
+    """
+    text = text_config(config)
+    positions = getattr(text, "max_position_embeddings", None)
+    vocab = getattr(text, "vocab_size", None)
+    max_logprobs = None
+    opts = dict(options or {})
+    if engine == "vllm":
+        if opts.get("max_model_len"):
+            positions = min(int(opts["max_model_len"]), positions or int(opts["max_model_len"]))
+            where = f"{where} with max_model_len={opts['max_model_len']}"
+        if opts.get("max_logprobs") is not None and int(opts["max_logprobs"]) >= 0:
+            max_logprobs = int(opts["max_logprobs"])
+    return EngineLimits(engine, int(positions) if positions else None, int(vocab) if vocab else None,
+                        max_logprobs, where)
+
+
+def check_top_k(spec: SignalSpec, limits: EngineLimits) -> None:
+    """Refuse a top-k (or vLLM's full-vocabulary request for sampling) the engine cannot return."""
+    where = f" ({limits.where})" if limits.where else ""
+    if spec.logits == "topk" and limits.max_top_k is not None and spec.top_k > limits.max_top_k:
+        if limits.vocab_size is not None and spec.top_k > limits.vocab_size:
+            why = f"the teacher's vocabulary has {limits.vocab_size} tokens"
+        else:
+            why = f"the {limits.engine} engine returns at most max_logprobs={limits.max_logprobs} log-probs per position"
+        raise ValueError(f"--top-k {spec.top_k} is larger than the {limits.engine} engine allows: {why}{where}; "
+                         f"use --top-k <= {limits.max_top_k}")
+    if (spec.logits == "sampled" and limits.max_logprobs is not None and limits.vocab_size is not None
+            and limits.max_logprobs < limits.vocab_size):
+        raise ValueError(f"--logits sampled needs the full vocabulary ({limits.vocab_size}) per position but the "
+                         f"{limits.engine} engine is capped at max_logprobs={limits.max_logprobs}{where}; "
+                         "set max_logprobs=-1")
+
+
+def load_config_and_processor(model_dir: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The model's config and its processor (VLM) or tokenizer (LLM), as the engines load them; no weights."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    is_vlm = getattr(config, "vision_config", None) is not None
+    proc_cls = AutoProcessor if is_vlm else AutoTokenizer
+    return config, proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def _image_size(path: str | Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        return im.size
+
+
+def sequence_lengths(processor: Any, records: Sequence[Any]) -> list[tuple[int, int, int]]:
+    """``(prompt tokens, image tokens, answer tokens)`` of each record's teacher-forced sequence.
+
+    Records need ``images``, ``prompt_or_messages`` and ``answer`` (``dataset.Record``). Computed
+    as ``encoding.encode_sample`` builds the sequence, but without decoding a single image: the
+    tokens an image expands to are measured once per image size on a blank image of that size
+    (processors such as Idefics3, LLaVA and Qwen2-VL expand by size alone), so checking 100k
+    samples costs a tokenizer pass, not a processor pass.
+    """
+    from kd.pipeline.encoding import _image_token, _tokenizer_of, build_messages, end_of_turn_token
+
+    tok = _tokenizer_of(processor)
+    image_token = _image_token(processor)
+    eot = end_of_turn_token(processor)
+    texts = []
+    for r in records:
+        messages = build_messages(r.prompt_or_messages, len(r.images), image_token)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        texts.append(text[0] if isinstance(text, list) else text)
+    prompts = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    answers = tok([r.answer + eot for r in records], add_special_tokens=False)["input_ids"] if texts else []
+    placeholder = len(tok(image_token, add_special_tokens=False)["input_ids"]) if texts else 0
+    per_size: dict[tuple[int, int], int] = {}
+
+    def image_tokens(path: Any) -> int:
+        size = _image_size(path)
+        if size not in per_size:
+            from PIL import Image
+
+            enc = processor(text=[image_token], images=[[Image.new("RGB", size)]], add_special_tokens=False)
+            per_size[size] = len(enc["input_ids"][0])  # what the placeholder in the prompt expands to
+        return per_size[size]
+
+    out = []
+    for r, p, a in zip(records, prompts, answers):
+        if r.images and tok is processor:
+            raise ValueError(f"sample {r.id!r}: has images but the teacher has only a tokenizer (not a VLM)")
+        out.append((len(p) - placeholder * len(r.images), sum(image_tokens(path) for path in r.images), len(a)))
+    return out
+
+
+def check_context(records: Sequence[Any], processor: Any, limits: EngineLimits, source: str = "") -> None:
+    """Refuse samples whose prompt + image tokens + answer exceed the teacher's context.
+
+    Named by id (and ``source:line`` when records carry ``line``) with the lengths and the limit,
+    before anything is written: a too-long sample would fail, or be silently truncated, hours into
+    a build. ``limits.max_positions`` None (unknown) checks nothing.
+    """
+    if limits.max_positions is None or not records:
+        return
+    too_long = []
+    for r, (prompt, image, answer) in zip(records, sequence_lengths(processor, records)):
+        total = prompt + image + answer
+        if total > limits.max_positions:
+            line = getattr(r, "line", None)
+            at = f" ({source}:{line})" if source and line is not None else ""
+            too_long.append(f"{r.id!r}{at}: prompt {prompt} + image {image} + answer {answer} = {total} tokens")
+    if too_long:
+        more = f" (and {len(too_long) - 3} more)" if len(too_long) > 3 else ""
+        where = f" ({limits.where})" if limits.where else ""
+        raise ValueError(f"{len(too_long)} sample(s) longer than the teacher's context of {limits.max_positions} "
+                         f"tokens{where}: {'; '.join(too_long[:3])}{more}")
 
 
 def check_layers(spec: SignalSpec, num_layers: int) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from kd.pipeline.encoding import EncodedSample
-from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, engine_identity, ensure_encoded,
-                                      num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
+                                      ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
 from kd.pipeline.signals import TeacherSignals
 
 
@@ -75,6 +75,7 @@ class HFEngine:
         self.model.to(self.device).eval()
         self._attn_impl = "sdpa"
         self.num_layers = num_text_layers(config)
+        self.limits = engine_limits(self.name, config, where=f"teacher {self.model_dir}")
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -90,6 +91,7 @@ class HFEngine:
     def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
         """Teacher signals for each sample of ``batch``, in order."""
         check_layers(spec, self.num_layers)
+        check_top_k(spec, self.limits)
         samples = self.encode(batch)
         if spec.attention_layers and self._attn_impl != "eager":
             self.model.set_attn_implementation("eager")  # only eager materialises attention weights
@@ -169,8 +171,7 @@ class HFEngine:
             ids, vals, counts = sample_sparse(lp, spec.sampled_draws, sample_seed(spec.seed, s))
             tail = tail_logmass(torch.from_numpy(vals)).numpy()
             return TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail, counts=counts, **common)
-        k = min(spec.top_k, lp.shape[-1])
-        vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
+        vals, idx = torch.topk(lp, spec.top_k, dim=-1, sorted=True)
         return TeacherSignals(ids=idx.to(torch.int32).cpu().numpy(), logprobs=vals.cpu().numpy(),
                               tail_logmass=tail_logmass(vals).cpu().numpy(), **common)
 

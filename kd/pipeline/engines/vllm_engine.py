@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from kd.pipeline.encoding import EncodedSample
-from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, engine_identity, ensure_encoded,
-                                      num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
+                                      ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
 from kd.pipeline.signals import TeacherSignals
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
@@ -229,6 +229,7 @@ class VLLMEngine:
         proc_cls = AutoProcessor if self.is_vlm else AutoTokenizer
         self.processor = proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self._llm_kwargs = dict(max_model_len=max_model_len, **llm_kwargs)
+        self.limits = engine_limits(self.name, config, self._llm_kwargs, where=f"teacher {self.model_dir}")
         if self.is_vlm:
             self._llm_kwargs.update(limit_mm_per_prompt={"image": max_images_per_prompt}, mm_processor_cache_gb=0)
         self._hidden_layers = None if hidden_layers is None else tuple(sorted(set(hidden_layers)))
@@ -292,6 +293,7 @@ class VLLMEngine:
             raise ValueError("attention maps are not available from vLLM (its kernels never materialise them); "
                              "use the transformers engine (--engine hf) for attention_layers")
         check_layers(spec, self.num_layers)
+        check_top_k(spec, self.limits)
         samples = self.encode(batch)
         llm = self._ensure_llm(spec)
         from vllm import SamplingParams
