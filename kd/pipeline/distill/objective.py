@@ -7,8 +7,9 @@ each answer token carries its sample's mixing weight for that teacher,
 
 where ``loss(sample b)`` is the library loss (``kd.pipeline.losses``) on sample ``b``'s rows (its
 mean over rows), ``T_b`` its answer tokens and ``w[b, r]`` the mixing-matrix entry of the sample's
-capability for teacher ``r``. For logit KD this is exactly the row-weighted mean of the per-row
-losses. Hidden and attention terms average over their mapped layers. A teacher's loss is
+capability for teacher ``r`` (a single teacher has ``w = 1`` for every sample, whatever its
+capability). For logit KD this is exactly the row-weighted mean of the per-row losses. Hidden
+and attention terms average over their mapped layers. A teacher's loss is
 
     L_r = kd * KD_r + hidden * H_r + attention * (mean over t2v and full pairs of A_r),
 
@@ -35,15 +36,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd.pipeline.losses import (HiddenProjector, answer_ce_loss, attention_map_loss, group_teacher_layers,
-                                hidden_state_loss, layer_map, sampled_kd_loss, topk_kd_loss)
+from kd.pipeline.losses import (
+    HiddenProjector,
+    answer_ce_loss,
+    attention_map_loss,
+    group_teacher_layers,
+    hidden_state_loss,
+    layer_map,
+    sampled_kd_loss,
+    topk_kd_loss,
+)
 from kd.pipeline.mixing import mixing_matrix, teacher_weights
 
 from .config import LossConfig
 from .student import StudentOutputs
 
-__all__ = ["TeacherPlan", "LossBreakdown", "DistillObjective", "build_objective", "plan_teacher",
-           "default_attention_map"]
+__all__ = [
+    "DistillObjective",
+    "LossBreakdown",
+    "TeacherPlan",
+    "build_objective",
+    "default_attention_map",
+    "plan_teacher",
+]
 
 
 @dataclass
@@ -177,7 +192,10 @@ class DistillObjective(nn.Module):
         cfg = self.cfg
         n_tok = batch["num_tokens"].to(out.logits.device)
         n = int(n_tok.sum())
-        w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=cfg.unknown_capability)
+        # One teacher has nothing to mix: it serves every sample (e.g. a text-only LLM distilled from
+        # one cache over data of several capabilities), so an unmatched capability is no typo to flag.
+        unknown = "uniform" if len(self.roles) == 1 else cfg.unknown_capability
+        w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=unknown)
         w = w.to(out.logits.device)
         row_sample = torch.repeat_interleave(torch.arange(len(n_tok), device=n_tok.device), n_tok)
         starts = torch.cumsum(n_tok, 0) - n_tok
