@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kd import __version__
+
 from .errors import CacheCorruptError, SchemaVersionError
 from .storage import safe_relpath
 
@@ -18,6 +20,19 @@ FORMAT_NAME = "kd-teacher-cache"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 PLAN_FILE = "plan.json"
+
+
+SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+
+
+def check_schema_version(found: Any, where: str) -> None:
+    """Refuse a cache written in a format version this kd does not read, rather than guess at it."""
+    if isinstance(found, bool) or found not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+        raise SchemaVersionError(
+            f"{where}: cache schema_version {found!r} found, this kd ({__version__}) reads schema_version "
+            f"{supported}; read it with the kd that wrote it, or rebuild the cache with this one"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,11 +155,8 @@ class Manifest:
             raise CacheCorruptError(f"{where}: manifest is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{where}: not a kd cache manifest (format != {FORMAT_NAME!r})")
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{where}: cache schema_version {version!r}; this kd reads schema_version {SCHEMA_VERSION}"
-            )
+        check_schema_version(d.get("schema_version"), where)
+        version = d["schema_version"]
         try:
             shards = [ShardEntry.from_dict(s) for s in d["shards"]]
             m = cls(

@@ -22,7 +22,7 @@ import zarr
 
 from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
-from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig
+from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .storage import Location, checksum_bytes
 from .writer import SHARD_INDEX_FILE, shard_commit_name
 from .zarr_io import zarr_store
@@ -195,6 +195,7 @@ class CacheReader:
     def _read_partial(self) -> tuple[list[ShardEntry], SignalConfig, pa.Table]:
         """Committed shards of an unfinished build (explicitly requested only)."""
         plan = json.loads(self.location.read_bytes("plan.json"))
+        check_schema_version(plan.get("key_inputs", {}).get("schema_version"), f"{self.location.url}/plan.json")
         signals = SignalConfig.from_dict(plan["key_inputs"]["signals"])
         entries, tables = [], []
         for shard in range(len(plan["shards"])):
