@@ -92,8 +92,13 @@ class LossConfig:
 class TrainConfig:
     """Optimiser, schedule, precision, logging, evaluation and checkpoints.
 
-    Steps are optimiser steps; one step consumes ``batch_size * grad_accum`` samples per process.
-    ``max_steps`` (when set) overrides ``epochs``. The schedule is linear warmup over
+    Steps are optimiser steps; one step consumes ``batch_size * grad_accum`` samples per process,
+    so ``batch_size * grad_accum * num_processes`` under DDP (``accelerate launch``). To reproduce a
+    single-process run on ``N`` processes, divide ``grad_accum`` by ``N`` and keep ``batch_size``:
+    the ranks then see exactly the single run's micro-batches (losses are token-weighted means per
+    micro-batch, so dividing ``batch_size`` instead reweights tokens slightly).
+    ``max_steps`` (when set) overrides ``epochs``. ``log_samples`` adds to every logged train step
+    the sample ids each rank trained on (``sample_ids``: one list per rank) to audit data sharding. The schedule is linear warmup over
     ``warmup_steps`` (or ``warmup_ratio`` of the steps when that is None) then cosine decay to
     ``min_lr_ratio * lr``. ``mixed_precision="auto"`` uses bf16 autocast only on a CUDA device that
     supports it. ``eval_every`` / ``save_every`` = 0 means only at the end of the run.
@@ -121,6 +126,7 @@ class TrainConfig:
     eval_max_samples: int | None = None
     save_every: int = 0
     keep_checkpoints: int = 2
+    log_samples: bool = False
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "train")
@@ -298,6 +304,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], name)
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if not value else "yes") in args:
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare no / yes as a bool
         if value not in args:
             raise ValueError(f"{name} must be one of {list(args)}, got {value!r}")
         return value

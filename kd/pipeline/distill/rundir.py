@@ -4,7 +4,8 @@ Layout::
 
     <out>/config.json      the resolved DistillConfig (absolute paths)
     <out>/teachers.json    {role: {url, key, signals, teacher, samples, vocab_map}} of the caches read
-    <out>/metrics.jsonl    one JSON object per logged train step / evaluation
+    <out>/metrics.jsonl    one JSON object per logged train step (loss, terms, tokens, samples,
+                           num_processes; sample_ids per rank with train.log_samples) / evaluation
     <out>/tb/              TensorBoard events (same scalars)
     <out>/checkpoints/     see checkpoint.py
     <out>/model/           the final student (safetensors) and its processor
@@ -26,7 +27,7 @@ __all__ = ["write_run_files", "check_resume_compatible", "MetricsLogger", "RESUM
 RESUME_FREE_FIELDS = frozenset({
     "out", "resume", "quiet", "val_data", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_max_new_tokens", "train.eval_max_samples", "train.save_every", "train.keep_checkpoints",
-    "train.num_workers",
+    "train.num_workers", "train.log_samples",
 })
 
 

@@ -6,8 +6,22 @@ train    each step: ``grad_accum`` micro-batches -> losses -> gradients (plain, 
          combined by AGP) -> clip -> AdamW step -> schedule step; log, evaluate, checkpoint
 cleanup  final checkpoint, final student in ``<out>/model``, final evaluation
 
-Runs as a single process on CPU or one GPU, and under ``accelerate launch`` with DDP: the data
-loader is prepared by accelerate, which shards each batch of sample indices across ranks.
+Runs as a single process on CPU or one GPU, and under ``accelerate launch`` with DDP (NCCL on GPUs,
+gloo on CPU). Every rank draws the same seeded permutation (``EpochSampler``); accelerate's prepared
+loader hands rank ``r`` of ``N`` the loader batches ``r, r + N, ...``, so each rank reads (and
+decodes) only its own samples. One optimiser step therefore consumes ``batch_size * grad_accum *
+N`` samples; with ``grad_accum`` divided by ``N`` it sees exactly the micro-batches of the
+single-process run, and the averaged DDP gradient equals the single-process one up to float
+summation order (losses are token-weighted means per micro-batch, so halving ``batch_size``
+instead would reweight tokens slightly). ``metrics.jsonl`` records ``num_processes``, and with
+``train.log_samples`` the sample ids each rank trained on per step.
+
+On CPU, ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's "simple"
+launcher expects ``mpirun`` for multi-CPU); use its torchrun path instead, which works without GPUs
+because ``distill`` asks for a CPU accelerator when CUDA is absent (gloo backend)::
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no --main_process_port 0 -m kd.cli distill ...
 """
 
 from __future__ import annotations
@@ -152,6 +166,7 @@ def distill(config: DistillConfig) -> RunResult:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     resumed_from = None
     if cfg.resume and ckpt is not None:
+        _check_world_size(ckpt, accelerator.num_processes)
         state = load_checkpoint(ckpt, student=raw.student, objective=raw.objective, optimizer=optimizer,
                                 scheduler=scheduler, loss_weights=loss_weights, loss_weights_optimizer=lw_opt,
                                 generators={"agp": agp_gen})
@@ -170,7 +185,7 @@ def distill(config: DistillConfig) -> RunResult:
         while step < total_steps:
             t0 = time.perf_counter()
             weights = loss_weights.as_dict() if loss_weights is not None else raw.objective.fixed_weights()
-            totals, terms, tokens, answer_tokens = [], {}, 0, 0
+            totals, terms, tokens, answer_tokens, ids = [], {}, 0, 0, []
             for micro in range(tc.grad_accum):
                 epoch, index, batch = next(data)
                 last_micro = micro == tc.grad_accum - 1
@@ -180,6 +195,7 @@ def distill(config: DistillConfig) -> RunResult:
                 for k, v in bd.terms.items():
                     terms[k] = terms.get(k, 0.0) + v / tc.grad_accum
                 tokens += int(batch["lengths"].sum())
+                ids.extend(batch["sample_ids"])
                 answer_tokens += int(batch["num_tokens"].sum())
             if lc.agp and accelerator.num_processes > 1:
                 _allreduce_grads(raw, accelerator)
@@ -192,19 +208,25 @@ def distill(config: DistillConfig) -> RunResult:
                 lw_opt.step()
                 lw_opt.zero_grad(set_to_none=True)
             step += 1
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": index + 1}
-            stats = torch.tensor([sum(totals) / len(totals), tokens, answer_tokens], device=accelerator.device,
-                                 dtype=torch.float64)
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": index + 1,
+                     "num_processes": accelerator.num_processes}
+            stats = torch.tensor([sum(totals) / len(totals), tokens, answer_tokens, len(ids)],
+                                 device=accelerator.device, dtype=torch.float64)
             stats = accelerator.reduce(stats, "sum")
             last_loss = float(stats[0]) / accelerator.num_processes
             elapsed = time.perf_counter() - t0
             tps = float(stats[1]) / elapsed
             progress.update(step, loss=last_loss, tps=tps)
             if step % tc.log_every == 0 or step == total_steps:
-                logger.log({"step": step, "split": "train", "epoch": epoch, "loss": last_loss,
-                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens": int(stats[1]),
-                            "answer_tokens": int(stats[2]), "step_time_s": elapsed, "terms": terms,
-                            "weights": {k: float(v) for k, v in weights.items()}})
+                record = {"step": step, "split": "train", "epoch": epoch, "loss": last_loss,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens": int(stats[1]),
+                          "answer_tokens": int(stats[2]), "samples": int(stats[3]),
+                          "num_processes": accelerator.num_processes, "step_time_s": elapsed,
+                          "terms": _mean_over_ranks(accelerator, terms),
+                          "weights": {k: float(v) for k, v in weights.items()}}
+                if tc.log_samples:
+                    record["sample_ids"] = _gather_lists(accelerator, ids)
+                logger.log(record)
             if val_records is not None and tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
                 last_eval = _evaluate(accelerator, raw.student, processor, val_records, tc, logger, step)
             if tc.save_every and step % tc.save_every == 0 and step < total_steps:
@@ -273,6 +295,34 @@ def _gradnorm_backward(accelerator: Accelerator, loss_weights: LearnableLossWeig
     vals = accelerator.reduce(vals, "mean")
     k = len(names)
     loss_weights.gradnorm_objective(dict(zip(names, vals[:k])), dict(zip(names, vals[k:]))).backward()
+
+
+def _mean_over_ranks(accelerator: Accelerator, terms: dict[str, float]) -> dict[str, float]:
+    """Average the loss terms of this step over ranks (objects, so ranks may differ in which terms they have)."""
+    if accelerator.num_processes == 1:
+        return terms
+    sums: dict[str, list[float]] = {}
+    for rank_terms in _gather_lists(accelerator, terms):
+        for k, v in rank_terms.items():
+            sums.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _gather_lists(accelerator: Accelerator, obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without DDP)."""
+    from accelerate.utils import gather_object
+
+    return list(gather_object([obj])) if accelerator.num_processes > 1 else [obj]
+
+
+def _check_world_size(ckpt: Path, num_processes: int) -> None:
+    """A resume must keep the process count: the saved data position counts per-rank batches."""
+    import json
+
+    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("num_processes")
+    if saved is not None and saved != num_processes:
+        raise ValueError(f"cannot resume from {ckpt}: it was written by a run of {saved} process(es), this run has "
+                         f"{num_processes} (the data position and global batch depend on it)")
 
 
 def _allreduce_grads(raw: nn.Module, accelerator: Accelerator) -> None:
