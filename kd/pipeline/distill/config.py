@@ -98,10 +98,10 @@ class TrainConfig:
     the ranks then see exactly the single run's micro-batches (losses are token-weighted means per
     micro-batch, so dividing ``batch_size`` instead reweights tokens slightly).
     ``max_steps`` (when set) overrides ``epochs``. ``log_samples`` adds to every logged train step
-    the sample ids each rank trained on (``sample_ids``: one list per rank) to audit data sharding. The schedule is linear warmup over
-    ``warmup_steps`` (or ``warmup_ratio`` of the steps when that is None) then cosine decay to
-    ``min_lr_ratio * lr``. ``mixed_precision="auto"`` uses bf16 autocast only on a CUDA device that
-    supports it. ``eval_every`` / ``save_every`` = 0 means only at the end of the run.
+    the sample ids each rank trained on (``sample_ids``: one list per rank) to audit data sharding.
+    The schedule is linear warmup over ``warmup_steps`` (or ``warmup_ratio`` of the steps when that
+    is None) then cosine decay to ``min_lr_ratio * lr``. ``mixed_precision="auto"`` uses bf16
+    autocast only on a CUDA device that supports it. ``eval_every`` / ``save_every`` = 0 means only at the end of the run.
     """
 
     lr: float = 5e-5
