@@ -240,6 +240,8 @@ def check_engine_limits(request: BuildRequest, engine: str, records: list[Record
 
 def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     """Validate inputs and derive the cache identity; writes nothing."""
+    from .engines.base import vocab_sha256
+
     records = load_records(request.data)  # raises DatasetError naming line and field; nothing written
     engine = resolve_engine(request.engine, request)
     ident, tok_hash, tmpl_hash = teacher_identity(request)
@@ -255,7 +257,8 @@ def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     )
     meta = {"name": ident["name"], "role": request.role, "engine": engine, "dtype": request.dtype,
             "revision": request.teacher_revision, "num_layers": teacher_depth(request.teacher),
-            "tokenizer_sha256": tok_hash, "model_dir": str(Path(request.teacher).resolve())}
+            "tokenizer_sha256": tok_hash, "vocab_sha256": vocab_sha256(request.teacher),
+            "model_dir": str(Path(request.teacher).resolve())}
     build = CacheBuild(Location.from_url(request.out), inputs, meta, signals)
     return build, records, engine
 

@@ -8,7 +8,8 @@ balance the CE and distillation losses with a floor on CE, and Asymmetric Gradie
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "mixing_matrix",
+    "resolve_mixing",
+    "check_capabilities",
     "teacher_weights",
     "LearnableLossWeights",
     "grad_norms",
@@ -43,6 +46,80 @@ def mixing_matrix(roles: Sequence[str], diag: float = 0.8) -> Tensor:
     return torch.full((n, n), off) + torch.eye(n) * (diag - off)
 
 
+MixingSpec = Tensor | Sequence[Sequence[float]] | Mapping[str, Mapping[str, float]]
+
+
+def resolve_mixing(spec: MixingSpec, roles: Sequence[str]) -> Tensor:
+    """A validated ``[n, n]`` mixing matrix from a nested list (rows and columns in ``roles`` order)
+    or a named mapping ``{capability: {teacher role: weight}}`` (absent entries are 0).
+
+    Every problem is an error naming the entry at fault: a row or column that names no teacher
+    role, a missing row, a wrong shape, a negative or non-finite weight, an all-zero row or a row
+    that does not sum to 1. Run it when a run is configured, so a bad matrix never reaches training.
+    """
+    roles = list(roles)
+    if isinstance(spec, Mapping):
+        unknown_rows = [c for c in spec if c not in roles]
+        if unknown_rows:
+            raise ValueError(f"mixing matrix rows {unknown_rows} name no teacher role; rows are capabilities "
+                             f"served by the teachers {roles}")
+        missing = [r for r in roles if r not in spec]
+        if missing:
+            raise ValueError(f"mixing matrix has no row for capabilities {missing} (teachers {roles})")
+        rows = []
+        for cap in roles:
+            row = spec[cap]
+            if not isinstance(row, Mapping):
+                raise ValueError(f"mixing matrix row {cap!r} must map teacher roles to weights, got {row!r}")
+            unknown_cols = [t for t in row if t not in roles]
+            if unknown_cols:
+                raise ValueError(f"mixing matrix row {cap!r} names teachers {unknown_cols} that are not among {roles}")
+            rows.append([_weight(row.get(t, 0.0), cap, t) for t in roles])
+        matrix = torch.tensor(rows, dtype=torch.float32)
+    elif isinstance(spec, Tensor):
+        matrix = spec.float()
+    else:
+        rows = list(spec)
+        if any(isinstance(r, (str, bytes)) or not isinstance(r, Sequence) for r in rows):
+            raise ValueError(f"mixing matrix must be a list of rows (one per capability in {roles}), got {spec!r}")
+        if len(rows) != len(roles) or any(len(r) != len(roles) for r in rows):
+            raise ValueError(f"mixing matrix has {len(rows)} row(s) of length(s) {[len(r) for r in rows]} but there "
+                             f"are {len(roles)} teachers {roles}: "
+                             f"expected [{len(roles)}, {len(roles)}] (row = capability, column = teacher, "
+                             "both in teachers order)")
+        matrix = torch.tensor([[_weight(v, roles[i], roles[j]) for j, v in enumerate(r)] for i, r in enumerate(rows)],
+                              dtype=torch.float32)
+    _check_matrix(roles, matrix)
+    return matrix
+
+
+def _weight(value: object, capability: str, teacher: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"mixing matrix entry [capability {capability!r}, teacher {teacher!r}] must be a number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def check_capabilities(capabilities: Iterable[str], roles: Sequence[str],
+                       unknown: Literal["error", "uniform"] = "error", source: str = "") -> None:
+    """Refuse, before training, samples whose capability has no mixing-matrix row (unless ``uniform``).
+
+    The same rule ``teacher_weights`` applies per batch, checked once over the whole dataset so a
+    typo such as ``"Planning"`` stops the run before its first step, naming the capability.
+    """
+    if unknown == "uniform":
+        return
+    counts: dict[str, int] = {}
+    for c in capabilities:
+        if c not in roles:
+            counts[c] = counts.get(c, 0) + 1
+    if counts:
+        listed = ", ".join(f"{c!r} ({n} sample(s))" for c, n in sorted(counts.items()))
+        at = f" in {source}" if source else ""
+        raise ValueError(f"capabilities {listed}{at} have no teacher: the mixing matrix rows are the teacher roles "
+                         f"{list(roles)}; fix the data or set loss.unknown_capability=uniform")
+
+
 def _check_matrix(roles: Sequence[str], matrix: Tensor) -> None:
     n = len(roles)
     if len(set(roles)) != n or n == 0:
@@ -52,8 +129,14 @@ def _check_matrix(roles: Sequence[str], matrix: Tensor) -> None:
             f"mixing matrix has shape {tuple(matrix.shape)} but there are {n} teachers {list(roles)}: "
             f"expected [{n}, {n}] (row = capability in roles order, column = teacher)"
         )
-    if not torch.isfinite(matrix).all() or (matrix < 0).any():
-        raise ValueError("mixing matrix entries must be finite and non-negative")
+    for i, j in (~torch.isfinite(matrix) | (matrix < 0)).nonzero().tolist():
+        value = float(matrix[i, j])
+        what = "not finite" if not math.isfinite(value) else "negative"
+        raise ValueError(f"mixing matrix entries must be finite and non-negative: entry [capability {roles[i]!r}, "
+                         f"teacher {roles[j]!r}] = {value} is {what}")
+    for i in (matrix == 0).all(dim=1).nonzero().flatten().tolist():
+        raise ValueError(f"mixing matrix row {roles[i]!r} is all zeros: samples of capability {roles[i]!r} would learn "
+                         "from no teacher (rows must sum to 1)")
     sums = matrix.double().sum(dim=1)
     bad = [(roles[i], round(float(s), 6)) for i, s in enumerate(sums) if abs(float(s) - 1.0) > 1e-5]
     if bad:

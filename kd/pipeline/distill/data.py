@@ -181,6 +181,45 @@ def _mismatch(sid: str, src: TeacherSource, what: str) -> AlignmentError:
     return AlignmentError(f"sample {sid!r}: {what} (teacher {src.role!r}, cache {src.url})")
 
 
+def cache_tokenizer_hash(src: TeacherSource) -> tuple[str, str] | None:
+    """``(field, hash)`` of the tokenizer a cache was built with: ``vocab_sha256`` (token-id files
+    only) when its manifest records it, else ``tokenizer_sha256``, else the key's tokenizer input."""
+    m = src.reader.manifest
+    if m is None:
+        return None
+    teacher = m.teacher or {}
+    for name in ("vocab_sha256", "tokenizer_sha256"):
+        if teacher.get(name):
+            return name, str(teacher[name])
+    return ("tokenizer_sha256", str(m.key_inputs["tokenizer"])) if m.key_inputs.get("tokenizer") else None
+
+
+def student_tokenizer_hash(processor: Any, field: str) -> tuple[str | None, str | None]:
+    """(directory, hash by the ``field`` recipe) of the student's tokenizer; None unless it is a local dir."""
+    from kd.pipeline.engines.base import tokenizer_sha256, vocab_sha256
+
+    path = getattr(_tokenizer_of(processor), "name_or_path", None)
+    if path and Path(path).is_dir():
+        return str(path), (vocab_sha256 if field == "vocab_sha256" else tokenizer_sha256)(path)
+    return path or None, None
+
+
+def _answer_mismatch(rec: Record, src: TeacherSource, processor: Any, student_hash: str,
+                     cached_hash: str) -> AlignmentError:
+    """The first sample whose answer ids differ, explained by the tokenizers when they differ."""
+    ids = answer_token_ids(processor, rec.answer).tolist()
+    what = f"student answer ids {ids} (hash {student_hash}) differ from the cached answer_ids_hash {cached_hash}"
+    cache_tok = cache_tokenizer_hash(src)
+    if cache_tok is not None:
+        field, cache_hash = cache_tok
+        tok_dir, tok_hash = student_tokenizer_hash(processor, field)
+        if tok_hash and tok_hash != cache_hash:
+            what = (f"the student tokenizer ({tok_dir}, {field} {tok_hash[:16]}) is not the one the cache was built "
+                    f"with ({field} {cache_hash[:16]}); first mismatching sample: {what}; distil with the student "
+                    f"tokenizer the cache was built for, or give vocab_maps.{src.role} to map between tokenizers")
+    return _mismatch(rec.id, src, what)
+
+
 def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[str, TeacherSource],
                     missing: str = "error") -> list[Record]:
     """Check every record against every cache before training; return the records to train on.
@@ -203,8 +242,7 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
         student_hash = hash_ids(answer_token_ids(processor, rec.answer))
         for role, src in sources.items():
             if src.vocab_map is None and hashes[role][rec.id] != student_hash:
-                raise _mismatch(rec.id, src, f"student answer ids {answer_token_ids(processor, rec.answer).tolist()} "
-                                f"(hash {student_hash}) differ from the cached answer_ids_hash {hashes[role][rec.id]}")
+                raise _answer_mismatch(rec, src, processor, student_hash, hashes[role][rec.id])
         kept.append(rec)
     for role, ids in absent.items():
         if ids and missing == "error":

@@ -304,6 +304,34 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json")
+
+
+# The files that define token ids alone (no template, no image processing): equal hashes, equal ids.
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+               "special_tokens_map.json")
+
+
+def _files_sha256(model_dir: str | Path, names: Sequence[str]) -> str:
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for name in names:
+        if (d / name).exists():
+            h.update(name.encode() + b"\0" + (d / name).read_bytes())
+    return h.hexdigest()
+
+
+def tokenizer_sha256(model_dir: str | Path) -> str:
+    """Hash of a model directory's tokenizer, chat template and processor files (a cache key input)."""
+    return _files_sha256(model_dir, TOKENIZER_FILES)
+
+
+def vocab_sha256(model_dir: str | Path) -> str:
+    """Hash of the files that map text to token ids, so a student can tell "another tokenizer" apart
+    from "another chat template or image processor" when its answer ids disagree with a cache."""
+    return _files_sha256(model_dir, VOCAB_FILES)
+
+
 def engine_identity(model_dir: str | Path, *, hash_weights_below: int = 1 << 30) -> dict[str, Any]:
     """What identifies a teacher for cache keys: config, tokenizer and weight hashes.
 
@@ -318,11 +346,8 @@ def engine_identity(model_dir: str | Path, *, hash_weights_below: int = 1 << 30)
         "architectures": config.get("architectures"),
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
     }
-    tok = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
-        if (d / name).exists():
-            tok.update(name.encode() + b"\0" + (d / name).read_bytes())
-    ident["tokenizer_sha256"] = tok.hexdigest()
+    ident["tokenizer_sha256"] = tokenizer_sha256(d)
+    ident["vocab_sha256"] = vocab_sha256(d)
     weights = sorted(d.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in weights)
     w = hashlib.sha256()
