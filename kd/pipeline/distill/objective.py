@@ -46,7 +46,7 @@ from kd.pipeline.losses import (
     sampled_kd_loss,
     topk_kd_loss,
 )
-from kd.pipeline.mixing import mixing_matrix, teacher_weights
+from kd.pipeline.mixing import mixing_matrix, resolve_mixing, teacher_weights
 
 from .config import LossConfig
 from .student import StudentOutputs
@@ -169,8 +169,8 @@ class DistillObjective(nn.Module):
             role: HiddenProjector(student_width, p.teacher_width, sorted(p.hidden_map))
             for role, p in self.plans.items() if p.hidden_map
         })
-        matrix = (torch.tensor(cfg.mixing_matrix, dtype=torch.float32) if cfg.mixing_matrix is not None
-                  else mixing_matrix(self.roles, cfg.mixing_diag))
+        matrix = (resolve_mixing(cfg.mixing_matrix, self.roles) if cfg.mixing_matrix is not None
+                  else mixing_matrix(self.roles, cfg.mixing_diag))  # a bad matrix fails here, before training
         self.register_buffer("mixing", matrix, persistent=False)
 
     @property

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 
 from kd.pipeline.dataset import load_records
 from kd.pipeline.evaluate import evaluate_model
-from kd.pipeline.mixing import LearnableLossWeights, agp_combine, assign_grads, grad_norms, per_loss_grads
+from kd.pipeline.mixing import (LearnableLossWeights, agp_combine, assign_grads, check_capabilities, grad_norms,
+                                 per_loss_grads)
 
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import DistillConfig
@@ -133,6 +134,8 @@ def distill(config: DistillConfig) -> RunResult:
     sources = open_teachers(cfg.teachers, cfg.vocab_maps, processor)
     dataset = DistillDataset(records, processor, sources, missing=cfg.missing)
     objective = build_objective(lc, sources, student)
+    check_capabilities((r.capability for r in dataset.records), objective.roles,  # before any step, not at step 1
+                       "uniform" if len(objective.roles) == 1 else lc.unknown_capability, source=str(cfg.data))
     if objective.attention_layers:
         student.set_attn_implementation("eager")  # attention maps need materialised weights
     teachers_doc = {role: src.describe() for role, src in sources.items()}
