@@ -22,6 +22,7 @@ import zarr
 
 from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
+from .id_coding import ID_TABLE, decode_ids
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .storage import Location, checksum_bytes
 from .writer import SHARD_INDEX_FILE, shard_commit_name
@@ -110,7 +111,7 @@ class _Shard:
                 arr = self._open()[name]
             except KeyError:
                 raise CacheCorruptError(f"{self.where}: array {name!r} missing") from None
-            if not name.startswith("attn_") and arr.shape[0] != self.entry.tokens:
+            if not name.startswith("attn_") and name != ID_TABLE and arr.shape[0] != self.entry.tokens:
                 raise CacheCorruptError(f"{self.where}/{name}: {arr.shape[0]} rows, manifest says {self.entry.tokens} tokens")
             self._arrays[name] = arr
         return arr
@@ -131,6 +132,10 @@ class _Shard:
                 self._check_chunk_file(name, c, arr.ndim)
                 try:
                     chunk = arr[c * step : min((c + 1) * step, arr.shape[0])]
+                    if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
+                        chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
+                except CacheCorruptError:
+                    raise
                 except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
                     raise CacheCorruptError(f"{self.where}/{name}: chunk {c} unreadable or corrupt ({e})") from None
                 self.reader._lru.put(key, chunk)
@@ -141,6 +146,17 @@ class _Shard:
             return np.zeros((0,) + arr.shape[1:], arr.dtype)
         # Copy a single slice: callers own what they get, and must not write into the LRU.
         return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def id_table(self) -> np.ndarray | None:
+        """The shard's ``id_table`` (``ids`` holds codes into it), or None for raw ids (older caches)."""
+        if not hasattr(self, "_id_table"):
+            table = None
+            if f"{ID_TABLE}/zarr.json" in self.entry.files:
+                arr = self.array(ID_TABLE)
+                n = arr.shape[0]
+                table = self.rows(ID_TABLE, 0, n) if n else np.zeros(0, np.int32)
+            self._id_table = table
+        return self._id_table
 
     def _check_chunk_file(self, name: str, c: int, ndim: int) -> None:
         """zarr reads a missing chunk as fill_value: a chunk is present iff the manifest lists it."""

@@ -32,6 +32,7 @@ import zarr
 from .codecs import encode_hidden, encode_logprobs, folded_mask
 from .errors import CacheCorruptError, CacheError
 from .faults import fault_point
+from .id_coding import encode_ids
 from .key import cache_dir_name, cache_key
 from .manifest import (
     INDEX_FILE,
@@ -178,9 +179,11 @@ class ShardWriter:
         folded = folded_mask(coded, sig.value_coding)
         if folded is not None:
             ids = np.where(folded, -1, ids).astype(np.int32)
+        id_codes, id_table = encode_ids(ids)  # frequency-rank coding, exact (SPEC.md section 5)
         arrays: dict[str, np.ndarray] = {
             "target_ids": np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples]),
-            "ids": ids,
+            "ids": id_codes,
+            "id_table": id_table,
             **coded,
         }
         if sig.logits == "sampled":

@@ -28,13 +28,21 @@ def chunk_rows(row_bytes: int, n_rows: int) -> int:
     return max(1, min(rows, max(1, n_rows)))
 
 
+# Top-k arrays whose columns differ in distribution (rank 0 vs rank 63): stored column-major
+# inside each chunk (the core ``transpose`` codec), so zstd sees one column's values together.
+_COLUMN_MAJOR = ("ids", "logprobs")
+
+
 def array_codecs(name: str, data: np.ndarray) -> tuple[list, list, tuple[int, ...]]:
-    """(filters, compressors, chunk shape) for one cache array."""
+    """(filters, compressors, chunk shape) for one cache array (choices measured by bench/cache_io.py)."""
     typesize = data.dtype.itemsize
     row_bytes = typesize * int(np.prod(data.shape[1:], dtype=np.int64)) if data.ndim > 1 else typesize
     chunks = (chunk_rows(row_bytes, data.shape[0]),) + tuple(data.shape[1:])
-    shuffle = "bitshuffle" if name == "ids" else "shuffle"
-    # ids: level 5 pays (~3% smaller); log-prob deltas: level 1 is smaller *and* 5-11x faster (bench)
-    level = 5 if name == "ids" else (1 if name == "logprobs" else 3)
+    filters = [zc.TransposeCodec(order=(1, 0))] if name in _COLUMN_MAJOR and data.ndim == 2 else []
+    # int32 id codes (tables over 65536 ids) have mostly-zero high bits: bitshuffle drops them;
+    # uint16 id codes and everything else compress better byte-shuffled.
+    shuffle = "bitshuffle" if name == "ids" and typesize == 4 else "shuffle"
+    # ids: level 5 pays; log-prob deltas: level 1 is smaller *and* 5-11x faster (bench)
+    level = 5 if name in ("ids", "id_table") else (1 if name == "logprobs" else 3)
     compressors = [zc.BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, typesize=typesize), zc.Crc32cCodec()]
-    return [], compressors, chunks
+    return filters, compressors, chunks
