@@ -62,7 +62,7 @@ class LossConfig:
     attention: float = 1.0
     attention_layer_map: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     mixing_diag: float = 0.8
-    mixing_matrix: list[list[float]] | None = None
+    mixing_matrix: list[list[float]] | dict[str, dict[str, float]] | None = None  # or {capability: {role: w}}
     unknown_capability: Literal["error", "uniform"] = "error"
     weighting: Literal["fixed", "learnable"] = "fixed"
     ce_floor: float = 0.6
@@ -193,10 +193,13 @@ class DistillConfig:
             unknown = sorted(set(getattr(self.loss, name)) - set(self.teachers))
             if unknown:
                 raise ValueError(f"loss.{name} names roles {unknown} that are not teachers {sorted(self.teachers)}")
-        m = self.loss.mixing_matrix
-        if m is not None and (len(m) != len(self.teachers) or any(len(r) != len(self.teachers) for r in m)):
-            raise ValueError(f"loss.mixing_matrix must be [{len(self.teachers)}, {len(self.teachers)}] "
-                             f"(rows/columns in teachers order {list(self.teachers)})")
+        if self.loss.mixing_matrix is not None:  # every entry checked here, before anything is loaded
+            from kd.pipeline.mixing import resolve_mixing
+
+            try:
+                resolve_mixing(self.loss.mixing_matrix, list(self.teachers))
+            except ValueError as e:
+                raise ValueError(f"loss.mixing_matrix: {e}") from None
 
     @property
     def roles(self) -> list[str]:
@@ -302,7 +305,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        by_kind = [a for a in inner if isinstance(value, dict) == (typing.get_origin(a) is dict)]
+        return _coerce(value, (by_kind or inner)[0], name)  # a mapping takes the union's dict type
     if origin is Literal:
         if isinstance(value, bool) and ("no" if not value else "yes") in args:
             value = "no" if not value else "yes"  # YAML 1.1 reads a bare no / yes as a bool
