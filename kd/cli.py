@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -119,6 +120,19 @@ def cache_build(
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))
 
 
+@contextlib.contextmanager
+def _storage_errors(where: str):
+    """A cache's storage that cannot be reached (endpoint, credentials, permissions): one clean line."""
+    from kd.cache_schema.storage import is_storage_error
+
+    try:
+        yield
+    except Exception as e:  # narrowed just below: anything else propagates unchanged
+        if not is_storage_error(e):
+            raise
+        _fail(f"{where}: cannot read storage ({type(e).__name__}: {e})")
+
+
 @cache_app.command("inspect")
 def cache_inspect(path: str = typer.Argument(..., help="Cache directory or URL."),
                   as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -126,7 +140,8 @@ def cache_inspect(path: str = typer.Argument(..., help="Cache directory or URL."
     from kd.cache_schema import CacheError, CacheReader
 
     try:
-        summary = CacheReader(path).summary()
+        with _storage_errors(path):
+            summary = CacheReader(path).summary()
     except CacheError as e:
         _fail(str(e))
     if as_json:
@@ -143,7 +158,8 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory or URL.")
     """Check every file's size and checksum and every count; exit 1 naming what fails."""
     from kd.cache_schema import verify_cache
 
-    report = verify_cache(path)
+    with _storage_errors(path):
+        report = verify_cache(path)
     if report.ok:
         out.print(f"OK: {report.files_checked} files verified in {report.path}")
         return
@@ -158,7 +174,8 @@ def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."
     """List every cache under ROOT with key, teacher, dataset, samples, size, sealed, created."""
     from kd.cache_schema import list_caches
 
-    caches = list_caches(root)
+    with _storage_errors(root):
+        caches = list_caches(root)
     if as_json:
         print(json.dumps(caches, indent=1))
         return

@@ -2,12 +2,19 @@
 
 Every write of a file that readers trust goes through ``write_atomic``: on a local disk a
 temp name, fsync and rename; on object stores a single PUT, which is atomic there.
+
+Object-store clients (s3fs, gcsfs, ...) cache directory listings with no expiry, and the
+objects here are written by other processes too (dask workers, a concurrent build), so every
+look at remote state (``exists``, ``listdir``, ``walk_files``) drops that cache first.
+Object stores have no directories: ``makedirs`` is a no-op there and a "directory" exists
+while an object lies below its prefix.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -33,7 +40,7 @@ class Location:
     path: str
 
     @classmethod
-    def from_url(cls, url: str, **storage_options) -> "Location":
+    def from_url(cls, url: str, **storage_options) -> Location:
         fs, path = fsspec.core.url_to_fs(str(url), **storage_options)
         if isinstance(fs, LocalFileSystem):
             path = os.path.abspath(path)
@@ -51,15 +58,21 @@ class Location:
         proto = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
         return f"{proto}://{self.path.lstrip('/')}" if proto != "memory" else f"memory://{self.path}"
 
-    def child(self, rel: str) -> "Location":
+    def child(self, rel: str) -> Location:
         return Location(self.fs, self.join(rel))
 
     def join(self, rel: str) -> str:
         """Join a relative path, refusing anything that escapes this directory."""
         return posixpath.join(self.path, safe_relpath(rel))
 
+    def _fresh(self, path: str) -> str:
+        """``path``, with any cached listing of it or its parents dropped (see the module docstring)."""
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.join(rel) if rel else self.path)
+        return self.fs.exists(self._fresh(self.join(rel) if rel else self.path))
 
     def read_bytes(self, rel: str) -> bytes:
         path = self.join(rel)
@@ -80,7 +93,7 @@ class Location:
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
-        target = self.join(rel) if rel else self.path
+        target = self._fresh(self.join(rel) if rel else self.path)
         try:
             entries = self.fs.ls(target, detail=False)
         except FileNotFoundError:
@@ -89,12 +102,11 @@ class Location:
 
     def walk_files(self, rel: str) -> dict[str, int]:
         """Every file below ``rel`` as {path relative to this location: size}."""
-        base = self.join(rel)
+        base = self._fresh(self.join(rel))
         found = self.fs.find(base, detail=True)
         out: dict[str, int] = {}
         root = self.path.rstrip("/") + "/"
         for path, info in found.items():
-            path = path if path.startswith("/") or not root.startswith("/") else path
             norm = path if path.startswith(root) else "/" + path.lstrip("/")
             if not norm.startswith(root):
                 raise CachePathError(f"{path}: listed outside {self.path}")
@@ -105,6 +117,18 @@ class Location:
         target = self.join(rel)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=recursive)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to reach storage (unreachable endpoint, no credentials, denied).
+
+    fsspec maps most object-store errors to ``OSError``; botocore's connection and credential
+    errors are not, and are recognised only when botocore is already loaded (no import here).
+    """
+    if isinstance(exc, OSError):
+        return True
+    botocore = sys.modules.get("botocore.exceptions")
+    return botocore is not None and isinstance(exc, botocore.BotoCoreError)
 
 
 def safe_relpath(rel: str) -> str:
