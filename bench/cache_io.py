@@ -21,6 +21,7 @@ read/memcpy shows how close the reader gets to the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd.cache_schema import (  # noqa: E402
+from kd.cache_schema import (
     VALUE_CODINGS,
     BuildPlan,
     CacheBuild,
@@ -42,7 +43,8 @@ from kd.cache_schema import (  # noqa: E402
     key_inputs,
     kl_topk_buckets,
 )
-from kd.cache_schema.synthetic import teacher_like_topk  # noqa: E402
+from kd.cache_schema.codecs import encode_logprobs, folded_mask
+from kd.cache_schema.synthetic import teacher_like_topk
 
 TARGET_LOSSLESS_BPT = 160.0
 TARGET_LOSSY_BPT = 110.0
@@ -68,7 +70,7 @@ def make_samples(data, rng, prefix: str, roll: int = 0) -> list[Sample]:
     cuts = [0]
     while cuts[-1] < n:
         cuts.append(min(n, cuts[-1] + int(rng.integers(512, 1536))))
-    return [Sample(f"{prefix}{i:06d}", *(a[lo:hi] for a in arrays)) for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))]
+    return [Sample(f"{prefix}{i:06d}", *(a[lo:hi] for a in arrays)) for i, (lo, hi) in enumerate(itertools.pairwise(cuts))]
 
 
 def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teacher: str) -> tuple[str, float]:
@@ -91,13 +93,22 @@ def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teac
 
 
 def disk_bytes(path: str) -> dict[str, int]:
-    """Bytes on disk grouped by array name (plus 'metadata' for JSON/parquet files)."""
+    """Bytes on disk of every file of a cache, grouped: one group per zarr array (its chunk files),
+    ``zarr.json`` (all array/group metadata), ``index.parquet`` (the root index and the shards' own),
+    and ``manifest+commit`` (manifest.json, plan.json, the shard commit files)."""
     out: dict[str, int] = {}
     for dirpath, _, files in os.walk(path):
         for f in files:
             full = os.path.join(dirpath, f)
             rel = os.path.relpath(full, path).split("/")
-            group = rel[2] if len(rel) > 3 and rel[0] == "shards" and f != "zarr.json" else "metadata"
+            if f == "zarr.json":
+                group = "zarr.json"
+            elif f == "index.parquet":
+                group = "index.parquet"
+            elif len(rel) > 3 and rel[0] == "shards":
+                group = rel[2]
+            else:
+                group = "manifest+commit"
             out[group] = out.get(group, 0) + os.path.getsize(full)
     return out
 
@@ -131,8 +142,177 @@ def memcpy_tps(bytes_per_token: int, seconds: float = 0.5) -> float:
     return n / (time.perf_counter() - t0) / bytes_per_token
 
 
+def entropy_bits(x: np.ndarray) -> float:
+    """Plug-in order-0 entropy of the values of ``x`` in bits/symbol, Miller-Madow corrected
+    (the plug-in estimate alone is biased low when the alphabet is large next to the sample)."""
+    flat = np.ravel(x)
+    if flat.size == 0:
+        return 0.0
+    if flat.dtype.kind in "iub" and int(flat.max()) - int(flat.min()) < (1 << 24):
+        counts = np.bincount(flat.astype(np.int64) - int(flat.min()))
+        counts = counts[counts > 0]
+    else:
+        counts = np.unique(flat, return_counts=True)[1]
+    p = counts / flat.size
+    return float(-(p * np.log2(p)).sum() + (len(counts) - 1) / (2 * flat.size * np.log(2)))
+
+
+def column_entropy_bytes(a: np.ndarray) -> float:
+    """Sum over columns of each column's order-0 entropy, in bytes per row."""
+    return sum(entropy_bits(a[:, j]) for j in range(a.shape[1])) / 8
+
+
+def byte_plane_entropy_bytes(a: np.ndarray) -> float:
+    """Order-0 entropy of each byte plane of a 1-D array (what byte-shuffle + an entropy coder
+    reaches with no modelling), in bytes per element: an estimate for float arrays, not a floor."""
+    planes = np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], a.dtype.itemsize)
+    return column_entropy_bytes(planes)
+
+
+def floors(data, coding: str) -> dict[str, tuple[float, str]]:
+    """Entropy estimates in bytes/token of what each array of ``coding`` holds on ``data``.
+
+    ids: "ordered" = per-column order-0 entropy (each rank position coded with its own model;
+    no lossless coder that codes ids one at a time without context can beat it), "order-0" = one
+    model for all positions, "set" = order-0 minus log2(k!) (the rank order dropped, as if it were
+    uniform: an estimate). Log-prob codes: per-column order-0 entropy of the stored (delta) codes.
+    Floats (fp32 log-probs, ``logprob_ref``, ``tail_logmass``): byte-plane order-0 entropy, an
+    estimate of what shuffle + entropy coding reaches, not a floor (continuous values have none).
+    ``target_ids``: entropy of the target's column in the row (k = not in the row) plus an order-0 id
+    for each miss: its cost given the row's ids.
+    """
+    coded = encode_logprobs(data.logprobs, data.tail_logmass, coding)
+    folded = folded_mask(coded, coding)
+    ids = data.ids if folded is None else np.where(folded, -1, data.ids).astype(np.int32)
+    k = ids.shape[1]
+    h_id = entropy_bits(ids)
+    out = {
+        "ids (ordered)": (column_entropy_bytes(ids), "per-column order-0"),
+        "ids (order-0)": (k * h_id / 8, "one model for all columns"),
+        "ids (set)": ((k * h_id - float(np.sum(np.log2(np.arange(1, k + 1))))) / 8, "order-0 minus log2(k!), estimate"),
+    }
+    stored = coded["logprobs"]
+    if coding == "fp32":
+        out["logprobs"] = (sum(byte_plane_entropy_bytes(stored[:, j]) for j in range(k)), "byte-plane order-0 per column")
+    else:
+        out["logprobs"] = (column_entropy_bytes(stored), "per-column order-0 of the delta codes")
+    if "logprob_ref" in coded:
+        out["logprob_ref"] = (byte_plane_entropy_bytes(coded["logprob_ref"]), "byte-plane order-0")
+    out["tail_logmass"] = (byte_plane_entropy_bytes(coded["tail_logmass"]), "byte-plane order-0")
+    hit = ids == data.target_ids[:, None]
+    col = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    miss = float((col == k).mean())
+    out["target_ids"] = ((entropy_bits(col) + miss * h_id) / 8, "column in the row + order-0 id per miss")
+    return out
+
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1e6:7.2f}M"
+
+
+def measure_coding(root: Location, coding: str, data, samples_a: list[Sample], samples_b: list[Sample],
+                   batches: list[list[str]], args: argparse.Namespace) -> dict:
+    """Write both caches of one coding; sizes, entropy estimates, coding error and read rates."""
+    path_a, dt_write = write_cache(root, samples_a, coding, args.k, "teacher-A")
+    sizes = disk_bytes(path_a)
+    row = {"coding": coding, "bpt": sum(sizes.values()) / args.tokens, "sizes": {k: v / args.tokens for k, v in sizes.items()},
+           "write": args.tokens / dt_write, "floors": floors(data, coding)}
+    # Coding error against the fp32 originals, over every token.
+    reader = CacheReader(path_a)
+    kls = []
+    for s in samples_a:
+        got = reader.get(s.sample_id)
+        kls.append(kl_topk_buckets(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass))
+    kl = np.concatenate(kls)
+    row["kl_mean"], row["kl_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
+    if args.sizes_only:
+        return row
+    path_b, _ = write_cache(root, samples_b, coding, args.k, "teacher-B")
+    few, more = batches[: max(20, len(batches) // 10)], batches[: max(40, len(batches) // 5)]
+    lru = decoded_chunk_bytes(coding, args.k, args.tokens) // 10
+    row["cold"] = read_batches(lambda: CacheReader(path_a), few, fresh=True)
+    small = CacheReader(path_a, cache_bytes=lru)
+    read_batches(lambda: small, few, fresh=False)
+    row["lru10"] = read_batches(lambda: small, more, fresh=False)
+    warm_one = CacheReader(path_a)
+    read_batches(lambda: warm_one, batches, fresh=False)  # fill the LRU
+    row["warm"] = read_batches(lambda: warm_one, batches, fresh=False)
+
+    def join() -> JoinedReader:
+        return JoinedReader({"A": CacheReader(path_a), "B": CacheReader(path_b)})
+
+    row["join_cold"] = read_batches(join, few, fresh=True)
+    small_join = JoinedReader({"A": CacheReader(path_a, cache_bytes=lru), "B": CacheReader(path_b, cache_bytes=lru)})
+    read_batches(lambda: small_join, few, fresh=False)
+    row["join_lru10"] = read_batches(lambda: small_join, more, fresh=False)
+    warm_join = join()
+    read_batches(lambda: warm_join, batches, fresh=False)
+    row["join_warm"] = read_batches(lambda: warm_join, batches, fresh=False)
+    return row
+
+
+OVERHEAD = ("zarr.json", "index.parquet", "manifest+commit")
+
+
+def stored_bytes(row: dict, array: str) -> float:
+    """Bytes/token of one array; ``ids`` includes its ``id_table``."""
+    sizes = row["sizes"]
+    return sizes.get(array, 0.0) + (sizes.get("id_table", 0.0) if array == "ids" else 0.0)
+
+
+def floor_total(row: dict) -> float:
+    """Entropy estimate of the whole cache: ordered-id floor + each array's estimate + overhead as stored."""
+    f = row["floors"]
+    est = f["ids (ordered)"][0] + sum(v for name, (v, _) in f.items() if not name.startswith("ids"))
+    return est + sum(row["sizes"].get(a, 0.0) for a in OVERHEAD)
+
+
+def print_floors(rows: list[dict]) -> None:
+    print("\nStored bytes/token vs entropy estimates (floors() explains each; gap = stored - estimate):")
+    for r in rows:
+        f = r["floors"]
+        print(f"  {r['coding']}: {r['bpt']:.1f} B/token stored, {floor_total(r):.1f} estimated "
+              "(ordered ids + each array's estimate + overhead as stored)")
+        ids_total = stored_bytes(r, "ids")
+        print(f"    {'ids + id_table':<16} {ids_total:7.2f}  ordered {f['ids (ordered)'][0]:.2f} (gap {ids_total - f['ids (ordered)'][0]:+.2f}), "
+              f"order-0 {f['ids (order-0)'][0]:.2f}, set ~{f['ids (set)'][0]:.2f}")
+        for name, (value, kind) in f.items():
+            if not name.startswith("ids"):
+                got = stored_bytes(r, name)
+                print(f"    {name:<16} {got:7.2f}  {kind} {value:.2f} (gap {got - value:+.2f})")
+
+
+def targets(rows: list[dict], codings: list[str], *, reads: bool) -> None:
+    """PASS/MISS per target, with what the entropy estimates say is reachable."""
+    by = {r["coding"]: r for r in rows}
+    print("\nTargets:")
+
+    def target(name: str, ok: bool, detail: str) -> None:
+        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {detail}")
+
+    exact = [c for c in ("fp32", "fp16", "bf16") if c in by]
+    if exact:
+        best = min(exact, key=lambda c: by[c]["bpt"])
+        target(f"lossless <= {TARGET_LOSSLESS_BPT:.0f} B/token", by[best]["bpt"] <= TARGET_LOSSLESS_BPT,
+               f"best exact coding {best} = {by[best]['bpt']:.1f} B/token (entropy estimate {floor_total(by[best]):.1f})"
+               + (f"; fp32, bit-exact to the teacher: {by['fp32']['bpt']:.1f}" if "fp32" in by else "")
+               + "; fp16/bf16 are exact to that dtype's cast only")
+    if "u8" in by:
+        u8 = by["u8"]
+        f = u8["floors"]
+        rest = floor_total(u8) - f["ids (ordered)"][0]
+        target(f"lossy <= {TARGET_LOSSY_BPT:.0f} B/token at mean KL <= {TARGET_LOSSY_KL:g}",
+               u8["bpt"] <= TARGET_LOSSY_BPT and u8["kl_mean"] <= TARGET_LOSSY_KL,
+               f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e}. Entropy estimate {floor_total(u8):.1f}: "
+               f"ordered ids {f['ids (ordered)'][0]:.1f} + the rest {rest:.1f}. Even ids coded as an unordered "
+               f"set (~{f['ids (set)'][0]:.1f}, rank order dropped) + the rest = {f['ids (set)'][0] + rest:.1f}; "
+               f"below {TARGET_LOSSY_BPT:.0f} needs lossy ids (fewer entries per row) on this data")
+    if reads:
+        for c in codings:
+            target(f"warm two-cache join >= {TARGET_JOIN_WARM_TPS / 1e6:.0f}M tokens/s ({c})",
+                   by[c]["join_warm"] >= TARGET_JOIN_WARM_TPS,
+                   f"{by[c]['join_warm'] / 1e6:.2f}M tokens/s warm; {by[c]['join_lru10'] / 1e6:.2f}M when the caches "
+                   "are 10x the LRU (not a target, but what random reads over a large cache get)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     ap.add_argument("--codings", default=",".join(VALUE_CODINGS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes-only", action="store_true", help="sizes, entropy estimates, KL and write rate; no reads")
     ap.add_argument("--dir", default=None, help="where to write caches (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     codings = args.codings.split(",")
@@ -169,36 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for coding in codings:
-            path_a, dt_write = write_cache(root, samples_a, coding, args.k, "teacher-A")
-            path_b, _ = write_cache(root, samples_b, coding, args.k, "teacher-B")
-            sizes = disk_bytes(path_a)
-            bpt = sum(sizes.values()) / args.tokens
-            row = {"coding": coding, "bpt": bpt, "sizes": {k: v / args.tokens for k, v in sizes.items()},
-                   "write": args.tokens / dt_write}
-            # Coding error against the fp32 originals, over every token.
-            reader = CacheReader(path_a)
-            kls = []
-            for s in samples_a:
-                got = reader.get(s.sample_id)
-                kls.append(kl_topk_buckets(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass))
-            kl = np.concatenate(kls)
-            row["kl_mean"], row["kl_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
-            row["cold"] = read_batches(lambda: CacheReader(path_a), batches[: max(20, len(batches) // 10)], fresh=True)
-            small = CacheReader(path_a, cache_bytes=decoded_chunk_bytes(coding, args.k, args.tokens) // 10)
-            read_batches(lambda: small, batches[: max(20, len(batches) // 10)], fresh=False)
-            row["lru10"] = read_batches(lambda: small, batches[: max(40, len(batches) // 5)], fresh=False)
-            warm_one = CacheReader(path_a)
-            read_batches(lambda: warm_one, batches, fresh=False)  # fill the LRU
-            row["warm"] = read_batches(lambda: warm_one, batches, fresh=False)
-            join = lambda: JoinedReader({"A": CacheReader(path_a), "B": CacheReader(path_b)})  # noqa: E731
-            row["join_cold"] = read_batches(join, batches[: max(20, len(batches) // 10)], fresh=True)
-            lru = decoded_chunk_bytes(coding, args.k, args.tokens) // 10
-            small_join = JoinedReader({"A": CacheReader(path_a, cache_bytes=lru), "B": CacheReader(path_b, cache_bytes=lru)})
-            read_batches(lambda: small_join, batches[: max(20, len(batches) // 10)], fresh=False)
-            row["join_lru10"] = read_batches(lambda: small_join, batches[: max(40, len(batches) // 5)], fresh=False)
-            warm_join = join()
-            read_batches(lambda: warm_join, batches, fresh=False)
-            row["join_warm"] = read_batches(lambda: warm_join, batches, fresh=False)
+            row = measure_coding(root, coding, data, samples_a, samples_b, batches, args)
             rows.append(row)
             print(f"  {coding}: written and read ({row['bpt']:.1f} B/token)", flush=True)
     finally:
@@ -206,11 +358,17 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
 
     print("\nBytes/token on disk (every file of the cache directory), by array:")
-    arrays = sorted({a for r in rows for a in r["sizes"]})
-    print(f"  {'coding':<6} {'total':>7} " + " ".join(f"{a:>13}" for a in arrays))
+    groups = sorted({a for r in rows for a in r["sizes"]}, key=lambda a: (a in OVERHEAD, a))
+    print(f"  {'coding':<6} {'total':>7} " + " ".join(f"{a:>15}" for a in groups))
     for r in rows:
-        print(f"  {r['coding']:<6} {r['bpt']:7.1f} " + " ".join(f"{r['sizes'].get(a, 0):13.1f}" for a in arrays))
+        print(f"  {r['coding']:<6} {r['bpt']:7.1f} " + " ".join(f"{r['sizes'].get(a, 0):15.2f}" for a in groups))
+    print_floors(rows)
 
+    if args.sizes_only:
+        print("\nWrite rates (answer tokens/s): " + ", ".join(f"{r['coding']} {fmt_rate(r['write']).strip()}" for r in rows))
+        print("KL mean: " + ", ".join(f"{r['coding']} {r['kl_mean']:.2e}" for r in rows))
+        targets(rows, codings, reads=False)
+        return 0
     print(f"\nThroughput in answer tokens/s (memcpy of the decoded {decoded_bpt} B/token: "
           f"{fmt_rate(mem_one)} one cache, {fmt_rate(mem_two)} two caches):")
     print(f"  {'coding':<6} {'KL mean':>9} {'KL p99':>9} {'write':>8} {'cold':>8} {'lru10%':>8} {'warm':>8} {'join cold':>9} "
@@ -221,33 +379,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt_rate(r['join_lru10']):>11} {fmt_rate(r['join_warm']):>9} "
               f"{r['warm'] / mem_one:11.3f} {r['join_warm'] / mem_two:11.3f}")
 
-    by = {r["coding"]: r for r in rows}
-    print("\nTargets:")
-    verdicts = []
-
-    def target(name: str, ok: bool, detail: str) -> None:
-        verdicts.append(ok)
-        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {detail}")
-
-    exact = [c for c in ("fp32", "fp16", "bf16") if c in by]
-    if exact:
-        best = min(exact, key=lambda c: by[c]["bpt"])
-        target(f"lossless <= {TARGET_LOSSLESS_BPT:.0f} B/token", by[best]["bpt"] <= TARGET_LOSSLESS_BPT,
-               f"best exact coding {best} = {by[best]['bpt']:.1f} B/token"
-               + (f" (fp32, bit-exact to the teacher: {by['fp32']['bpt']:.1f})" if "fp32" in by else "")
-               + "; fp16/bf16 are exact to that dtype's cast only")
-    if "u8" in by:
-        u8 = by["u8"]
-        target(f"lossy <= {TARGET_LOSSY_BPT:.0f} B/token at mean KL <= {TARGET_LOSSY_KL:g}",
-               u8["bpt"] <= TARGET_LOSSY_BPT and u8["kl_mean"] <= TARGET_LOSSY_KL,
-               f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e}")
-    for c in codings:
-        target(f"warm two-cache join >= {TARGET_JOIN_WARM_TPS / 1e6:.0f}M tokens/s ({c})",
-               by[c]["join_warm"] >= TARGET_JOIN_WARM_TPS,
-               f"{by[c]['join_warm'] / 1e6:.2f}M tokens/s warm; {by[c]['join_lru10'] / 1e6:.2f}M when the caches are "
-               "10x the LRU (not a target, but what random reads over a large cache get)")
+    targets(rows, codings, reads=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Frequency-rank id codes (SPEC.md section 5): exact for any int32, in the writer, reader and plain zarr."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from cache_helpers import (
+    build_cache,
+    make_signals,
+    read_manifest,
+    shard_dir,
+    write_manifest,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from kd.cache_schema import (
+    CacheCorruptError,
+    CacheReader,
+    SignalConfig,
+    checksum_bytes,
+    verify_cache,
+)
+from kd.cache_schema.id_coding import U16_CODES_MAX, decode_ids, encode_ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=hnp.arrays(np.int32, st.tuples(st.integers(0, 40), st.integers(0, 9)),
+                      elements=st.one_of(st.integers(-1, 20), st.integers(-(2**31), 2**31 - 1))))
+def test_codes_round_trip_any_int32(ids):
+    codes, table = encode_ids(ids)
+    assert codes.shape == ids.shape and table.dtype == np.int32
+    assert np.array_equal(decode_ids(codes, table), ids)
+    assert len(table) == len(np.unique(ids)) and codes.dtype == np.uint16
+
+
+def test_table_is_by_descending_count_then_ascending_id():
+    ids = np.array([[7, 3, 9], [3, 9, 5], [3, 7, 5]], np.int32)  # 3 x3, then 5/7/9 x2 each
+    codes, table = encode_ids(ids)
+    assert table.tolist() == [3, 5, 7, 9]
+    assert codes.tolist() == [[2, 0, 3], [0, 3, 1], [0, 2, 1]]
+
+
+def test_tables_over_65536_ids_use_int32_codes_and_both_code_paths_agree():
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(200_000)[: U16_CODES_MAX + 14].astype(np.int32).reshape(-1, 5)
+    codes, table = encode_ids(ids)
+    assert codes.dtype == np.int32 and np.array_equal(decode_ids(codes, table), ids)
+    wide = ids.copy()
+    wide[0, 0] = -(2**31)  # an id range too wide for the bincount path: the sort path must give the same codes
+    wide_codes, wide_table = encode_ids(wide)
+    assert np.array_equal(decode_ids(wide_codes, wide_table), wide)
+
+
+def test_code_outside_the_table_is_an_error():
+    with pytest.raises(ValueError, match="outside the 2-entry id_table"):
+        decode_ids(np.array([[0, 2]], np.uint16), np.array([5, 6], np.int32), "shard/ids")
+    with pytest.raises(ValueError, match="outside"):
+        decode_ids(np.array([[-1]], np.int32), np.array([5, 6], np.int32))
+
+
+def test_large_vocab_cache_round_trips_through_kd_and_plain_zarr(tmp_path):
+    """> 65536 distinct ids in a shard (a 150k+ vocabulary): int32 codes, read back exactly."""
+    sig = SignalConfig(top_k=64, value_coding="bf16")
+    samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([900, 700])]
+    rng = np.random.default_rng(1)
+    for s in samples:  # distinct ids per row spread over a 200k vocabulary, and a -1 entry
+        s.ids = ((rng.integers(0, 200_000, (s.num_tokens, 1)) + np.arange(64) * 3119) % 200_000).astype(np.int32)
+        s.ids[0, -1] = -1
+    path = build_cache(str(tmp_path), samples, sig, shard_size=2).location.path
+    group = zarr.open_group(str(shard_dir(path)), mode="r")
+    assert group["ids"].dtype == np.int32 and group["id_table"].shape[0] > U16_CODES_MAX
+    reader = CacheReader(path)
+    start = 0
+    for s in samples:
+        got = reader.get(s.sample_id)
+        assert np.array_equal(got.ids, s.ids) and got.ids.dtype == np.int32
+        plain = group["id_table"][...][group["ids"][start : start + s.num_tokens]]  # SPEC.md's decode, no kd
+        assert np.array_equal(plain, s.ids)
+        start += s.num_tokens
+    assert verify_cache(path).ok
+
+
+def _rewrite_shard_array(cache: str, name: str, data: np.ndarray | None, drop: str | None = None) -> None:
+    """Replace (or drop) arrays of shard 0 with plain zarr, then re-record sizes and checksums."""
+    sdir = shard_dir(cache)
+    group = zarr.open_group(str(sdir), mode="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if drop:
+            del group[drop]
+        if data is not None:
+            group.create_array(name, data=data, chunks=(256,) + data.shape[1:], overwrite=True)
+    doc = read_manifest(cache)
+    files = {}
+    for f in sorted(p for p in sdir.rglob("*") if p.is_file()):
+        raw = f.read_bytes()
+        files[f.relative_to(sdir).as_posix()] = {"size": len(raw), "xxh3_128": checksum_bytes(raw)}
+    doc["shards"][0]["files"] = files
+    write_manifest(cache, doc)
+    commit = Path(cache, "shards", "00000.commit.json")
+    entry = json.loads(commit.read_text())
+    entry["files"] = files
+    commit.write_text(json.dumps(entry))
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    sig = SignalConfig(top_k=8, value_coding="fp16")
+    samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([300, 5])]
+    return build_cache(str(tmp_path), samples, sig, shard_size=2).location.path, samples
+
+
+def test_shard_with_raw_ids_and_no_id_table_still_reads(small_cache):
+    """Caches written before the id codes hold raw int32 ids and no id_table."""
+    cache, samples = small_cache
+    _rewrite_shard_array(cache, "ids", np.concatenate([s.ids for s in samples]), drop="id_table")
+    reader = CacheReader(cache)
+    for s in samples:
+        assert np.array_equal(reader.get(s.sample_id).ids, s.ids)
+
+
+def test_code_outside_the_id_table_is_a_corrupt_cache(small_cache):
+    cache, _ = small_cache
+    table = zarr.open_group(str(shard_dir(cache)), mode="r")["id_table"][...]
+    _rewrite_shard_array(cache, "id_table", table[:1])  # every code >= 1 now points past the table
+    with pytest.raises(CacheCorruptError, match="ids chunk 0.*outside the 1-entry id_table"):
+        CacheReader(cache).get("s-0")
