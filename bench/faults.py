@@ -70,9 +70,9 @@ def setup(workdir: Path, n_scenes: int = 4) -> None:
 
 
 def make_request(workdir: Path, out: Path, **kw) -> BuildRequest:
-    base = dict(teacher=str(workdir / "teacher"), data=str(workdir / "data" / "train.jsonl"), out=str(out),
-                engine="hf", top_k=8, value_coding="fp32", hidden_layers=(1,), hidden_coding="fp32",
-                attention_layers=(0,), attention_kind="t2v", shard_size=3, batch_size=2)
+    base = {"teacher": str(workdir / "teacher"), "data": str(workdir / "data" / "train.jsonl"), "out": str(out),
+            "engine": "hf", "top_k": 8, "value_coding": "fp32", "hidden_layers": (1,), "hidden_coding": "fp32",
+            "attention_layers": (0,), "attention_kind": "t2v", "shard_size": 3, "batch_size": 2}
     base.update(kw)
     return BuildRequest(**base)
 
