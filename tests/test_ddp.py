@@ -107,3 +107,18 @@ def test_yaml_no_reads_as_the_string_for_choice_fields():
     cfg = load_config(None, ["train.mixed_precision=no", "train.log_samples=yes"], student="s", data="d", out="o",
                       teachers={"perception": "c"})
     assert cfg.train.mixed_precision == "no" and cfg.train.log_samples is True
+
+
+def test_a_cpu_launch_that_started_one_process_warns_with_the_working_command(monkeypatch):
+    from types import SimpleNamespace
+
+    from kd.pipeline.distill.train import _warn_single_cpu_launch
+
+    for var in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
+    _warn_single_cpu_launch(SimpleNamespace(num_processes=1))  # a plain run: silent
+    # What `accelerate launch --cpu --num_processes 2` leaves in the one process it starts:
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.warns(UserWarning, match="--multi_gpu"):
+        _warn_single_cpu_launch(SimpleNamespace(num_processes=1))

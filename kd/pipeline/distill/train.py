@@ -123,6 +123,7 @@ def distill(config: DistillConfig) -> RunResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(tc.mixed_precision),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     main = accelerator.is_main_process
+    _warn_single_cpu_launch(accelerator)
     set_seed(tc.seed)
 
     # ------------------------------------------------------------------ setup
@@ -316,6 +317,20 @@ def _gather_lists(accelerator: Accelerator, obj: Any) -> list[Any]:
     from accelerate.utils import gather_object
 
     return list(gather_object([obj])) if accelerator.num_processes > 1 else [obj]
+
+
+def _warn_single_cpu_launch(accelerator: Accelerator) -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) silently runs ONE process: say so and how to fix it."""
+    import os
+    import warnings
+
+    env = os.environ
+    if (accelerator.num_processes == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true"
+            and "MASTER_ADDR" in env and "WORLD_SIZE" not in env):
+        warnings.warn("accelerate launch --cpu with --num_processes > 1 started a single process (accelerate's CPU "
+                      "launcher needs mpirun for more); for DDP on CPU use: accelerate launch --multi_gpu "
+                      "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no -m kd.cli distill "
+                      "...  (gloo backend; no GPU needed)", stacklevel=2)
 
 
 def _check_world_size(ckpt: Path, num_processes: int) -> None:
