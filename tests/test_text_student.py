@@ -20,6 +20,11 @@ from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import load_student, student_forward
 from kd.pipeline.encoding import encode_record
 from kd.pipeline.evaluate import evaluate
+from kd.pipeline.losses import (
+    attention_map_loss,
+    hidden_state_loss,
+    padded_attention_map_loss,
+)
 from kd.pipeline.synth import synthesize
 from kd.pipeline.tiny_models import build_preset
 
@@ -136,3 +141,26 @@ def test_text_student_on_image_records_names_the_sample(text_world):
     dataset = DistillDataset(records, tok, sources)
     with pytest.raises(ValueError, match=records[0].id):
         dataset[0]
+
+
+# ----------------------------------------------------------------------------- batched loss pieces
+# (the objective computes hidden and attention terms for the whole batch at once, text or VLM student)
+
+
+def test_batched_hidden_and_attention_losses_equal_the_per_sample_ones():
+    g = torch.Generator().manual_seed(0)
+    s_h, t_h = torch.randn(7, 4, generator=g), torch.randn(7, 6, generator=g)
+    proj = torch.nn.Linear(4, 6)
+    for kind in ("mse", "cosine"):
+        rows = hidden_state_loss(s_h, t_h, proj, kind, reduction="none")
+        assert rows.shape == (7,)
+        assert torch.allclose(rows.mean(), hidden_state_loss(s_h, t_h, proj, kind))
+        assert torch.allclose(rows[2:5].mean(), hidden_state_loss(s_h[2:5], t_h[2:5], proj, kind))
+    shapes = [(3, 5), (1, 2), (2, 0)]  # [T_b, K_b]; the last sample has no keys (a text-only sample's t2v)
+    student, teacher = torch.rand(3, 3, 5, generator=g), torch.rand(3, 3, 5, generator=g)
+    mask = torch.zeros(3, 3, 5, dtype=torch.bool)
+    for b, (t, k) in enumerate(shapes):
+        mask[b, :t, :k] = True
+    per_sample = padded_attention_map_loss(student, teacher, mask)
+    for b, (t, k) in enumerate(shapes):
+        assert torch.allclose(per_sample[b], attention_map_loss(student[b, :t, :k], teacher[b, :t, :k]))

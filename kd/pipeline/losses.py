@@ -34,16 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "topk_kd_loss",
-    "sampled_kd_loss",
-    "hidden_state_loss",
     "HiddenProjector",
-    "layer_map",
-    "attention_map_loss",
-    "group_teacher_layers",
-    "group_mean_maps",
-    "default_attention_layers",
     "answer_ce_loss",
+    "attention_map_loss",
+    "default_attention_layers",
+    "group_mean_maps",
+    "group_teacher_layers",
+    "hidden_state_loss",
+    "layer_map",
+    "padded_attention_map_loss",
+    "sampled_kd_loss",
+    "topk_kd_loss",
 ]
 
 NEG_INF = float("-inf")
@@ -256,12 +257,15 @@ def hidden_state_loss(
     teacher_h: Tensor,
     projector: nn.Module | Callable[[Tensor], Tensor] | None,
     kind: Literal["mse", "cosine"] = "mse",
+    reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
     """Match projected student hidden states ``[N, Hs]`` to teacher ones ``[N, Ht]`` (teacher detached).
 
     ``mse`` averages over all elements. ``cosine`` is ``1 - cos`` averaged over rows, so it is
     scale-free: useful when the teacher's hidden-state norms are far larger than the student's.
-    ``projector=None`` is allowed only when the widths match.
+    ``projector=None`` is allowed only when the widths match. ``reduction="none"`` returns the
+    per-row losses ``[N]`` (mse: mean over the row's elements), whose mean is the ``"mean"`` result:
+    a batch is projected once and weighted per row, instead of once per sample.
     """
     if student_h.ndim != 2 or teacher_h.ndim != 2 or student_h.shape[0] != teacher_h.shape[0]:
         raise ValueError(f"student_h {tuple(student_h.shape)} / teacher_h {tuple(teacher_h.shape)} must be [N, H]")
@@ -275,9 +279,9 @@ def hidden_state_loss(
     if proj.shape != target.shape:
         raise ValueError(f"projected student {tuple(proj.shape)} != teacher {tuple(target.shape)}")
     if kind == "mse":
-        return F.mse_loss(proj, target)
+        return F.mse_loss(proj, target) if reduction == "mean" else _reduce((proj - target).pow(2).mean(-1), reduction)
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(proj, target, dim=-1)).mean()
+        return _reduce(1.0 - F.cosine_similarity(proj, target, dim=-1), reduction)
     raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
 
 
@@ -298,7 +302,7 @@ def layer_map(student_layers: int, teacher_layers: Sequence[int], teacher_depth:
     best: dict[int, tuple[float, int]] = {}
     for t_layer in sorted(set(teacher_layers)):
         pos = t_layer * student_layers / depth
-        s = min(student_layers, int(math.floor(pos + 0.5)))
+        s = min(student_layers, math.floor(pos + 0.5))
         dist = abs(pos - s)
         if s not in best or dist <= best[s][0]:
             best[s] = (dist, t_layer)
@@ -324,6 +328,22 @@ def attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, mask: Tensor 
         return sq.mean() if sq.numel() else sq.sum()
     m = torch.broadcast_to(mask.to(sq.dtype), sq.shape)
     return (sq * m).sum() / m.sum().clamp_min(1.0)
+
+
+def padded_attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample masked MSE ``[B]`` of padded attention maps ``[B, T, K]`` (teacher detached).
+
+    Sample ``b``'s loss is the mean over its kept elements (``mask[b]``), i.e. exactly
+    ``attention_map_loss`` of its unpadded ``[T_b, K_b]`` maps, but for the whole batch in a few
+    tensor ops (one autograd node per op, not per sample). A sample with nothing kept gets 0.
+    """
+    if student_maps.ndim != 3 or student_maps.shape != teacher_maps.shape or mask.shape != student_maps.shape:
+        raise ValueError(f"student {tuple(student_maps.shape)} / teacher {tuple(teacher_maps.shape)} / mask "
+                         f"{tuple(mask.shape)} must all be the same [B, T, K]")
+    dt = _compute_dtype(student_maps)
+    m = mask.to(dt)
+    sq = (student_maps.to(dt) - teacher_maps.detach().to(dt)).pow(2) * m
+    return sq.sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
 
 
 def group_teacher_layers(student_layers: Sequence[int], teacher_layers: Sequence[int]) -> dict[int, list[int]]:

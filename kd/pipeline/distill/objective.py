@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from kd.pipeline.losses import (
     HiddenProjector,
     answer_ce_loss,
-    attention_map_loss,
     group_teacher_layers,
     hidden_state_loss,
     layer_map,
+    padded_attention_map_loss,
     sampled_kd_loss,
     topk_kd_loss,
 )
@@ -198,8 +198,7 @@ class DistillObjective(nn.Module):
         w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=unknown)
         w = w.to(out.logits.device)
         row_sample = torch.repeat_interleave(torch.arange(len(n_tok), device=n_tok.device), n_tok)
-        starts = torch.cumsum(n_tok, 0) - n_tok
-        spans = [slice(int(s), int(s + t)) for s, t in zip(starts, n_tok)]
+        keys: dict[str, list[Tensor]] = {}  # per kind, each sample's student key columns (shared by teachers)
         ce = answer_ce_loss(out.logits, batch["targets"])
         losses, terms = {"ce": ce}, {"ce": float(ce.detach())}
         for j, role in enumerate(self.roles):
@@ -209,18 +208,21 @@ class DistillObjective(nn.Module):
                 per_row = self._kd_rows(out.logits, t, plan.logits)
                 parts.append(("kd", cfg.kd, (w[row_sample, j] * per_row).sum() / n))
             if plan.hidden_map:
+                # A sample's loss is the mean of its rows' losses, so the token-weighted batch term is the
+                # row-weighted mean: one projection of the whole batch per layer.
                 per_layer = []
                 for s, tl in sorted(plan.hidden_map.items()):
-                    proj = self.projectors[role][s]
-                    per_layer.append(self._per_sample(
-                        [hidden_state_loss(out.hidden[s][sp], t["hidden"][tl][sp], proj, cfg.hidden_kind)
-                         for sp in spans], w[:, j], n_tok, n))
+                    per_row = hidden_state_loss(out.hidden[s], t["hidden"][tl], self.projectors[role][s],
+                                                cfg.hidden_kind, reduction="none")
+                    per_layer.append((w[row_sample, j] * per_row).sum() / n)
                 parts.append(("hidden", cfg.hidden, torch.stack(per_layer).mean()))
             attn = []
             for kind, amap in (("t2v", plan.t2v_map), ("full", plan.full_map)):
+                if amap and kind not in keys:
+                    keys[kind] = self._key_columns(batch, kind, out.logits.device)
                 for s, tls in sorted(amap.items()):
-                    value = self._per_sample([self._attention(out, batch, t, kind, s, tls, b, role)
-                                              for b in range(len(spans))], w[:, j], n_tok, n)
+                    per_sample = self._attention(out, batch, t, kind, s, tls, keys[kind], role)
+                    value = (w[:, j] * n_tok * per_sample).sum() / n
                     attn.append(value)
                     terms[f"attn_{kind}/{role}/L{s}"] = float(value.detach())
             if attn:
@@ -246,24 +248,27 @@ class DistillObjective(nn.Module):
                             reduction="none")
 
     @staticmethod
-    def _per_sample(per_sample: Sequence[Tensor], weights: Tensor, n_tok: Tensor, n: int) -> Tensor:
-        """``sum_b w_b * T_b * per_sample[b] / N``."""
-        total = None
-        for b, value in enumerate(per_sample):
-            term = weights[b] * n_tok[b] * value
-            total = term if total is None else total + term
-        return total / n
+    def _key_columns(batch: Mapping[str, Any], kind: str, device: torch.device) -> list[Tensor]:
+        """Each sample's student key columns of a ``kind`` map: its image tokens (t2v) or all its tokens."""
+        lengths = batch["lengths"].tolist()
+        if kind == "t2v":
+            return [torch.nonzero(batch["image_mask"][b, :n], as_tuple=True)[0].to(device) for b, n in enumerate(lengths)]
+        return [torch.arange(n, device=device) for n in lengths]
 
     @staticmethod
     def _attention(out: StudentOutputs, batch: Mapping[str, Any], t: Mapping[str, Any], kind: str, s: int,
-                   tls: Sequence[int], b: int, role: str) -> Tensor:
-        student = out.attention[s][b]  # [T_b, S_b]
-        if kind == "t2v":
-            cols = torch.nonzero(batch["image_mask"][b, : student.shape[1]], as_tuple=True)[0].to(student.device)
-            student = student[:, cols]
+                   tls: Sequence[int], cols: Sequence[Tensor], role: str) -> Tensor:
+        """Per-sample attention-map MSE ``[B]``: the cached maps (mean over ``tls``) laid out like the
+        student's padded maps, then ``padded_attention_map_loss`` over each sample's rows and keys."""
+        student = out.attention_padded[s]  # [B, T_max, S]
+        target = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+        mask = torch.zeros(student.shape, dtype=torch.bool, device=student.device)
         maps = t["attention_t2v" if kind == "t2v" else "attention_full"]
-        target = torch.stack([maps[tl][b].to(student.device).float() for tl in tls]).mean(0)
-        if target.shape != student.shape:
-            raise ValueError(f"sample {batch['sample_ids'][b]!r}, teacher {role!r}: cached {kind} map "
-                             f"{tuple(target.shape)} vs student {tuple(student.shape)}")
-        return attention_map_loss(student, target)
+        for b, (t_b, c) in enumerate(zip(batch["num_tokens"].tolist(), cols)):
+            cached = maps[tls[0]][b] if len(tls) == 1 else torch.stack([maps[tl][b] for tl in tls]).mean(0)
+            if tuple(cached.shape) != (t_b, len(c)):
+                raise ValueError(f"sample {batch['sample_ids'][b]!r}, teacher {role!r}: cached {kind} map "
+                                 f"{tuple(cached.shape)} vs student {(t_b, len(c))}")
+            target[b, :t_b, c] = cached.to(student.device, torch.float32)
+            mask[b, :t_b, c] = True
+        return padded_attention_map_loss(student, target, mask)

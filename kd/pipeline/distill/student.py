@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.pipeline.engines.base import num_text_layers
 
-__all__ = ["StudentOutputs", "load_student", "student_forward", "student_dims"]
+__all__ = ["StudentOutputs", "load_student", "student_dims", "student_forward"]
 
 
 @dataclass
@@ -28,12 +29,16 @@ class StudentOutputs:
     """Student outputs at the answer-predicting positions, rows in batch order (see ``data.collate``).
 
     ``logits``: ``[N, V]``; ``hidden``: layer -> ``[N, H]``; ``attention``: layer -> per-sample
-    ``[T_b, S_b]`` head-averaged maps over that sample's own (unpadded) keys.
+    ``[T_b, S_b]`` head-averaged maps over that sample's own (unpadded) keys; ``attention_padded``:
+    the same maps as one ``[B, T_max, S]`` tensor (row ``j`` of sample ``b`` predicts its answer token
+    ``j``; ``S`` is the batch's padded width; rows ``>= T_b`` and keys ``>= S_b`` are padding), which
+    lets the objective compute every sample's attention loss in a few batched ops.
     """
 
     logits: Tensor
     hidden: dict[int, Tensor] = field(default_factory=dict)
     attention: dict[int, list[Tensor]] = field(default_factory=dict)
+    attention_padded: dict[int, Tensor] = field(default_factory=dict)
 
 
 def load_student(model_dir: str | Path, *, attention: bool = False, dtype: torch.dtype = torch.float32,
@@ -43,8 +48,13 @@ def load_student(model_dir: str | Path, *, attention: bool = False, dtype: torch
     ``attention=True`` selects eager attention, the only implementation that materialises the
     attention weights the attention-map loss needs.
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     is_vlm = getattr(config, "vision_config", None) is not None
@@ -80,10 +90,17 @@ def student_forward(model: nn.Module, batch: dict[str, Any], *, hidden_layers: I
         n = int(batch["lengths"][b])
         parts.append(_forward(model, batch["input_ids"][b : b + 1, :n], batch["attention_mask"][b : b + 1, :n],
                               extra, [pos], [n], hidden_layers, attention_layers))
+    rows, width = int(batch["num_tokens"].max()), batch["input_ids"].shape[1]
+
+    def pad(m: Tensor) -> Tensor:  # [1, T_b, S_b] -> [1, T_max, S]
+        return F.pad(m, (0, width - m.shape[2], 0, rows - m.shape[1]))
+
     return StudentOutputs(
         logits=torch.cat([p.logits for p in parts]),
         hidden={layer: torch.cat([p.hidden[layer] for p in parts]) for layer in hidden_layers},
         attention={layer: [m for p in parts for m in p.attention[layer]] for layer in attention_layers},
+        attention_padded={layer: torch.cat([pad(p.attention_padded[layer]) for p in parts])
+                          for layer in attention_layers},
     )
 
 
@@ -120,4 +137,10 @@ def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, extra:
     hidden = {layer: torch.cat([out.hidden_states[layer][b, p.to(device)] for b, p in enumerate(positions)])
               for layer in hidden_layers}
     attention = {layer: [store[layer][b, r, : lengths[b]] for b, r in enumerate(rows)] for layer in attention_layers}
-    return StudentOutputs(logits=logits, hidden=hidden, attention=attention)
+    padded = {}
+    if attention_layers:
+        # [B, T_max] indices into the kept rows (padding rows repeat row 0 and are masked by the loss).
+        index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        batch_index = torch.arange(len(rows), device=device)[:, None]
+        padded = {layer: store[layer][batch_index, index] for layer in attention_layers}
+    return StudentOutputs(logits=logits, hidden=hidden, attention=attention, attention_padded=padded)

@@ -1,0 +1,502 @@
+"""Stage-two training-step benchmark: plain SFT vs cached multi-teacher KD vs online KD, one student.
+
+    python bench/train_step.py [--steps 20] [--warmup 3] [--batch-size 8] [--scenes 16] [--student student|medium]
+                               [--workdir DIR] [--repeats 2] [--device cpu|cuda] [--threads 1] [--profile]
+
+One tiny VLM student (the demo's ``student`` preset, 2 layers x 64; ``--student medium`` is 4 x 256),
+synthetic driving data (``kd.pipeline.synth``: 3 records per scene, one per capability) and three
+tiny teachers (``teacher`` preset, 4 x 128, different weight seeds, the student's tokenizer) with
+Drive-KD's signals per capability: top-k ``--k`` log-probs + hidden states of layers 2 and 4 for
+every teacher, plus text-to-vision maps of layer 0 (perception), full maps of layers 0..2
+(reasoning) and text-to-vision maps of layer 2 (planning). Rows, same student, data order, batch,
+steps and seeds:
+
+(a) plain SFT: answer cross-entropy only, sdpa attention, the student's own encoding of each record.
+(b) cached KD: ``kd distill``'s loader (``DistillDataset``: encode + join the three caches by sample
+    id, alignment checked) and objective (``DistillObjective``: CE + per teacher top-k KL, hidden
+    MSE through projectors, attention-map MSE, mixed by capability), the student in eager attention.
+(c) online KD, the way Drive-KD runs: the three teacher models in memory, each step a no-grad
+    teacher-forced forward of each on the batch produces the same signals (top-k log-probs + tail,
+    hidden states, head-averaged attention maps at the answer positions, exactly as the hf engine
+    caches them) for the same ``DistillObjective``. Teachers read the student's batch (shared tokenizer).
+
+A step is what ``kd distill`` times: fetch the batch (``DataLoader``, ``num_workers`` as given),
+forward, losses, backward, grad clip, AdamW step. Step time is the median over ``--steps`` steps
+after ``--warmup``. Each row runs in a fresh subprocess, so its peak memory is its own: on CPU the
+growth of peak RSS (``ru_maxrss``) over the RSS after every import (torch, transformers, kd, zarr,
+pyarrow: the same for all rows); with ``--device cuda`` ``torch.cuda.max_memory_allocated``. The
+loader row iterates (b)'s data loader alone (no model) and reports its input tokens/s.
+
+On a shared machine the rows are run round-robin ``--repeats`` times (each round runs a, b, c once,
+so a burst of load hits all rows of a round); the table shows the median over rounds and the
+verdicts rest on the median of the per-round ratios. Targets (issue #5): (b)/(a) <= 1.15 in time
+and <= 1.1 in memory. ``--profile`` adds a cProfile of (b)'s timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TIME_TARGET, MEMORY_TARGET = 1.15, 1.10
+ROLES = ("perception", "reasoning", "planning")
+HIDDEN_LAYERS = (2, 4)
+# Drive-KD's per-capability attention signals for a 4-layer teacher (losses.default_attention_layers(4)).
+ATTENTION = {"perception": ("t2v", (0,)), "reasoning": ("full", (0, 1, 2)), "planning": ("t2v", (2,))}
+TEACHER_SEEDS = {"perception": 11, "reasoning": 12, "planning": 13}
+ROWS = {"sft": "(a) plain SFT", "cached": "(b) cached KD, 3 teachers", "online": "(c) online KD, 3 teachers"}
+
+
+def _student_preset(name: str):
+    from kd.pipeline.tiny_models import STUDENT, TinyPreset
+
+    if name == "student":
+        return STUDENT
+    return TinyPreset(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=512)
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def prepare(workdir: Path, args: argparse.Namespace) -> dict:
+    """Data, student, teachers and their caches under ``workdir``; reused when already there."""
+    from kd.pipeline.build import BuildRequest, build_cache
+    from kd.pipeline.synth import synthesize
+    from kd.pipeline.tiny_models import build_preset
+
+    setup_file = workdir / f"setup-{args.scenes}-{args.student}-k{args.k}.json"
+    if setup_file.exists():
+        setup = json.loads(setup_file.read_text())
+        if all(Path(p).exists() for p in setup["caches"].values()):
+            return setup
+    t0 = time.perf_counter()
+    data = synthesize(workdir / f"data-{args.scenes}", args.scenes, seed=0, splits=(1.0, 0.0, 0.0))["train"]
+    student = workdir / f"student-{args.student}"
+    if not (student / "config.json").exists():
+        build_preset("vlm", _student_preset(args.student), student, seed=5)
+    caches, teachers = {}, {}
+    for role in ROLES:
+        teachers[role] = workdir / f"teacher-{role}"
+        if not (teachers[role] / "config.json").exists():
+            build_preset("vlm", "teacher", teachers[role], seed=TEACHER_SEEDS[role])
+        kind, layers = ATTENTION[role]
+        caches[role] = build_cache(BuildRequest(
+            teacher=str(teachers[role]), data=str(data), out=str(workdir / "caches"), engine="hf", top_k=args.k,
+            hidden_layers=HIDDEN_LAYERS, attention_layers=layers, attention_kind=kind, role=role,
+            shard_size=64)).path
+    setup = {"data": str(data), "student": str(student), "teachers": {r: str(p) for r, p in teachers.items()},
+             "caches": caches}
+    setup_file.write_text(json.dumps(setup, indent=1))
+    print(f"setup: {3 * args.scenes} records, 3 teacher caches built in {time.perf_counter() - t0:.0f} s "
+          f"under {workdir}", flush=True)
+    return setup
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _to_device(obj, device):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+class SFTDataset:
+    """The student's own encoding of each record, no teacher (plain SFT's data)."""
+
+    def __init__(self, records, processor) -> None:
+        self.records, self.processor = list(records), processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        from kd.pipeline.distill.data import DistillSample
+        from kd.pipeline.encoding import encode_record
+
+        rec = self.records[i]
+        enc = encode_record(self.processor, rec.as_dict())
+        return DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
+                             answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
+                             image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers={})
+
+
+class OnlineTeacher:
+    """A teacher model in memory that produces, for a collated batch, the entry ``collate`` would
+    build from its cache: top-k ids / log-probs / tail, hidden states and attention maps, computed
+    exactly as ``engines/hf_engine.py`` computes them (answer-predicting positions only)."""
+
+    def __init__(self, model_dir: str, k: int, hidden_layers, attention: tuple[str, tuple[int, ...]], device) -> None:
+        from kd.pipeline.distill.student import load_student
+
+        self.model, _ = load_student(model_dir, attention=bool(attention[1]))
+        self.model.to(device).eval().requires_grad_(False)
+        self.k, self.hidden_layers = k, tuple(hidden_layers)
+        self.kind, self.attention_layers = attention
+
+    def targets(self, batch: dict) -> dict:
+        import torch
+
+        from kd.pipeline.engines.base import tail_logmass
+
+        device = batch["input_ids"].device
+        positions = [torch.arange(int(a) - 1, int(a) - 1 + int(t), device=device)
+                     for a, t in zip(batch["answer_start"], batch["num_tokens"])]
+        keep = torch.unique(torch.cat(positions))
+        rows = [torch.searchsorted(keep, p) for p in positions]
+        store, hooks = {}, []
+        layers = self.model.get_decoder().layers
+        for layer in self.attention_layers:
+            def hook(_mod, _inp, output, layer=layer):
+                store[layer] = output[1].float().mean(dim=1)[:, keep, :]
+            hooks.append(layers[layer].self_attn.register_forward_hook(hook))
+        extra = batch["model_inputs"] or {}
+        try:
+            # no_grad, not inference_mode: the targets are saved for the student's backward.
+            with torch.no_grad():
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=bool(self.hidden_layers), use_cache=False, logits_to_keep=keep,
+                                 **extra)
+                lp = torch.log_softmax(out.logits.float(), dim=-1)
+                lp = torch.cat([lp[b, r] for b, r in enumerate(rows)])
+                vals, ids = torch.topk(lp, min(self.k, lp.shape[-1]), dim=-1)
+                lengths = batch["lengths"].tolist()
+                entry = {
+                    "ids": ids, "logprobs": vals, "tail": tail_logmass(vals).to(device),
+                    "hidden": {layer: torch.cat([out.hidden_states[layer][b, p] for b, p in enumerate(positions)])
+                               for layer in self.hidden_layers},
+                    "attention_t2v": {}, "attention_full": {},
+                }
+                for layer in self.attention_layers:
+                    maps = [store[layer][b, r, : lengths[b]] for b, r in enumerate(rows)]
+                    if self.kind == "t2v":
+                        maps = [m[:, batch["image_mask"][b, : lengths[b]]] for b, m in enumerate(maps)]
+                    entry[f"attention_{self.kind}"][layer] = maps
+        finally:
+            for h in hooks:
+                h.remove()
+        return entry
+
+
+def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float:
+    """Pay the one-off costs every row pays (lazy imports of the model code, the processor and its
+    image pipeline, the autograd engine, the CPU kernels' first-use buffers) before the memory
+    baseline, so that a row's memory is what its models, optimiser, activations and data add.
+
+    The first parquet read in a process costs ~20 MiB of RSS (pyarrow's allocator and libraries),
+    whatever the file; on a tiny student that flat cost would swamp everything a cache adds. It is
+    paid here on a scratch file in every row and returned (MiB) so the report can show it.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    import transformers.models.idefics3.modeling_idefics3
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import zarr
+    from transformers import AutoProcessor
+
+    from kd.pipeline.encoding import encode_record
+
+    encode_record(AutoProcessor.from_pretrained(student_dir), record.as_dict())
+    lin = torch.nn.Linear(64, 64).to(device)
+    x = torch.randn(2, 4, 8, 64, device=device)
+    y = (torch.nn.functional.scaled_dot_product_attention(x, x, x) @ x.transpose(-1, -2)).softmax(-1) @ x
+    loss = lin(y.mean(1)).log_softmax(-1).topk(4).values.sum()
+    loss.backward()
+    torch.optim.AdamW(lin.parameters()).step()
+    before = _rss_mb()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), scratch / "t.parquet")
+    pq.read_table(scratch / "t.parquet")
+    z = zarr.create_array(store=str(scratch / "z"), shape=(4,), dtype="f4", chunks=(2,), overwrite=True)
+    z[:] = np.arange(4, dtype="f4")
+    zarr.open_array(str(scratch / "z"), mode="r")[:]
+    return _rss_mb() - before
+
+
+def worker(row: str, setup: dict, args: argparse.Namespace) -> dict:
+    """Run one row in this (fresh) process and return its measurements."""
+    # Everything any row imports comes first, so the memory baseline is the same for all rows.
+    import numpy as np  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import zarr  # noqa: F401
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForImageTextToText  # noqa: F401
+
+    from kd.cache_schema import SignalConfig
+    from kd.pipeline.dataset import load_records
+    from kd.pipeline.distill.config import LossConfig
+    from kd.pipeline.distill.data import (
+        DistillDataset,
+        EpochSampler,
+        collate,
+        open_teachers,
+    )
+    from kd.pipeline.distill.objective import (
+        DistillObjective,
+        build_objective,
+        plan_teacher,
+    )
+    from kd.pipeline.distill.student import load_student, student_dims, student_forward
+    from kd.pipeline.distill.train import DistillModule
+    from kd.pipeline.losses import answer_ce_loss
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    records = load_records(setup["data"])
+    with tempfile.TemporaryDirectory() as scratch:
+        lib_init = _warm_up_framework(setup["student"], records[0], device, Path(scratch))
+    base_rss = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base_cuda = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+
+    student, processor = load_student(setup["student"])
+    tok = getattr(processor, "tokenizer", processor)
+    teachers: dict[str, OnlineTeacher] = {}
+    objective = None
+    if row in ("cached", "loader"):
+        sources = open_teachers(setup["caches"], {}, processor)
+        dataset = DistillDataset(records, processor, sources)
+        objective = build_objective(LossConfig(), sources, student)
+    else:
+        dataset = SFTDataset(records, processor)
+    if row == "online":
+        n_layers, width = student_dims(student)
+        plans = {}
+        for role in ROLES:
+            kind, layers = ATTENTION[role]
+            teachers[role] = OnlineTeacher(setup["teachers"][role], args.k, HIDDEN_LAYERS, (kind, layers), device)
+            t_layers, t_width = student_dims(teachers[role].model)
+            signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS, attention_layers=layers,
+                                   attention_kinds=(kind,))
+            plans[role] = plan_teacher(role, signals, LossConfig(), student_layers=n_layers, teacher_width=t_width,
+                                       teacher_depth=t_layers)
+        objective = DistillObjective(LossConfig(), plans, student_width=width)
+    sampler = EpochSampler(len(dataset), seed=0)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        collate_fn=partial(collate, pad_id=tok.pad_token_id or 0),
+                        persistent_workers=args.num_workers > 0)
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    data = batches()
+    total = args.warmup + args.steps
+    if row == "loader":
+        next(data)  # first batch: worker start-up and first reads
+        t0, tokens, answer_tokens = time.perf_counter(), 0, 0
+        for _ in range(total):
+            batch = next(data)
+            tokens += int(batch["lengths"].sum())
+            answer_tokens += int(batch["num_tokens"].sum())
+        seconds = time.perf_counter() - t0
+        return {"row": row, "tokens_per_s": tokens / seconds, "answer_tokens_per_s": answer_tokens / seconds,
+                "batches": total}
+
+    if objective is not None and objective.attention_layers:
+        student.set_attn_implementation("eager")  # as kd distill does: attention maps need the weights
+    module = DistillModule(student, objective) if objective is not None else student
+    module.to(device).train()
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    if objective is not None and list(objective.parameters()):
+        groups.append({"params": list(objective.parameters())})
+    optimizer = torch.optim.AdamW(groups, lr=1e-4)
+    weights = objective.fixed_weights() if objective is not None else None
+    profiler = None
+    steps, parts = [], {"data": [], "teachers": []}
+    tokens = 0
+    for i in range(total):
+        if i == args.warmup and args.profile and row == "cached":
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        batch = _to_device(next(data), device)
+        t1 = time.perf_counter()
+        if teachers:
+            batch["teachers"] = {role: t.targets(batch) for role, t in teachers.items()}
+        t2 = time.perf_counter()
+        if objective is None:
+            loss = answer_ce_loss(student_forward(student, batch).logits, batch["targets"])
+        else:
+            loss = module(batch).total(weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            steps.append(t3 - t0)
+            parts["data"].append(t1 - t0)
+            parts["teachers"].append(t2 - t1)
+            tokens += int(batch["lengths"].sum())
+    result = {"row": row, "step_s": statistics.median(steps), "data_s": statistics.median(parts["data"]),
+              "teachers_s": statistics.median(parts["teachers"]), "tokens_per_s": tokens / sum(steps),
+              "rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(), "mem_mb": _peak_rss_mb() - base_rss,
+              "eager": getattr(student.config, "_attn_implementation", "?")}
+    if cuda:
+        result["mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(25)
+        result["profile"] = buf.getvalue()
+    return result
+
+
+def run_worker(row: str, setup_path: Path, args: argparse.Namespace) -> dict:
+    """``row`` in a fresh interpreter (its own peak memory); returns its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, __file__, "--worker", row, "--setup", str(setup_path), "--result", str(out),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+           "--k", str(args.k), "--threads", str(args.threads), "--device", args.device,
+           "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"row {row} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _verdict(ratio: float, target: float) -> str:
+    return "PASS" if ratio <= target else "MISS"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8, help="records per step")
+    ap.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3 records each)")
+    ap.add_argument("--student", choices=("student", "medium"), default="student",
+                    help="student size: the demo's (2 x 64) or 4 x 256")
+    ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
+    ap.add_argument("--repeats", type=int, default=2, help="round-robin rounds of (a), (b), (c)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per row (1: stable timings when shared)")
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (kd distill's default: 0)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--workdir", default=None, help="keep data, models and caches here and reuse them")
+    ap.add_argument("--profile", action="store_true", help="cProfile (b)'s timed steps")
+    ap.add_argument("--worker", choices=("sft", "cached", "online", "loader"), help=argparse.SUPPRESS)
+    ap.add_argument("--setup", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        result = worker(args.worker, json.loads(Path(args.setup).read_text()), args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="kd-train-step-")
+        workdir = Path(tmp.name)
+    try:
+        setup = prepare(workdir, args)
+        setup_path = workdir / "setup-current.json"
+        setup_path.write_text(json.dumps(setup))
+        rounds: list[dict[str, dict]] = []
+        for r in range(args.repeats):
+            results = {}
+            for row, label in ROWS.items():
+                results[row] = run_worker(row, setup_path, args)
+                print(f"round {r + 1}/{args.repeats} {label}: {1000 * results[row]['step_s']:.1f} ms/step, "
+                      f"+{results[row]['mem_mb']:.0f} MiB", flush=True)
+            rounds.append(results)
+        loader = run_worker("loader", setup_path, args)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    report(rounds, loader, args)
+    return 0
+
+
+def report(rounds: list[dict[str, dict]], loader: dict, args: argparse.Namespace) -> None:
+    med = {row: {k: statistics.median(r[row][k] for r in rounds)
+                 for k in ("step_s", "data_s", "teachers_s", "tokens_per_s", "mem_mb", "rss_peak_mb")}
+           for row in ROWS}
+    mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
+    print(f"\nstudent {args.student}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
+          f"top-k {args.k}, {args.threads} thread(s), device {args.device}, median of {args.repeats} round(s)")
+    print(f"{'row':<28}{'ms/step':>9}{'data ms':>9}{'teach ms':>9}{'tok/s':>8}{'MiB':>8}{'RSS MiB':>9}")
+    for row, label in ROWS.items():
+        m = med[row]
+        print(f"{label:<28}{1000 * m['step_s']:>9.1f}{1000 * m['data_s']:>9.1f}{1000 * m['teachers_s']:>9.1f}"
+              f"{m['tokens_per_s']:>8.0f}{m['mem_mb']:>8.1f}{m['rss_peak_mb']:>9.0f}")
+    lib = statistics.median(r[row]["lib_init_mb"] for r in rounds for row in ROWS)
+    print(f"(MiB: {mem_kind} over the baseline after imports and first use of every library, where the first "
+          f"parquet/zarr use alone took {lib:.0f} MiB RSS; RSS MiB: whole-process peak)")
+    print(f"(b) loader alone (no model): {loader['tokens_per_s']:,.0f} input tokens/s, "
+          f"{loader['answer_tokens_per_s']:,.0f} answer tokens/s\n")
+    for row, target_t, target_m in (("cached", TIME_TARGET, MEMORY_TARGET), ("online", None, None)):
+        t = statistics.median(r[row]["step_s"] / r["sft"]["step_s"] for r in rounds)
+        m = statistics.median(r[row]["mem_mb"] / max(r["sft"]["mem_mb"], 1e-9) for r in rounds)
+        tag = "b" if row == "cached" else "c"
+        line = f"({tag})/(a) time {t:.2f}x"
+        line += f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else ""
+        line += f"   memory {m:.2f}x" + (f" [{_verdict(m, target_m)} <= {target_m}]" if target_m else "")
+        print(line)
+    for r in rounds:
+        if "profile" in r["cached"]:
+            print("\ncProfile of (b)'s timed steps (one round):\n" + r["cached"]["profile"])
+            break
+
+
+if __name__ == "__main__":
+    sys.exit(main())
