@@ -12,7 +12,9 @@ or ``--model-dir`` for a local model) and a stage-one JSONL of long prompts (~``
    per answer token: the top-k id sets agree except ids tied with the k-th value within
    ``--lp-atol``; the log-probs of shared ids and the tail log-mass differ by at most
    ``--lp-atol``; hidden states differ by at most ``--hidden-atol + --hidden-rtol * max|hf|`` per
-   sample and layer. Exit 1 on a failure (the worst offenders are printed).
+   sample and layer. Exit 1 on a failure (the worst offenders are printed). Should a vLLM build
+   refuse float32 on the GPU, check in bfloat16 with looser bounds: ``--fidelity-dtype bfloat16
+   --lp-atol 5e-2 --hidden-rtol 5e-2`` (bf16 rounding alone moves log-probs by ~1e-2).
 2. Throughput (``--dtype``; bfloat16 on CUDA, float32 on CPU by default): per engine and k, the
    best of ``--repeats`` timed ``engine.capture`` calls over ``--samples`` samples after a warm-up
    call, hidden states always on. k = 0 means no log-probs at all: vLLM prefill plus hidden-state
