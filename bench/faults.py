@@ -4,7 +4,7 @@
 
 Builds a reference cache uninterrupted (tiny local VLM teacher, hf engine, top-8 log-probs, a
 hidden layer and a t2v attention map, 9 synthetic samples in 3 shards), and once more in a
-subprocess (equal to it; its duration after imports is the window of random kills). Then, N
+subprocess (equal to it; its time from plan.json to exit is the window of random kills). Then, N
 times: starts a builder as a subprocess, kills it with SIGKILL, resumes the build (here, with
 ``lease_timeout=0``: the dead builder's lease must be taken over at once) and checks the result
 against the reference: same sample set in the same order, no duplicate, every array and the
@@ -12,15 +12,15 @@ index bit for bit, ``verify`` clean, no stray attempt dir, temp file or lease le
 Before resuming, an ``allow_unsealed`` reader must see only whole committed shards.
 
 Kills alternate between named fault points (``KD_FAULT_POINT``, ``kd/cache_schema/faults.py``;
-the n-th hit chosen at random) and random wall-clock delays after the builder's imports:
+the n-th hit chosen at random) and random wall-clock delays after the builder wrote its plan:
 
 * ``batch``: teacher outputs in memory, the shard not yet written;
 * ``shard_write``: after one of a shard's zarr arrays was written, before its commit;
 * ``after_commit``: a shard's commit file published, the next shard (or the seal) pending;
 * ``seal``: ``seal_index`` (index.parquet published, no manifest) or ``before_manifest``
   (strays swept, manifest not yet written);
-* ``random``: SIGKILL after a random delay within that window (lands in model load, a teacher
-  forward, a write, the seal, ...; the line says where, judged from the files on disk).
+* ``random``: SIGKILL a random delay after the plan, within that window (lands in model load,
+  a teacher forward, a write, the seal, ...; the line says where, judged from the files).
 
 Prints one line per kill, the survived count per phase and the total ``survived N/N``.
 """
@@ -89,10 +89,19 @@ def start_builder(request: BuildRequest, fault: str | None = None) -> subprocess
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_killed(proc: subprocess.Popen, delay: float | None = None, timeout: float = 600) -> int:
-    """Wait for a fault-point kill, or SIGKILL ``delay`` s after the builder is ready; the exit code."""
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Until ``path`` exists or the builder exits."""
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.01)
+
+
+def wait_killed(proc: subprocess.Popen, delay: float | None = None, start: Path | None = None,
+                timeout: float = 600) -> int:
+    """Wait for a fault-point kill, or SIGKILL ``delay`` s after ``start`` appears; the exit code."""
     if delay is not None:
-        proc.stdout.readline()  # "ready": imports done, the build starts now
+        proc.stdout.readline()  # "ready": imports done
+        if start is not None:
+            wait_for(start, proc)
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -186,7 +195,7 @@ def cache_path(request: BuildRequest) -> str:
 def run_kill(request: BuildRequest, fault: str | None, delay: float | None, ref: Reference) -> tuple[bool, str]:
     """One kill + resume + comparison: (survived, detail)."""
     path = cache_path(request)
-    rc = wait_killed(start_builder(request, fault), delay)
+    rc = wait_killed(start_builder(request, fault), delay, Path(path, "plan.json"))
     if rc != -signal.SIGKILL:
         detail = f"exit {rc} (finished before the kill)" if rc == 0 else f"exit {rc}"
         if rc != 0:
@@ -237,13 +246,14 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     ref = Reference.load(ref_res.path)
     print(f"reference: {ref_res.samples} samples, {ref_res.shards_total} shards, {build_s:.1f}s in-process")
-    proc = start_builder(make_request(work, work / "calibrate"))  # a whole subprocess build: the random-kill window
-    proc.stdout.readline()
+    calib = make_request(work, work / "calibrate")  # a whole subprocess build: plan.json -> exit is the kill window
+    proc = start_builder(calib)
+    wait_for(Path(cache_path(calib), "plan.json"), proc)
     t1 = time.perf_counter()
     out, err = proc.communicate()
     build_s = time.perf_counter() - t1
     problems = check_final(ref, json.loads(out.splitlines()[-1])["path"]) if proc.returncode == 0 else [err[-2000:]]
-    print(f"subprocess build: {build_s:.1f}s after imports, {'equal to the reference' if not problems else problems}")
+    print(f"subprocess build: {build_s:.1f}s from plan to exit, {'equal to the reference' if not problems else problems}")
     if problems:
         return 1
     survived = {p: [0, 0] for p in PHASES}
