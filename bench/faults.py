@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd.cache_schema import CacheReader, verify_cache
-from kd.cache_schema.lease import LEASE_FILE
+from kd.cache_schema.lease import DEFAULT_TTL, LEASE_FILE, LeaseInfo
 from kd.pipeline.build import BuildRequest, BuildResult, asdict_request, build_cache
 
 PHASES = ("batch", "shard_write", "after_commit", "seal", "random")
@@ -166,7 +166,10 @@ def check_final(ref: Reference, path: str) -> list[str]:
         problems.append("index.parquet differs from the reference")
     keep = {e.path.split("/", 1)[1] for e in r.manifest.shards} | {f"{e.shard:05d}.commit.json" for e in r.manifest.shards}
     stray = sorted(set(os.listdir(Path(path, "shards"))) - keep)
-    stray += sorted(set(os.listdir(path)) - {"plan.json", "shards", "index.parquet", "manifest.json"})
+    top = set(os.listdir(path)) - {"plan.json", "shards", "index.parquet", "manifest.json"}
+    if LEASE_FILE in top and LeaseInfo.parse(Path(path, LEASE_FILE).read_bytes()).stale(DEFAULT_TTL):
+        top.discard(LEASE_FILE)  # killed between manifest and release: a dead builder's lease, not cache content
+    stray += sorted(top)
     if stray:
         problems.append(f"left behind: {stray}")
     return problems
