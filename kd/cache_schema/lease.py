@@ -129,8 +129,10 @@ class BuildLease:
                     torn_since = torn_since or time.monotonic()
                     if time.monotonic() - torn_since > self.ttl and self._take_over():
                         break
-                elif other.owner == self.info.owner or (other.stale(self.ttl) and self._take_over()):
-                    break
+                else:
+                    torn_since = None
+                    if other.owner == self.info.owner or (other.stale(self.ttl) and self._take_over()):
+                        break
             waited = time.monotonic() - t0
             who = other.where if other else "unknown (unreadable lease.json)"
             if self.wait_timeout is not None and waited >= self.wait_timeout:
