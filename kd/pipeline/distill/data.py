@@ -161,6 +161,9 @@ def open_teachers(teachers: Mapping[str, str], vocab_maps: Mapping[str, str] | N
                 spec = (reader.manifest.teacher or {}).get("model_dir") if reader.manifest else None
                 if not spec:
                     raise ValueError(f"teacher {role!r}: cache {url} records no teacher model_dir for vocab_map=auto")
+                if not Path(spec).is_dir():  # built on another machine: the tokenizer must be named explicitly
+                    raise ValueError(f"teacher {role!r}: cache {url} records teacher model_dir {spec}, which is not a "
+                                     "directory here; give vocab_maps.<role> as a tokenizer dir or JSON map")
             if Path(spec).is_dir():
                 from transformers import AutoTokenizer
 
