@@ -173,7 +173,8 @@ def floors(data, coding: str) -> dict[str, tuple[float, str]]:
     """Entropy estimates in bytes/token of what each array of ``coding`` holds on ``data``.
 
     ids: "ordered" = per-column order-0 entropy (each rank position coded with its own model;
-    no lossless coder that codes ids one at a time without context can beat it), "order-0" = one
+    no lossless coder that codes ids one at a time without context can beat it; u8's folded
+    entries are not charged, the codes tell where they are), "order-0" = one
     model for all positions, "set" = order-0 minus log2(k!) (the rank order dropped, as if it were
     uniform: an estimate). Log-prob codes: per-column order-0 entropy of the stored (delta) codes.
     Floats (fp32 log-probs, ``logprob_ref``, ``tail_logmass``): byte-plane order-0 entropy, an
@@ -186,8 +187,11 @@ def floors(data, coding: str) -> dict[str, tuple[float, str]]:
     ids = data.ids if folded is None else np.where(folded, -1, data.ids).astype(np.int32)
     k = ids.shape[1]
     h_id = entropy_bits(ids)
+    kept = np.ones(ids.shape, bool) if folded is None else ~folded
+    # u8: which entries are folded (id -1) is already told by the log-prob codes (255): not charged.
+    ordered = sum(entropy_bits(ids[kept[:, j], j]) * kept[:, j].mean() for j in range(k)) / 8
     out = {
-        "ids (ordered)": (column_entropy_bytes(ids), "per-column order-0"),
+        "ids (ordered)": (ordered, "per-column order-0"),
         "ids (order-0)": (k * h_id / 8, "one model for all columns"),
         "ids (set)": ((k * h_id - float(np.sum(np.log2(np.arange(1, k + 1))))) / 8, "order-0 minus log2(k!), estimate"),
     }

@@ -34,24 +34,23 @@ def chunk_rows(row_bytes: int, n_rows: int) -> int:
     return max(1, min(rows, max(1, n_rows)))
 
 
-# Top-k arrays whose columns differ in distribution (rank 0 vs rank 63): stored column-major
-# inside each chunk (the core ``transpose`` codec), so zstd sees one column's values together.
-_COLUMN_MAJOR = ("ids", "logprobs")
-
-
 def array_codecs(name: str, data: np.ndarray) -> tuple[list, list, tuple[int, ...]]:
     """(filters, compressors, chunk shape) for one cache array (choices measured by bench/cache_io.py)."""
     typesize = data.dtype.itemsize
-    row_bytes = typesize * int(np.prod(data.shape[1:], dtype=np.int64)) if data.ndim > 1 else typesize
+    width = int(np.prod(data.shape[1:], dtype=np.int64)) if data.ndim > 1 else 1
+    # ids chunks are sized by their decoded int32 rows (what the reader's LRU holds), not the codes
+    row_bytes = (4 if name == "ids" else typesize) * width
     chunks = (chunk_rows(row_bytes, data.shape[0]),) + tuple(data.shape[1:])
-    filters = [zc.TransposeCodec(order=(1, 0))] if name in _COLUMN_MAJOR and data.ndim == 2 else []
-    # int32 id codes (tables over 65536 ids) have mostly-zero high bits: bitshuffle drops them;
-    # uint16 id codes and everything else compress better byte-shuffled.
-    shuffle = "bitshuffle" if name == "ids" and typesize == 4 else "shuffle"
-    # log-prob deltas: level 1 is smaller *and* 5-11x faster than 5; id codes: level 3 on 256 KiB
-    # blocks is as small as level 5 (whose automatic blocks are that size) and ~1.5x faster (bench)
-    level = 1 if name == "logprobs" else 3
-    blocksize = 1 << 18 if name == "ids" else 0
-    compressors = [zc.BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, typesize=typesize, blocksize=blocksize),
+    level, blocksize, shuffle_size = 3, 0, typesize
+    shuffle = "shuffle"
+    if name == "ids":
+        # int32 codes (tables over 65536 ids) have mostly-zero high bits: bitshuffle drops them
+        shuffle = "bitshuffle" if typesize == 4 else "shuffle"
+        blocksize = CHUNK_BYTES  # one zstd block per chunk: smaller and faster to decode than blosc's choice
+    elif name == "logprobs":
+        level, blocksize = 1, CHUNK_BYTES  # level 1: smaller *and* 5-11x faster than 5 on the deltas
+        if typesize * width <= 255:  # a whole row as blosc's "type": byte-shuffling groups each rank's bytes
+            shuffle_size = typesize * width
+    compressors = [zc.BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, typesize=shuffle_size, blocksize=blocksize),
                    zc.Crc32cCodec()]
-    return filters, compressors, chunks
+    return [], compressors, chunks
