@@ -1,7 +1,7 @@
 """Stage-two training-step benchmark: plain SFT vs cached multi-teacher KD vs online KD, one student.
 
-    python bench/train_step.py [--steps 20] [--warmup 3] [--batch-size 8] [--scenes 16] [--student student|medium]
-                               [--workdir DIR] [--repeats 2] [--device cpu|cuda] [--threads 1] [--profile]
+    python bench/train_step.py [--steps 30] [--warmup 3] [--batch-size 8] [--scenes 16] [--student student|medium]
+                               [--workdir DIR] [--device cpu|cuda] [--threads 1] [--profile]
 
 One tiny VLM student (the demo's ``student`` preset, 2 layers x 64; ``--student medium`` is 4 x 256),
 synthetic driving data (``kd.pipeline.synth``: 3 records per scene, one per capability) and three
@@ -21,16 +21,18 @@ steps and seeds:
     caches them) for the same ``DistillObjective``. Teachers read the student's batch (shared tokenizer).
 
 A step is what ``kd distill`` times: fetch the batch (``DataLoader``, ``num_workers`` as given),
-forward, losses, backward, grad clip, AdamW step. Step time is the median over ``--steps`` steps
-after ``--warmup``. Each row runs in a fresh subprocess, so its peak memory is its own: on CPU the
-growth of peak RSS (``ru_maxrss``) over the RSS after every import (torch, transformers, kd, zarr,
-pyarrow: the same for all rows); with ``--device cuda`` ``torch.cuda.max_memory_allocated``. The
-loader row iterates (b)'s data loader alone (no model) and reports its input tokens/s.
+forward, losses, backward, grad clip, AdamW step.
 
-On a shared machine the rows are run round-robin ``--repeats`` times (each round runs a, b, c once,
-so a burst of load hits all rows of a round); the table shows the median over rounds and the
-verdicts rest on the median of the per-round ratios. Targets (issue #5): (b)/(a) <= 1.15 in time
-and <= 1.1 in memory. ``--profile`` adds a cProfile of (b)'s timed steps.
+Time: the three rows run in one process, interleaved step by step (step ``i`` of a, b and c, in a
+rotating order, then step ``i + 1``; each row keeps its own student copy, optimiser and loader), so
+a burst of load on a shared machine hits every row alike. The table shows each row's median over
+``--steps`` steps after ``--warmup``; the ratios are the medians of the per-step ratios.
+Memory: each row alone in a fresh subprocess (``--warmup`` + ``--memory-steps`` steps): on CPU the
+growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first use of every
+library (the same for all rows, see ``_warm_up_framework``); with ``--device cuda``
+``torch.cuda.max_memory_allocated``. The loader row iterates (b)'s data loader alone (no model)
+and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
+``--profile`` adds a cProfile of (b)'s timed steps.
 """
 
 from __future__ import annotations
@@ -244,165 +246,204 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     return _rss_mb() - before
 
 
-def worker(row: str, setup: dict, args: argparse.Namespace) -> dict:
-    """Run one row in this (fresh) process and return its measurements."""
-    # Everything any row imports comes first, so the memory baseline is the same for all rows.
-    import numpy as np  # noqa: F401
+class RowRunner:
+    """One row's training state (its own student copy, optimiser, data loader, teachers) and its step."""
+
+    def __init__(self, row: str, setup: dict, args: argparse.Namespace, records, device) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from kd.cache_schema import SignalConfig
+        from kd.pipeline.distill.config import LossConfig
+        from kd.pipeline.distill.data import (
+            DistillDataset,
+            EpochSampler,
+            collate,
+            open_teachers,
+        )
+        from kd.pipeline.distill.objective import (
+            DistillObjective,
+            build_objective,
+            plan_teacher,
+        )
+        from kd.pipeline.distill.student import load_student, student_dims
+        from kd.pipeline.distill.train import DistillModule
+
+        self.row, self.device = row, device
+        self.cuda = device.type == "cuda"
+        torch.manual_seed(0)
+        student, processor = load_student(setup["student"])
+        tok = getattr(processor, "tokenizer", processor)
+        self.teachers: dict[str, OnlineTeacher] = {}
+        objective = None
+        if row in ("cached", "loader"):
+            sources = open_teachers(setup["caches"], {}, processor)
+            dataset = DistillDataset(records, processor, sources)
+            objective = build_objective(LossConfig(), sources, student)
+        else:
+            dataset = SFTDataset(records, processor)
+        if row == "online":
+            n_layers, width = student_dims(student)
+            plans = {}
+            for role in ROLES:
+                kind, layers = ATTENTION[role]
+                self.teachers[role] = OnlineTeacher(setup["teachers"][role], args.k, HIDDEN_LAYERS, (kind, layers),
+                                                    device)
+                t_layers, t_width = student_dims(self.teachers[role].model)
+                signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS,
+                                       attention_layers=layers, attention_kinds=(kind,))
+                plans[role] = plan_teacher(role, signals, LossConfig(), student_layers=n_layers,
+                                           teacher_width=t_width, teacher_depth=t_layers)
+            objective = DistillObjective(LossConfig(), plans, student_width=width)
+        self.sampler = EpochSampler(len(dataset), seed=0)
+        self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler,
+                                 num_workers=args.num_workers, collate_fn=partial(collate, pad_id=tok.pad_token_id or 0),
+                                 persistent_workers=args.num_workers > 0)
+        self.data = self._batches()
+        if row == "loader":
+            return
+        if objective is not None and objective.attention_layers:
+            student.set_attn_implementation("eager")  # as kd distill does: attention maps need the weights
+        self.student, self.objective = student, objective
+        self.module = DistillModule(student, objective) if objective is not None else student
+        self.module.to(device).train()
+        groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+        if objective is not None and list(objective.parameters()):
+            groups.append({"params": list(objective.parameters())})
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4)
+        self.weights = objective.fixed_weights() if objective is not None else None
+
+    def _batches(self):
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def step(self) -> dict:
+        """One training step: fetch, (teachers,) forward, losses, backward, clip, AdamW. Returns its timings."""
+        import torch
+
+        from kd.pipeline.distill.student import student_forward
+        from kd.pipeline.losses import answer_ce_loss
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        batch = _to_device(next(self.data), self.device)
+        t1 = time.perf_counter()
+        if self.teachers:
+            batch["teachers"] = {role: t.targets(batch) for role, t in self.teachers.items()}
+        t2 = time.perf_counter()
+        if self.objective is None:
+            loss = answer_ce_loss(student_forward(self.student, batch).logits, batch["targets"])
+        else:
+            loss = self.module(batch).total(self.weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t3 = time.perf_counter()
+        return {"step_s": t3 - t0, "data_s": t1 - t0, "teachers_s": t2 - t1, "tokens": int(batch["lengths"].sum())}
+
+
+def _import_everything() -> None:
+    """Every module any row uses, imported before the memory baseline (the same for all rows)."""
+    import numpy  # noqa: F401
     import pyarrow.parquet  # noqa: F401
-    import torch
+    import torch  # noqa: F401
     import transformers  # noqa: F401
     import zarr  # noqa: F401
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForImageTextToText  # noqa: F401
 
-    from kd.cache_schema import SignalConfig
+    import kd.cache_schema
+    import kd.pipeline.distill.train
+    import kd.pipeline.engines.base  # noqa: F401
+
+
+def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
+    """``time``: all rows interleaved step by step in this process (a load burst on the shared machine
+    hits every row alike; each row keeps its own state). ``mem-<row>``: one row alone in this fresh
+    process, for its peak memory. ``loader``: (b)'s data loader alone."""
+    _import_everything()
+    import torch
+
     from kd.pipeline.dataset import load_records
-    from kd.pipeline.distill.config import LossConfig
-    from kd.pipeline.distill.data import (
-        DistillDataset,
-        EpochSampler,
-        collate,
-        open_teachers,
-    )
-    from kd.pipeline.distill.objective import (
-        DistillObjective,
-        build_objective,
-        plan_teacher,
-    )
-    from kd.pipeline.distill.student import load_student, student_dims, student_forward
-    from kd.pipeline.distill.train import DistillModule
-    from kd.pipeline.losses import answer_ce_loss
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     records = load_records(setup["data"])
     with tempfile.TemporaryDirectory() as scratch:
         lib_init = _warm_up_framework(setup["student"], records[0], device, Path(scratch))
     base_rss = _rss_mb()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
-    torch.manual_seed(0)
 
-    student, processor = load_student(setup["student"])
-    tok = getattr(processor, "tokenizer", processor)
-    teachers: dict[str, OnlineTeacher] = {}
-    objective = None
-    if row in ("cached", "loader"):
-        sources = open_teachers(setup["caches"], {}, processor)
-        dataset = DistillDataset(records, processor, sources)
-        objective = build_objective(LossConfig(), sources, student)
-    else:
-        dataset = SFTDataset(records, processor)
-    if row == "online":
-        n_layers, width = student_dims(student)
-        plans = {}
-        for role in ROLES:
-            kind, layers = ATTENTION[role]
-            teachers[role] = OnlineTeacher(setup["teachers"][role], args.k, HIDDEN_LAYERS, (kind, layers), device)
-            t_layers, t_width = student_dims(teachers[role].model)
-            signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS, attention_layers=layers,
-                                   attention_kinds=(kind,))
-            plans[role] = plan_teacher(role, signals, LossConfig(), student_layers=n_layers, teacher_width=t_width,
-                                       teacher_depth=t_layers)
-        objective = DistillObjective(LossConfig(), plans, student_width=width)
-    sampler = EpochSampler(len(dataset), seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=partial(collate, pad_id=tok.pad_token_id or 0),
-                        persistent_workers=args.num_workers > 0)
-
-    def batches():
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    data = batches()
-    total = args.warmup + args.steps
-    if row == "loader":
-        next(data)  # first batch: worker start-up and first reads
+    if mode == "loader":
+        runner = RowRunner("loader", setup, args, records, device)
+        next(runner.data)  # first batch: worker start-up and first reads
+        n = args.warmup + args.steps
         t0, tokens, answer_tokens = time.perf_counter(), 0, 0
-        for _ in range(total):
-            batch = next(data)
+        for _ in range(n):
+            batch = next(runner.data)
             tokens += int(batch["lengths"].sum())
             answer_tokens += int(batch["num_tokens"].sum())
         seconds = time.perf_counter() - t0
-        return {"row": row, "tokens_per_s": tokens / seconds, "answer_tokens_per_s": answer_tokens / seconds,
-                "batches": total}
+        return {"tokens_per_s": tokens / seconds, "answer_tokens_per_s": answer_tokens / seconds}
 
-    if objective is not None and objective.attention_layers:
-        student.set_attn_implementation("eager")  # as kd distill does: attention maps need the weights
-    module = DistillModule(student, objective) if objective is not None else student
-    module.to(device).train()
-    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
-    if objective is not None and list(objective.parameters()):
-        groups.append({"params": list(objective.parameters())})
-    optimizer = torch.optim.AdamW(groups, lr=1e-4)
-    weights = objective.fixed_weights() if objective is not None else None
+    if mode.startswith("mem-"):
+        runner = RowRunner(mode[4:], setup, args, records, device)
+        steps = [runner.step() for _ in range(args.warmup + args.memory_steps)]
+        result = {"rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(),
+                  "mem_mb": _peak_rss_mb() - base_rss,
+                  "step_s": statistics.median(s["step_s"] for s in steps[args.warmup:])}
+        if device.type == "cuda":
+            result["mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+        return result
+
+    runners = {row: RowRunner(row, setup, args, records, device) for row in ROWS}
+    for _ in range(args.warmup):
+        for runner in runners.values():
+            runner.step()
+    timings: dict[str, list[dict]] = {row: [] for row in ROWS}
     profiler = None
-    steps, parts = [], {"data": [], "teachers": []}
-    tokens = 0
-    for i in range(total):
-        if i == args.warmup and args.profile and row == "cached":
-            import cProfile
+    if args.profile:
+        import cProfile
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        batch = _to_device(next(data), device)
-        t1 = time.perf_counter()
-        if teachers:
-            batch["teachers"] = {role: t.targets(batch) for role, t in teachers.items()}
-        t2 = time.perf_counter()
-        if objective is None:
-            loss = answer_ce_loss(student_forward(student, batch).logits, batch["targets"])
-        else:
-            loss = module(batch).total(weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        t3 = time.perf_counter()
-        if i >= args.warmup:
-            steps.append(t3 - t0)
-            parts["data"].append(t1 - t0)
-            parts["teachers"].append(t2 - t1)
-            tokens += int(batch["lengths"].sum())
-    result = {"row": row, "step_s": statistics.median(steps), "data_s": statistics.median(parts["data"]),
-              "teachers_s": statistics.median(parts["teachers"]), "tokens_per_s": tokens / sum(steps),
-              "rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(), "mem_mb": _peak_rss_mb() - base_rss,
-              "eager": getattr(student.config, "_attn_implementation", "?")}
-    if cuda:
-        result["mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+        profiler = cProfile.Profile()
+    order = list(ROWS)
+    for i in range(args.steps):
+        for row in order[i % 3:] + order[: i % 3]:  # rotate who goes first
+            if profiler is not None and row == "cached":
+                profiler.enable()
+            timings[row].append(runners[row].step())
+            if profiler is not None and row == "cached":
+                profiler.disable()
+    result = {"steps": timings}
     if profiler is not None:
         import io
         import pstats
 
-        profiler.disable()
         buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(25)
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         result["profile"] = buf.getvalue()
     return result
 
 
-def run_worker(row: str, setup_path: Path, args: argparse.Namespace) -> dict:
-    """``row`` in a fresh interpreter (its own peak memory); returns its JSON result."""
+def run_worker(mode: str, setup_path: Path, args: argparse.Namespace) -> dict:
+    """``mode`` in a fresh interpreter (its own peak memory); returns its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, __file__, "--worker", row, "--setup", str(setup_path), "--result", str(out),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--k", str(args.k), "--threads", str(args.threads), "--device", args.device,
-           "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
+    cmd = [sys.executable, __file__, "--worker", mode, "--setup", str(setup_path), "--result", str(out),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
+           "--batch-size", str(args.batch_size), "--k", str(args.k), "--threads", str(args.threads),
+           "--device", args.device, "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"row {row} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)
@@ -417,20 +458,20 @@ def _verdict(ratio: float, target: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per row (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--memory-steps", type=int, default=6, help="steps of each memory run (after --warmup)")
     ap.add_argument("--batch-size", type=int, default=8, help="records per step")
     ap.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3 records each)")
     ap.add_argument("--student", choices=("student", "medium"), default="student",
                     help="student size: the demo's (2 x 64) or 4 x 256")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
-    ap.add_argument("--repeats", type=int, default=2, help="round-robin rounds of (a), (b), (c)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per row (1: stable timings when shared)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings when shared)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (kd distill's default: 0)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--workdir", default=None, help="keep data, models and caches here and reuse them")
     ap.add_argument("--profile", action="store_true", help="cProfile (b)'s timed steps")
-    ap.add_argument("--worker", choices=("sft", "cached", "online", "loader"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -451,51 +492,50 @@ def main(argv: list[str] | None = None) -> int:
         setup = prepare(workdir, args)
         setup_path = workdir / "setup-current.json"
         setup_path.write_text(json.dumps(setup))
-        rounds: list[dict[str, dict]] = []
-        for r in range(args.repeats):
-            results = {}
-            for row, label in ROWS.items():
-                results[row] = run_worker(row, setup_path, args)
-                print(f"round {r + 1}/{args.repeats} {label}: {1000 * results[row]['step_s']:.1f} ms/step, "
-                      f"+{results[row]['mem_mb']:.0f} MiB", flush=True)
-            rounds.append(results)
+        t0 = time.perf_counter()
+        timing = run_worker("time", setup_path, args)
+        print(f"timing: {args.steps} interleaved steps per row in {time.perf_counter() - t0:.0f} s", flush=True)
+        memory = {}
+        for row, label in ROWS.items():
+            memory[row] = run_worker(f"mem-{row}", setup_path, args)
+            print(f"memory {label}: +{memory[row]['mem_mb']:.1f} MiB", flush=True)
         loader = run_worker("loader", setup_path, args)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    report(rounds, loader, args)
+    report(timing, memory, loader, args)
     return 0
 
 
-def report(rounds: list[dict[str, dict]], loader: dict, args: argparse.Namespace) -> None:
-    med = {row: {k: statistics.median(r[row][k] for r in rounds)
-                 for k in ("step_s", "data_s", "teachers_s", "tokens_per_s", "mem_mb", "rss_peak_mb")}
-           for row in ROWS}
+def report(timing: dict, memory: dict[str, dict], loader: dict, args: argparse.Namespace) -> None:
+    steps = timing["steps"]
+
+    def med(row: str, key: str) -> float:
+        return statistics.median(s[key] for s in steps[row])
+
     mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
-    print(f"\nstudent {args.student}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
-          f"top-k {args.k}, {args.threads} thread(s), device {args.device}, median of {args.repeats} round(s)")
+    print(f"\nstudent {args.student}, batch {args.batch_size}, top-k {args.k}, {args.threads} thread(s), device "
+          f"{args.device}; time: median of {args.steps} interleaved steps after {args.warmup} warm-up")
     print(f"{'row':<28}{'ms/step':>9}{'data ms':>9}{'teach ms':>9}{'tok/s':>8}{'MiB':>8}{'RSS MiB':>9}")
     for row, label in ROWS.items():
-        m = med[row]
-        print(f"{label:<28}{1000 * m['step_s']:>9.1f}{1000 * m['data_s']:>9.1f}{1000 * m['teachers_s']:>9.1f}"
-              f"{m['tokens_per_s']:>8.0f}{m['mem_mb']:>8.1f}{m['rss_peak_mb']:>9.0f}")
-    lib = statistics.median(r[row]["lib_init_mb"] for r in rounds for row in ROWS)
-    print(f"(MiB: {mem_kind} over the baseline after imports and first use of every library, where the first "
-          f"parquet/zarr use alone took {lib:.0f} MiB RSS; RSS MiB: whole-process peak)")
+        tps = sum(s["tokens"] for s in steps[row]) / sum(s["step_s"] for s in steps[row])
+        print(f"{label:<28}{1000 * med(row, 'step_s'):>9.1f}{1000 * med(row, 'data_s'):>9.1f}"
+              f"{1000 * med(row, 'teachers_s'):>9.1f}{tps:>8.0f}{memory[row]['mem_mb']:>8.1f}"
+              f"{memory[row]['rss_peak_mb']:>9.0f}")
+    lib = statistics.median(m["lib_init_mb"] for m in memory.values())
+    print(f"(MiB: {mem_kind} of the row alone in a fresh process, over the baseline after imports and first use "
+          f"of every library (the first parquet/zarr use alone took {lib:.0f} MiB RSS); RSS MiB: whole-process peak)")
     print(f"(b) loader alone (no model): {loader['tokens_per_s']:,.0f} input tokens/s, "
           f"{loader['answer_tokens_per_s']:,.0f} answer tokens/s\n")
-    for row, target_t, target_m in (("cached", TIME_TARGET, MEMORY_TARGET), ("online", None, None)):
-        t = statistics.median(r[row]["step_s"] / r["sft"]["step_s"] for r in rounds)
-        m = statistics.median(r[row]["mem_mb"] / max(r["sft"]["mem_mb"], 1e-9) for r in rounds)
-        tag = "b" if row == "cached" else "c"
-        line = f"({tag})/(a) time {t:.2f}x"
-        line += f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else ""
+    for row, tag, target_t, target_m in (("cached", "b", TIME_TARGET, MEMORY_TARGET), ("online", "c", None, None)):
+        # Ratio of the same step index (both rows ran within a fraction of a second of each other).
+        t = statistics.median(x["step_s"] / a["step_s"] for x, a in zip(steps[row], steps["sft"]))
+        m = memory[row]["mem_mb"] / max(memory["sft"]["mem_mb"], 1e-9)
+        line = f"({tag})/(a) time {t:.2f}x" + (f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else "")
         line += f"   memory {m:.2f}x" + (f" [{_verdict(m, target_m)} <= {target_m}]" if target_m else "")
         print(line)
-    for r in rounds:
-        if "profile" in r["cached"]:
-            print("\ncProfile of (b)'s timed steps (one round):\n" + r["cached"]["profile"])
-            break
+    if "profile" in timing:
+        print("\ncProfile of (b)'s timed steps:\n" + timing["profile"])
 
 
 if __name__ == "__main__":
