@@ -132,3 +132,17 @@ def test_code_outside_the_id_table_is_a_corrupt_cache(small_cache):
     _rewrite_shard_array(cache, "id_table", table[:1])  # every code >= 1 now points past the table
     with pytest.raises(CacheCorruptError, match="ids chunk 0.*outside the 1-entry id_table"):
         CacheReader(cache).get("s-0")
+
+
+def test_single_distinct_id_whose_chunks_zarr_leaves_unwritten(tmp_path):
+    """Codes all 0 and table [0]: zarr writes no chunk for either (all fill value); reads are still exact."""
+    sig = SignalConfig(top_k=1, value_coding="fp32")
+    samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([3, 4])]
+    for s in samples:
+        s.ids = np.zeros_like(s.ids)
+    path = build_cache(str(tmp_path), samples, sig, shard_size=2).location.path
+    assert not (shard_dir(path) / "id_table" / "c").exists()
+    reader = CacheReader(path)
+    for s in samples:
+        assert np.array_equal(reader.get(s.sample_id).ids, s.ids)
+    assert verify_cache(path).ok
