@@ -246,6 +246,13 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     return _rss_mb() - before
 
 
+def _loss_config(args: argparse.Namespace):
+    """``kd distill``'s default loss config with the ``--set loss.field=value`` overrides."""
+    from kd.pipeline.distill.config import LossConfig, apply_overrides
+
+    return LossConfig(**apply_overrides({}, args.set).get("loss", {}))
+
+
 class RowRunner:
     """One row's training state (its own student copy, optimiser, data loader, teachers) and its step."""
 
@@ -254,7 +261,6 @@ class RowRunner:
         from torch.utils.data import DataLoader
 
         from kd.cache_schema import SignalConfig
-        from kd.pipeline.distill.config import LossConfig
         from kd.pipeline.distill.data import (
             DistillDataset,
             EpochSampler,
@@ -266,7 +272,11 @@ class RowRunner:
             build_objective,
             plan_teacher,
         )
-        from kd.pipeline.distill.student import load_student, student_dims
+        from kd.pipeline.distill.student import (
+            load_student,
+            student_dims,
+            use_map_attention,
+        )
         from kd.pipeline.distill.train import DistillModule
 
         self.row, self.device = row, device
@@ -279,7 +289,7 @@ class RowRunner:
         if row in ("cached", "loader"):
             sources = open_teachers(setup["caches"], {}, processor)
             dataset = DistillDataset(records, processor, sources)
-            objective = build_objective(LossConfig(), sources, student)
+            objective = build_objective(_loss_config(args), sources, student)
         else:
             dataset = SFTDataset(records, processor)
         if row == "online":
@@ -292,9 +302,9 @@ class RowRunner:
                 t_layers, t_width = student_dims(self.teachers[role].model)
                 signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS,
                                        attention_layers=layers, attention_kinds=(kind,))
-                plans[role] = plan_teacher(role, signals, LossConfig(), student_layers=n_layers,
+                plans[role] = plan_teacher(role, signals, _loss_config(args), student_layers=n_layers,
                                            teacher_width=t_width, teacher_depth=t_layers)
-            objective = DistillObjective(LossConfig(), plans, student_width=width)
+            objective = DistillObjective(_loss_config(args), plans, student_width=width)
         self.sampler = EpochSampler(len(dataset), seed=0)
         self.loader = DataLoader(dataset, batch_size=args.batch_size, sampler=self.sampler,
                                  num_workers=args.num_workers, collate_fn=partial(collate, pad_id=tok.pad_token_id or 0),
@@ -303,7 +313,10 @@ class RowRunner:
         if row == "loader":
             return
         if objective is not None and objective.attention_layers:
-            student.set_attn_implementation("eager")  # as kd distill does: attention maps need the weights
+            if args.maps_attention:
+                use_map_attention(student)  # sdpa + the answer rows' weights of the hooked layers only
+            else:
+                student.set_attn_implementation("eager")  # as kd distill does today
         self.student, self.objective = student, objective
         self.module = DistillModule(student, objective) if objective is not None else student
         self.module.to(device).train()
@@ -440,6 +453,7 @@ def run_worker(mode: str, setup_path: Path, args: argparse.Namespace) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
            "--batch-size", str(args.batch_size), "--k", str(args.k), "--threads", str(args.threads),
            "--device", args.device, "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
+    cmd += [f"--set={o}" for o in args.set] + (["--maps-attention"] if args.maps_attention else [])
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -470,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (kd distill's default: 0)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--workdir", default=None, help="keep data, models and caches here and reuse them")
+    ap.add_argument("--set", action="append", default=[], metavar="loss.FIELD=VALUE",
+                    help="loss config override for (b) and (c), e.g. loss.attention=0 (repeatable)")
+    ap.add_argument("--maps-attention", action="store_true",
+                    help="student attention maps from kd's sdpa+maps attention instead of eager (rows b, c)")
     ap.add_argument("--profile", action="store_true", help="cProfile (b)'s timed steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)

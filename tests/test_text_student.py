@@ -164,3 +164,25 @@ def test_batched_hidden_and_attention_losses_equal_the_per_sample_ones():
     per_sample = padded_attention_map_loss(student, teacher, mask)
     for b, (t, k) in enumerate(shapes):
         assert torch.allclose(per_sample[b], attention_map_loss(student[b, :t, :k], teacher[b, :t, :k]))
+
+
+def test_map_attention_gives_the_eager_maps_and_gradients(text_world):
+    """kd's sdpa+maps attention (weights of the answer rows of the hooked layers only) equals eager."""
+    eager, tok = load_student(text_world["student"])
+    eager.set_attn_implementation("eager")
+    maps, _ = load_student(text_world["student"], attention=True)
+    assert maps.config._attn_implementation == "kd_sdpa_maps"
+    sources = open_teachers({"text": text_world["text_cache"]}, {}, tok)
+    dataset = DistillDataset(load_records(text_world["train"]), tok, sources)
+    batch = collate([dataset[i] for i in range(4)], pad_id=tok.pad_token_id)  # right-padded: a real mask
+    a = student_forward(eager, batch, attention_layers=[0, 1])
+    b = student_forward(maps, batch, attention_layers=[0, 1])
+    for layer in (0, 1):
+        assert torch.allclose(a.attention_padded[layer], b.attention_padded[layer], atol=1e-6)
+        for x, y in zip(a.attention[layer], b.attention[layer]):
+            assert torch.allclose(x, y, atol=1e-6) and torch.allclose(y.sum(-1), torch.ones(len(y)), atol=1e-5)
+    for out in (a, b):
+        out.attention_padded[0].pow(2).sum().backward()
+    ga = eager.model.layers[0].self_attn.q_proj.weight.grad
+    gb = maps.model.layers[0].self_attn.q_proj.weight.grad
+    assert ga.abs().sum() > 0 and torch.allclose(ga, gb, atol=1e-5)

@@ -4,8 +4,9 @@ The forward mirrors the transformers teacher engine (``engines/hf_engine.py``) p
 position: right-padded batch, only the answer-predicting positions (``answer_start - 1 + j``) go
 through the LM head, hidden states come from ``hidden_states[layer]`` (0 = embeddings, ``L`` =
 final normed output) and attention maps are head-averaged softmax weights captured by a forward
-hook on each decoder layer's ``self_attn`` (eager attention). Unlike the engine, everything keeps
-its graph so the losses train the student.
+hook on each decoder layer's ``self_attn``: with ``MAPS_ATTENTION`` (sdpa, plus the weights of the
+answer-predicting rows of the hooked layers only) or eager attention (all weights of all layers).
+Unlike the engine, everything keeps its graph so the losses train the student.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from kd.pipeline.engines.base import num_text_layers
 
-__all__ = ["StudentOutputs", "load_student", "student_dims", "student_forward"]
+__all__ = ["MAPS_ATTENTION", "StudentOutputs", "load_student", "student_dims", "student_forward", "use_map_attention"]
 
 
 @dataclass
@@ -41,12 +42,58 @@ class StudentOutputs:
     attention_padded: dict[int, Tensor] = field(default_factory=dict)
 
 
+# Attention maps without eager attention: every layer runs sdpa, and the layers whose maps a loss
+# needs also compute softmax(q k^T) for the answer-predicting query rows only. Eager attention would
+# materialise [B, heads, S, S] weights in every layer (kept for backward), for maps of one or two layers.
+MAPS_ATTENTION = "kd_sdpa_maps"
+
+
+def _sdpa_with_maps(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """transformers attention function: sdpa's output, plus ``[B, heads, R, S]`` softmax weights of
+    the query rows ``module._kd_keep`` (set by ``student_forward`` on the layers it reads)."""
+    from transformers.integrations.sdpa_attention import (
+        repeat_kv,
+        sdpa_attention_forward,
+    )
+
+    every_row = kwargs.pop("output_attentions", False)
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    keep = getattr(module, "_kd_keep", None)
+    if keep is None:
+        if not every_row:
+            return out, None
+        keep = torch.arange(query.shape[2], device=query.device)  # output_attentions: every row, as eager
+    k = repeat_kv(key, getattr(module, "num_key_value_groups", 1))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query[:, :, keep], k.transpose(2, 3)).float() * scale  # [B, H, R, S]
+    low = torch.finfo(scores.dtype).min  # as eager: a fully masked (padding) row stays finite
+    if attention_mask is None:  # sdpa's causal shortcut (no padding in the batch)
+        allowed = torch.arange(k.shape[2], device=keep.device)[None, :] <= keep[:, None]
+        scores = scores.masked_fill(~allowed, low)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[:, :, keep, : k.shape[2]], low)
+    else:
+        scores = scores + attention_mask[:, :, keep, : k.shape[2]].float()
+    return out, torch.softmax(scores, dim=-1)
+
+
+def use_map_attention(model: nn.Module) -> None:
+    """Switch ``model`` to ``MAPS_ATTENTION`` (registered with transformers on first use)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(MAPS_ATTENTION, _sdpa_with_maps)
+    AttentionMaskInterface.register(MAPS_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(MAPS_ATTENTION)
+
+
 def load_student(model_dir: str | Path, *, attention: bool = False, dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """Load the student model and its processor (a tokenizer for text-only models).
 
-    ``attention=True`` selects eager attention, the only implementation that materialises the
-    attention weights the attention-map loss needs.
+    ``attention=True`` selects ``MAPS_ATTENTION`` (sdpa plus the attention-map rows the loss needs);
+    ``student_forward`` also switches to it by itself when asked for attention maps.
     """
     from transformers import (
         AutoConfig,
@@ -62,7 +109,9 @@ def load_student(model_dir: str | Path, *, attention: bool = False, dtype: torch
     proc_cls = AutoProcessor if is_vlm else AutoTokenizer
     processor = proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = model_cls.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                      attn_implementation="eager" if attention else "sdpa")
+                                      attn_implementation="sdpa")
+    if attention:
+        use_map_attention(model)
     return model, processor
 
 
@@ -112,19 +161,28 @@ def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, extra:
     rows = [torch.searchsorted(keep, p.to(device)) for p in positions]
     store: dict[int, Tensor] = {}
     hooks = []
+    modules = []
     if attention_layers:
-        decoder_layers = model.get_decoder().layers
+        eager = model.config._attn_implementation == "eager"
+        if not eager and model.config._attn_implementation != MAPS_ATTENTION:
+            use_map_attention(model)
+        modules = [model.get_decoder().layers[i].self_attn for i in attention_layers]
 
         def make(layer: int):
             def hook(_mod, _inp, output):
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
-                    raise RuntimeError("attention weights were not returned: load the student with attention=True "
-                                       "(eager attention)")
-                store[layer] = weights.float().mean(dim=1)[:, keep, :]  # [B, |keep|, S]
+                    raise RuntimeError(f"layer {layer}: attention weights were not returned (the model's attention "
+                                       f"does not go through transformers' attention functions?); load it with "
+                                       f"attn_implementation='eager'")
+                weights = weights.float().mean(dim=1)  # [B, |keep|, S] or, eager, [B, S, S]
+                store[layer] = weights[:, keep, :] if eager else weights
             return hook
 
-        hooks = [decoder_layers[i].self_attn.register_forward_hook(make(i)) for i in attention_layers]
+        for layer, mod in zip(attention_layers, modules):
+            if not eager:
+                mod._kd_keep = keep
+            hooks.append(mod.register_forward_hook(make(layer)))
     dtype = next(model.parameters()).dtype
     extra = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in extra.items()}
     try:
@@ -133,6 +191,8 @@ def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, extra:
     finally:
         for h in hooks:
             h.remove()
+        for mod in modules:
+            mod.__dict__.pop("_kd_keep", None)
     logits = torch.cat([out.logits[b, r] for b, r in enumerate(rows)])
     hidden = {layer: torch.cat([out.hidden_states[layer][b, p.to(device)] for b, p in enumerate(positions)])
               for layer in hidden_layers}
