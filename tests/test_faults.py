@@ -30,7 +30,16 @@ _spec = importlib.util.spec_from_file_location("kd_bench_faults", ROOT / "bench"
 bench = sys.modules.setdefault("kd_bench_faults", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(bench)
 
-KILLS = ["batch:4", "shard_write:8", "after_commit:3", "before_manifest:1"]  # in a batch, mid write, last commit -> manifest, in the seal
+
+
+def kills(ref: bench.Reference) -> list[str]:
+    """In a batch (shard 1), mid shard 1's write, last commit -> manifest, in the seal."""
+    return ["batch:4", f"shard_write:{arrays_per_shard(ref) + 2}", "after_commit:3", "before_manifest:1"]
+
+
+def arrays_per_shard(ref: bench.Reference) -> int:
+    shard0 = CacheReader(ref.path).manifest.shards[0].path
+    return sum(1 for p in Path(ref.path, shard0).iterdir() if p.is_dir())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def ref(work) -> bench.Reference:
 
 
 def test_kill_at_every_phase_then_resume_equals_uninterrupted(work, ref):
-    requests = {point: bench.make_request(work, work / f"kill-{point.split(':')[0]}") for point in KILLS}
+    requests = {point: bench.make_request(work, work / f"kill-{point.split(':')[0]}") for point in kills(ref)}
     procs = {point: bench.start_builder(req, point) for point, req in requests.items()}  # all at once: start cost overlaps
     for point, proc in procs.items():
         assert bench.wait_killed(proc) == -signal.SIGKILL, f"{point}: builder was not killed ({proc.stderr})"
@@ -101,7 +110,7 @@ def test_two_concurrent_builders_make_one_cache(work, ref, tmp_path):
 
 def test_disk_full_mid_shard_then_rerun(work, ref, tmp_path, monkeypatch):
     req = bench.make_request(work, tmp_path / "caches")
-    monkeypatch.setenv("KD_FAULT_POINT", "shard_write:8:enospc")  # shard 1's 2nd array: ENOSPC
+    monkeypatch.setenv("KD_FAULT_POINT", f"shard_write:{arrays_per_shard(ref) + 2}:enospc")  # in shard 1's write
     fault_mod.reset()
     with pytest.raises(CacheNoSpaceError, match=r"shards/00001-[0-9a-f]{12}/.*no space left on device") as e:
         build_cache(req)
