@@ -34,6 +34,7 @@ from kd.cache_schema import (
     CacheReader,
     CacheUnsealedError,
     JoinedReader,
+    SCHEMA_VERSION,
     SchemaVersionError,
     SignalConfig,
     cache_dir_name,
@@ -302,9 +303,9 @@ def test_seal_is_idempotent_and_keeps_the_sealed_shards(tmp_path):
 
 def test_schema_version_mismatch(fp16_cache, tmp_path):
     doc = read_manifest(fp16_cache)
-    doc["schema_version"] = 2
+    doc["schema_version"] = 3
     write_manifest(fp16_cache, doc)
-    with pytest.raises(SchemaVersionError, match="schema_version 2"):
+    with pytest.raises(SchemaVersionError, match="schema_version 3"):
         CacheReader(fp16_cache)
     assert "schema_version" in verify_cache(fp16_cache).problems[0]
     assert "schema_version" in list_caches(str(Path(fp16_cache).parent))[0]["error"]
@@ -424,7 +425,7 @@ def test_key_documented_derivation():
     inputs = key_inputs(**BASE)
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     assert cache_key(inputs) == hashlib.sha256(canonical).hexdigest()
-    assert inputs["schema_version"] == 1 and inputs["signals"]["hidden_layers"] == [4]
+    assert inputs["schema_version"] == SCHEMA_VERSION == 2 and inputs["signals"]["hidden_layers"] == [4]
 
 
 def test_empty_key_input_refused():

@@ -117,10 +117,15 @@ def small_cache(tmp_path):
     return build_cache(str(tmp_path), samples, sig, shard_size=2).location.path, samples
 
 
-def test_shard_with_raw_ids_and_no_id_table_still_reads(small_cache):
-    """Caches written before the id codes hold raw int32 ids and no id_table."""
+def test_v1_shard_with_raw_ids_reads_and_a_v2_shard_without_table_is_corrupt(small_cache):
+    """schema_version 1 caches hold raw int32 ids and no id_table; in a v2 cache that is corruption."""
     cache, samples = small_cache
     _rewrite_shard_array(cache, "ids", np.concatenate([s.ids for s in samples]), drop="id_table")
+    with pytest.raises(CacheCorruptError, match="shard has no id_table"):
+        CacheReader(cache).get(samples[0].sample_id)
+    doc = read_manifest(cache)
+    doc["schema_version"] = 1
+    write_manifest(cache, doc)
     reader = CacheReader(cache)
     for s in samples:
         assert np.array_equal(reader.get(s.sample_id).ids, s.ids)

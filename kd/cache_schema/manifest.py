@@ -15,14 +15,14 @@ from kd import __version__
 from .errors import CacheCorruptError, SchemaVersionError
 from .storage import safe_relpath
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ids as codes into a per-shard id_table (SPEC.md, Versioning)
 FORMAT_NAME = "kd-teacher-cache"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 PLAN_FILE = "plan.json"
 
 
-SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+SUPPORTED_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)  # v1 shards hold raw int32 ids
 
 
 def check_schema_version(found: Any, where: str) -> None:

@@ -155,6 +155,8 @@ class _Shard:
                 arr = self.array(ID_TABLE)
                 n = arr.shape[0]
                 table = self.rows(ID_TABLE, 0, n) if n else np.zeros(0, np.int32)
+            elif self.reader.schema_version >= 2:  # v2 shards always code their ids (SPEC.md, Versioning)
+                raise CacheCorruptError(f"{self.where}: schema_version {self.reader.schema_version} shard has no id_table")
             self._id_table = table
         return self._id_table
 
@@ -178,6 +180,7 @@ class CacheReader:
             if not self.manifest.sealed:
                 raise CacheUnsealedError(f"{self.location.url}: manifest is not sealed")
             self.signals = self.manifest.signals
+            self.schema_version = self.manifest.schema_version
             entries = self.manifest.shards
             self.index = self._read_index_file()
         elif not self.location.exists():
@@ -212,6 +215,7 @@ class CacheReader:
         """Committed shards of an unfinished build (explicitly requested only)."""
         plan = json.loads(self.location.read_bytes("plan.json"))
         check_schema_version(plan.get("key_inputs", {}).get("schema_version"), f"{self.location.url}/plan.json")
+        self.schema_version = int(plan["key_inputs"]["schema_version"])
         signals = SignalConfig.from_dict(plan["key_inputs"]["signals"])
         entries, tables = [], []
         for shard in range(len(plan["shards"])):
