@@ -1,7 +1,8 @@
 """Stage-two training-step benchmark: plain SFT vs cached multi-teacher KD vs online KD, one student.
 
     python bench/train_step.py [--steps 30] [--warmup 3] [--batch-size 8] [--scenes 16] [--student student|medium]
-                               [--workdir DIR] [--device cpu|cuda] [--threads 1] [--profile]
+                               [--workdir DIR] [--device cpu|cuda] [--threads 1] [--maps-attention]
+                               [--set loss.FIELD=VALUE ...] [--profile]
 
 One tiny VLM student (the demo's ``student`` preset, 2 layers x 64; ``--student medium`` is 4 x 256),
 synthetic driving data (``kd.pipeline.synth``: 3 records per scene, one per capability) and three
@@ -14,7 +15,10 @@ steps and seeds:
 (a) plain SFT: answer cross-entropy only, sdpa attention, the student's own encoding of each record.
 (b) cached KD: ``kd distill``'s loader (``DistillDataset``: encode + join the three caches by sample
     id, alignment checked) and objective (``DistillObjective``: CE + per teacher top-k KL, hidden
-    MSE through projectors, attention-map MSE, mixed by capability), the student in eager attention.
+    MSE through projectors, attention-map MSE, mixed by capability), the student in eager attention
+    as ``kd distill`` sets it, or with ``--maps-attention`` in ``student.MAPS_ATTENTION`` (sdpa in
+    every layer plus the softmax weights of the answer rows of the layers whose maps are read).
+    ``--set loss.attention=0`` (any ``LossConfig`` field) prices one signal at a time.
 (c) online KD, the way Drive-KD runs: the three teacher models in memory, each step a no-grad
     teacher-forced forward of each on the batch produces the same signals (top-k log-probs + tail,
     hidden states, head-averaged attention maps at the answer positions, exactly as the hf engine
@@ -33,6 +37,11 @@ library (the same for all rows, see ``_warm_up_framework``); with ``--device cud
 ``torch.cuda.max_memory_allocated``. The loader row iterates (b)'s data loader alone (no model)
 and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
 ``--profile`` adds a cProfile of (b)'s timed steps.
+
+What to expect on CPU: (b) costs a roughly fixed ~10 ms and ~10 MiB per step over (a) (cache reads
+and collation, the objective's extra graph, projectors), so the ratios shrink as the student
+grows: on a shared 2-core machine the demo student (2 x 64, ~35-45 ms/step) gave (b)/(a) ~1.3x time
+and ~1.2x memory, the 4 x 256 student 1.10x and 1.09x.
 """
 
 from __future__ import annotations
@@ -158,10 +167,16 @@ class OnlineTeacher:
     build from its cache: top-k ids / log-probs / tail, hidden states and attention maps, computed
     exactly as ``engines/hf_engine.py`` computes them (answer-predicting positions only)."""
 
-    def __init__(self, model_dir: str, k: int, hidden_layers, attention: tuple[str, tuple[int, ...]], device) -> None:
-        from kd.pipeline.distill.student import load_student
+    def __init__(self, model_dir: str, k: int, hidden_layers, attention: tuple[str, tuple[int, ...]], device,
+                 maps: bool) -> None:
+        from kd.pipeline.distill.student import load_student, use_map_attention
 
-        self.model, _ = load_student(model_dir, attention=bool(attention[1]))
+        self.model, _ = load_student(model_dir)
+        self.maps = maps and bool(attention[1])
+        if self.maps:
+            use_map_attention(self.model)  # the same attention-map route as the student's
+        elif attention[1]:
+            self.model.set_attn_implementation("eager")  # as the hf engine does
         self.model.to(device).eval().requires_grad_(False)
         self.k, self.hidden_layers = k, tuple(hidden_layers)
         self.kind, self.attention_layers = attention
@@ -177,11 +192,14 @@ class OnlineTeacher:
         keep = torch.unique(torch.cat(positions))
         rows = [torch.searchsorted(keep, p) for p in positions]
         store, hooks = {}, []
-        layers = self.model.get_decoder().layers
-        for layer in self.attention_layers:
+        modules = [self.model.get_decoder().layers[layer].self_attn for layer in self.attention_layers]
+        for layer, mod in zip(self.attention_layers, modules):
             def hook(_mod, _inp, output, layer=layer):
-                store[layer] = output[1].float().mean(dim=1)[:, keep, :]
-            hooks.append(layers[layer].self_attn.register_forward_hook(hook))
+                weights = output[1].float().mean(dim=1)
+                store[layer] = weights if self.maps else weights[:, keep, :]
+            hooks.append(mod.register_forward_hook(hook))
+            if self.maps:
+                mod._kd_keep = keep
         extra = batch["model_inputs"] or {}
         try:
             # no_grad, not inference_mode: the targets are saved for the student's backward.
@@ -207,6 +225,8 @@ class OnlineTeacher:
         finally:
             for h in hooks:
                 h.remove()
+            for mod in modules:
+                mod.__dict__.pop("_kd_keep", None)
         return entry
 
 
@@ -298,7 +318,7 @@ class RowRunner:
             for role in ROLES:
                 kind, layers = ATTENTION[role]
                 self.teachers[role] = OnlineTeacher(setup["teachers"][role], args.k, HIDDEN_LAYERS, (kind, layers),
-                                                    device)
+                                                    device, args.maps_attention)
                 t_layers, t_width = student_dims(self.teachers[role].model)
                 signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS,
                                        attention_layers=layers, attention_kinds=(kind,))
