@@ -31,7 +31,8 @@ Time: the three rows run in one process, interleaved step by step (step ``i`` of
 rotating order, then step ``i + 1``; each row keeps its own student copy, optimiser and loader), so
 a burst of load on a shared machine hits every row alike. The table shows each row's median over
 ``--steps`` steps after ``--warmup``; the ratios are the medians of the per-step ratios.
-Memory: each row alone in a fresh subprocess (``--warmup`` + ``--memory-steps`` steps): on CPU the
+Memory: each row alone in a fresh subprocess (``--warmup`` + ``--memory-steps`` steps; median of
+``--memory-repeats`` runs per row, run round-robin, as RSS growth varies by several MiB): on CPU the
 growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first use of every
 library (the same for all rows, see ``_warm_up_framework``); with ``--device cuda``
 ``torch.cuda.max_memory_allocated``. The loader row iterates (b)'s data loader alone (no model)
@@ -495,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--memory-steps", type=int, default=6, help="steps of each memory run (after --warmup)")
+    ap.add_argument("--memory-repeats", type=int, default=3, help="fresh-process memory runs per row (median)")
     ap.add_argument("--batch-size", type=int, default=8, help="records per step")
     ap.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3 records each)")
     ap.add_argument("--student", choices=("student", "medium"), default="student",
@@ -533,10 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         timing = run_worker("time", setup_path, args)
         print(f"timing: {args.steps} interleaved steps per row in {time.perf_counter() - t0:.0f} s", flush=True)
+        runs: dict[str, list[dict]] = {row: [] for row in ROWS}
+        for _ in range(args.memory_repeats):  # RSS growth varies by several MiB from run to run: round-robin
+            for row in ROWS:
+                runs[row].append(run_worker(f"mem-{row}", setup_path, args))
         memory = {}
         for row, label in ROWS.items():
-            memory[row] = run_worker(f"mem-{row}", setup_path, args)
-            print(f"memory {label}: +{memory[row]['mem_mb']:.1f} MiB", flush=True)
+            values = sorted(r["mem_mb"] for r in runs[row])
+            memory[row] = {**runs[row][0], "mem_mb": statistics.median(values), "mem_runs": values,
+                           "rss_peak_mb": statistics.median(r["rss_peak_mb"] for r in runs[row])}
+            print(f"memory {label}: +{memory[row]['mem_mb']:.1f} MiB (runs: "
+                  f"{', '.join(f'{v:.1f}' for v in values)})", flush=True)
         loader = run_worker("loader", setup_path, args)
     finally:
         if tmp is not None:
@@ -568,7 +577,7 @@ def report(timing: dict, memory: dict[str, dict], loader: dict, args: argparse.N
     for row, tag, target_t, target_m in (("cached", "b", TIME_TARGET, MEMORY_TARGET), ("online", "c", None, None)):
         # Ratio of the same step index (both rows ran within a fraction of a second of each other).
         t = statistics.median(x["step_s"] / a["step_s"] for x, a in zip(steps[row], steps["sft"]))
-        m = memory[row]["mem_mb"] / max(memory["sft"]["mem_mb"], 1e-9)
+        m = memory[row]["mem_mb"] / max(memory["sft"]["mem_mb"], 1e-9)  # medians over the memory runs
         line = f"({tag})/(a) time {t:.2f}x" + (f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else "")
         line += f"   memory {m:.2f}x" + (f" [{_verdict(m, target_m)} <= {target_m}]" if target_m else "")
         print(line)
