@@ -8,6 +8,7 @@ worker rewrites that shard from scratch.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
 GPU_RESOURCE = "GPU"
 
 
-def run_jobs(jobs: list["ShardJob"], *, workers: int = 0, scheduler: str | None = None,
-             progress: "BuildProgress | None" = None) -> list[dict[str, Any]]:
+def run_jobs(jobs: list[ShardJob], *, workers: int = 0, scheduler: str | None = None,
+             progress: BuildProgress | None = None) -> list[dict[str, Any]]:
     if not jobs:
         return []
     if scheduler or workers > 0:
@@ -32,14 +33,25 @@ def run_jobs(jobs: list["ShardJob"], *, workers: int = 0, scheduler: str | None 
     return out
 
 
-def _dask_task(job: "ShardJob") -> dict[str, Any]:
+def task_key(job: ShardJob) -> str:
+    """The dask key of one shard's task.
+
+    dask runs a key once per cluster, so the key names the cache's full URL (a digest of it),
+    not just its directory name: two builds of the same cache into different roots on one
+    cluster must not share each other's tasks, while a rerun into the same root may.
+    """
+    digest = hashlib.sha256(job.cache_url.encode()).hexdigest()[:12]
+    return f"kd-shard-{job.cache_url.rstrip('/').rsplit('/', 1)[-1]}-{digest}-{job.shard:05d}"
+
+
+def _dask_task(job: ShardJob) -> dict[str, Any]:
     from .build import run_shard
 
     return run_shard(job)
 
 
-def _run_dask(jobs: list["ShardJob"], *, workers: int, scheduler: str | None,
-              progress: "BuildProgress | None") -> list[dict[str, Any]]:
+def _run_dask(jobs: list[ShardJob], *, workers: int, scheduler: str | None,
+              progress: BuildProgress | None) -> list[dict[str, Any]]:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -54,8 +66,7 @@ def _run_dask(jobs: list["ShardJob"], *, workers: int, scheduler: str | None,
         wants_gpu = jobs[0].request.get("device", "cpu").startswith("cuda") and scheduler is not None
         resources = {GPU_RESOURCE: 1} if wants_gpu else None
         futures = [
-            client.submit(_dask_task, job, key=f"kd-shard-{job.cache_url.rsplit('/', 1)[-1]}-{job.shard:05d}",
-                          resources=resources, retries=2, pure=False)
+            client.submit(_dask_task, job, key=task_key(job), resources=resources, retries=2, pure=False)
             for job in jobs
         ]
         results = []
