@@ -1,7 +1,7 @@
 """Stage-two training-step benchmark: plain SFT vs cached multi-teacher KD vs online KD, one student.
 
     python bench/train_step.py [--steps 30] [--warmup 3] [--batch-size 8] [--scenes 16] [--student student|medium]
-                               [--workdir DIR] [--device cpu|cuda] [--threads 1] [--maps-attention]
+                               [--workdir DIR] [--device cpu|cuda] [--threads 1] [--eager-attention]
                                [--set loss.FIELD=VALUE ...] [--profile]
 
 One tiny VLM student (the demo's ``student`` preset, 2 layers x 64; ``--student medium`` is 4 x 256),
@@ -15,9 +15,10 @@ steps and seeds:
 (a) plain SFT: answer cross-entropy only, sdpa attention, the student's own encoding of each record.
 (b) cached KD: ``kd distill``'s loader (``DistillDataset``: encode + join the three caches by sample
     id, alignment checked) and objective (``DistillObjective``: CE + per teacher top-k KL, hidden
-    MSE through projectors, attention-map MSE, mixed by capability), the student in eager attention
-    as ``kd distill`` sets it, or with ``--maps-attention`` in ``student.MAPS_ATTENTION`` (sdpa in
-    every layer plus the softmax weights of the answer rows of the layers whose maps are read).
+    MSE through projectors, attention-map MSE, mixed by capability), the student's attention maps
+    from ``student.MAPS_ATTENTION`` as ``kd distill`` sets it (sdpa in every layer plus the softmax
+    weights of the answer rows of the layers whose maps are read); ``--eager-attention`` runs the
+    student (and the online teachers) in eager attention instead, as kd distill did before.
     ``--set loss.attention=0`` (any ``LossConfig`` field) prices one signal at a time.
 (c) online KD, the way Drive-KD runs: the three teacher models in memory, each step a no-grad
     teacher-forced forward of each on the batch produces the same signals (top-k log-probs + tail,
@@ -41,8 +42,9 @@ and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and 
 
 What to expect on CPU: (b) costs a roughly fixed ~10 ms and ~10 MiB per step over (a) (cache reads
 and collation, the objective's extra graph, projectors), so the ratios shrink as the student
-grows: on a shared 2-core machine the demo student (2 x 64, ~35-45 ms/step) gave (b)/(a) ~1.3x time
-and ~1.2x memory, the 4 x 256 student 1.10x and 1.09x.
+grows: on a shared 2-core machine the demo student (2 x 64, ~35 ms/step) gave (b)/(a) ~1.3x time
+and ~1.2x memory, the 4 x 256 student (``--student medium``) 1.10x and 1.06x (1.15x memory with
+``--eager-attention``).
 """
 
 from __future__ import annotations
@@ -319,7 +321,7 @@ class RowRunner:
             for role in ROLES:
                 kind, layers = ATTENTION[role]
                 self.teachers[role] = OnlineTeacher(setup["teachers"][role], args.k, HIDDEN_LAYERS, (kind, layers),
-                                                    device, args.maps_attention)
+                                                    device, not args.eager_attention)
                 t_layers, t_width = student_dims(self.teachers[role].model)
                 signals = SignalConfig(logits="topk", top_k=args.k, hidden_layers=HIDDEN_LAYERS,
                                        attention_layers=layers, attention_kinds=(kind,))
@@ -334,10 +336,10 @@ class RowRunner:
         if row == "loader":
             return
         if objective is not None and objective.attention_layers:
-            if args.maps_attention:
-                use_map_attention(student)  # sdpa + the answer rows' weights of the hooked layers only
+            if args.eager_attention:
+                student.set_attn_implementation("eager")  # every layer's weights materialised
             else:
-                student.set_attn_implementation("eager")  # as kd distill does today
+                use_map_attention(student)  # as kd distill does
         self.student, self.objective = student, objective
         self.module = DistillModule(student, objective) if objective is not None else student
         self.module.to(device).train()
@@ -474,7 +476,7 @@ def run_worker(mode: str, setup_path: Path, args: argparse.Namespace) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
            "--batch-size", str(args.batch_size), "--k", str(args.k), "--threads", str(args.threads),
            "--device", args.device, "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
-    cmd += [f"--set={o}" for o in args.set] + (["--maps-attention"] if args.maps_attention else [])
+    cmd += [f"--set={o}" for o in args.set] + (["--eager-attention"] if args.eager_attention else [])
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -508,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="keep data, models and caches here and reuse them")
     ap.add_argument("--set", action="append", default=[], metavar="loss.FIELD=VALUE",
                     help="loss config override for (b) and (c), e.g. loss.attention=0 (repeatable)")
-    ap.add_argument("--maps-attention", action="store_true",
-                    help="student attention maps from kd's sdpa+maps attention instead of eager (rows b, c)")
+    ap.add_argument("--eager-attention", action="store_true",
+                    help="attention maps from eager attention instead of kd's sdpa+maps attention (rows b, c)")
     ap.add_argument("--profile", action="store_true", help="cProfile (b)'s timed steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)

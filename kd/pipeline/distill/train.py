@@ -51,7 +51,7 @@ from .config import DistillConfig
 from .data import DistillDataset, EpochSampler, collate, open_teachers
 from .objective import DistillObjective, LossBreakdown, build_objective
 from .rundir import MetricsLogger, check_resume_compatible, write_run_files
-from .student import load_student, student_forward
+from .student import load_student, student_forward, use_map_attention
 
 __all__ = ["RunResult", "DistillModule", "distill", "cosine_with_warmup"]
 
@@ -138,7 +138,7 @@ def distill(config: DistillConfig) -> RunResult:
     check_capabilities((r.capability for r in dataset.records), objective.roles,  # before any step, not at step 1
                        "uniform" if len(objective.roles) == 1 else lc.unknown_capability, source=str(cfg.data))
     if objective.attention_layers:
-        student.set_attn_implementation("eager")  # attention maps need materialised weights
+        use_map_attention(student)  # sdpa, plus the attention weights of the answer rows of the layers read
     teachers_doc = {role: src.describe() for role, src in sources.items()}
     if cfg.resume and ckpt is not None:
         check_resume_compatible(run_dir, cfg, teachers_doc)
