@@ -108,14 +108,36 @@ def build_args(world, out: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def built(s3, world) -> dict:
-    return json.loads(kd(*build_args(world, ROOT)))
+    """A build stopped after one committed shard, resumed on two dask worker processes.
+
+    The workers commit through their own S3 clients, so the driver's seal sees their commits
+    only if its listings are not served from s3fs's listings cache.
+    """
+    from kd.cache_schema import BuildPlan
+    from kd.pipeline.build import (
+        BuildRequest,
+        ShardJob,
+        asdict_request,
+        prepare,
+        run_shard,
+    )
+
+    req = BuildRequest(teacher=str(world["teacher"]), data=str(world["train"]), out=ROOT, engine="hf", top_k=8,
+                       value_coding="fp32", hidden_layers=(1,), hidden_coding="fp32", attention_layers=(0,),
+                       attention_kind="both", shard_size=5, batch_size=4)
+    cache, records, engine = prepare(req)
+    plan = BuildPlan.from_ids([r.id for r in records], req.shard_size)
+    cache.start(plan)
+    run_shard(ShardJob(asdict_request(req), engine, cache.location.url, cache.inputs, cache.teacher, 1, plan.shards[1]))
+    assert sorted(cache.committed()) == [1]
+    return json.loads(kd(*build_args(world, ROOT, "--workers", "2")))
 
 
-def test_build_on_s3_equals_local_build_and_is_reused(s3, world, built, tmp_path):
+def test_build_on_s3_resumed_on_dask_equals_local_build_and_is_reused(s3, world, built, tmp_path):
     from test_build import assert_same_cache
 
     assert built["path"].startswith(ROOT + "/") and not built["reused"]
-    assert built["shards_built"] == built["shards_total"] == 3
+    assert built["shards_built"] == 2 and built["shards_total"] == 3  # resumed on 2 dask workers
     assert s3.exists(f"{built['path'][5:]}/manifest.json")
     local = json.loads(kd(*build_args(world, str(tmp_path))))
     assert local["key"] == built["key"]  # where a cache lives is no part of its identity
