@@ -117,6 +117,15 @@ def cache_build(
         _fail(str(e))
     except (ValueError, FileNotFoundError, OSError, CacheError) as e:
         _fail(str(e))
+    except Exception as e:  # storage that cannot be reached, or a shard dask gave up on: one line
+        from kd.cache_schema.storage import is_storage_error
+
+        if is_storage_error(e):
+            _fail(f"cannot reach the cache storage ({type(e).__name__}: {e})")
+        if type(e).__name__ == "KilledWorker":
+            _fail(f"dask gave up on a shard after its workers died repeatedly ({e}); committed shards are kept: "
+                  "rerun to resume")
+        raise
     if as_json:
         payload = [r.to_dict() for r in results]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))
