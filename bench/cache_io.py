@@ -237,6 +237,37 @@ def floors(data, coding: str) -> dict[str, tuple[float, str]]:
     return out
 
 
+def kl_vocab_uniform_tail(p_lp: np.ndarray, p_tail: np.ndarray, q_lp: np.ndarray, q_tail: np.ndarray,
+                          vocab: int) -> np.ndarray:
+    """Per-row KL(P || Q) over the whole vocabulary, each side's tail spread evenly over its unlisted ids.
+
+    ``kl_topk_buckets`` compares what a loss on the coded cache sees, so an entry the u8 coding
+    folds into the tail costs nothing there; here it costs what it really loses (its own mass
+    against an even share of Q's tail), a fuller account of the lossy coding's error.
+    """
+    p_lp, q_lp = p_lp.astype(np.float64), q_lp.astype(np.float64)
+    p_tail, q_tail = p_tail.astype(np.float64), q_tail.astype(np.float64)
+    for lp, tail in ((p_lp, p_tail), (q_lp, q_tail)):  # renormalise: coding leaves sums a hair off 1
+        z = np.logaddexp.reduce(np.concatenate([lp, tail[:, None]], axis=1), axis=1)
+        lp -= z[:, None]
+        tail -= z
+    p_t, q_t = np.exp(p_tail), np.exp(q_tail)
+    kept = np.isfinite(q_lp)
+    listed = np.isfinite(p_lp)
+    q_share = q_t / (vocab - kept.sum(1))  # Q's mass on each id it does not list
+    p_share = p_t / (vocab - listed.sum(1))
+    p = np.exp(p_lp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(kept, p * (p_lp - q_lp), np.where(listed, p * (p_lp - np.log(q_share)[:, None]), 0.0))
+        unlisted = np.where(p_t > 0, p_t * (np.log(p_share) - np.log(q_share)), 0.0)
+    return terms.sum(1) + unlisted
+
+
+def print_vocab_kl(rows: list[dict]) -> None:
+    print("KL over the whole vocabulary, tails spread evenly (folded entries charged; mean / p99): "
+          + ", ".join(f"{r['coding']} {r['kl_vocab_mean']:.2e} / {r['kl_vocab_p99']:.2e}" for r in rows))
+
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1e6:7.2f}M"
 
@@ -250,12 +281,14 @@ def measure_coding(root: Location, coding: str, data, samples_a: list[Sample], s
            "write": args.tokens / dt_write, "floors": floors(data, coding)}
     # Coding error against the fp32 originals, over every token.
     reader = CacheReader(path_a)
-    kls = []
+    kls, kls_vocab = [], []
     for s in samples_a:
         got = reader.get(s.sample_id)
         kls.append(kl_topk_buckets(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass))
-    kl = np.concatenate(kls)
+        kls_vocab.append(kl_vocab_uniform_tail(s.logprobs, s.tail_logmass, got.logprobs, got.tail_logmass, args.vocab))
+    kl, kl_vocab = np.concatenate(kls), np.concatenate(kls_vocab)
     row["kl_mean"], row["kl_p99"] = float(kl.mean()), float(np.quantile(kl, 0.99))
+    row["kl_vocab_mean"], row["kl_vocab_p99"] = float(kl_vocab.mean()), float(np.quantile(kl_vocab, 0.99))
     if args.sizes_only:
         return row
     path_b, _ = write_cache(root, samples_b, coding, args.k, "teacher-B")
@@ -334,8 +367,9 @@ def targets(rows: list[dict], codings: list[str], *, reads: bool) -> None:
         rest = floor_total(u8) - f["ids (ordered)"][0]
         order_cost = float(np.sum(np.log2(np.arange(1, u8["k"] + 1)))) / 8
         target(f"lossy <= {TARGET_LOSSY_BPT:.0f} B/token at mean KL <= {TARGET_LOSSY_KL:g}",
-               u8["bpt"] <= TARGET_LOSSY_BPT and u8["kl_mean"] <= TARGET_LOSSY_KL,
-               f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e}. What it holds has an order-0 entropy "
+               u8["bpt"] <= TARGET_LOSSY_BPT and max(u8["kl_mean"], u8["kl_vocab_mean"]) <= TARGET_LOSSY_KL,
+               f"u8 = {u8['bpt']:.1f} B/token, mean KL {u8['kl_mean']:.2e} over the k+1 buckets, "
+               f"{u8['kl_vocab_mean']:.2e} over the vocabulary with folded entries charged. What it holds has an order-0 entropy "
                f"estimate of {floor_total(u8):.1f} (ordered ids {f['ids (ordered)'][0]:.1f} + the rest {rest:.1f}), "
                f"above {TARGET_LOSSY_BPT:.0f}: zarr's codecs (shuffle + zstd: LZ matches + order-0 entropy coding) "
                "cannot reach the target with every kept id exact. Coding the ids as a set "
@@ -402,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes_only:
         print("\nWrite rates (answer tokens/s): " + ", ".join(f"{r['coding']} {fmt_rate(r['write']).strip()}" for r in rows))
         print("KL mean: " + ", ".join(f"{r['coding']} {r['kl_mean']:.2e}" for r in rows))
+        print_vocab_kl(rows)
         targets(rows, codings, reads=False)
         return 0
+    print_vocab_kl(rows)
     print(f"\nThroughput in answer tokens/s (memcpy of the decoded {decoded_bpt} B/token: "
           f"{fmt_rate(mem_one)} one cache, {fmt_rate(mem_two)} two caches):")
     print(f"  {'coding':<6} {'KL mean':>9} {'KL p99':>9} {'write':>8} {'cold':>8} {'lru10%':>8} {'warm':>8} {'join cold':>9} "
