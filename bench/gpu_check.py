@@ -140,17 +140,12 @@ class Rate:
 def vllm_prefill_hidden(engine, batch: list[dict], layers: tuple[int, ...]) -> list[dict[int, np.ndarray]]:
     """k = 0: vLLM prefill with hidden-state extraction and no log-probs (what capture costs without top-k)."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+
+    from kd.pipeline.engines.vllm_engine import tokens_prompts
 
     samples = engine.encode(batch)
     llm = engine._ensure_llm(SignalSpec(top_k=1, hidden_layers=layers))
-    prompts = []
-    for s in samples:
-        p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
-        if s.images:
-            p["multi_modal_data"] = {"image": list(s.images)}
-        prompts.append(p)
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=None, detokenize=False),
+    outputs = llm.generate(tokens_prompts(samples), SamplingParams(max_tokens=1, prompt_logprobs=None, detokenize=False),
                            use_tqdm=False)
     paths = engine._drain(llm, outputs)
     try:

@@ -82,13 +82,22 @@ def _tokenizer_of(proc: Any) -> Any:
 def end_of_turn_token(proc: Any) -> str:
     """The token that closes an assistant turn: a known end-of-turn special if the vocab has one, else eos."""
     tok = _tokenizer_of(proc)
+    cached = _END_OF_TURN.get(id(tok))
+    if cached is not None and cached[0] is tok:  # get_vocab() rebuilds a dict: ~1 ms per call
+        return cached[1]
     vocab = tok.get_vocab()
     for cand in _END_OF_TURN_CANDIDATES:
         if cand in vocab:
-            return cand
-    if tok.eos_token is None:
-        raise ValueError("tokenizer has neither a known end-of-turn token nor an eos token")
-    return tok.eos_token
+            break
+    else:
+        if tok.eos_token is None:
+            raise ValueError("tokenizer has neither a known end-of-turn token nor an eos token")
+        cand = tok.eos_token
+    _END_OF_TURN[id(tok)] = (tok, cand)
+    return cand
+
+
+_END_OF_TURN: dict[int, tuple[Any, str]] = {}  # id(tokenizer) -> (tokenizer, token); the few tokenizers of a run
 
 
 def _image_token(proc: Any) -> str:

@@ -420,8 +420,9 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
         k = max(t.ids.shape[1] for t in ts)
 
         def pad(arrs, value, dtype, k=k):
-            return torch.from_numpy(np.concatenate([np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value)
-                                                    for a in arrs]).astype(dtype))
+            if any(a.shape[1] != k for a in arrs):  # only sampled caches have rows narrower than k
+                arrs = [np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value) for a in arrs]
+            return torch.from_numpy(np.concatenate(arrs).astype(dtype, copy=False))
 
         entry: dict[str, Any] = {
             "ids": pad([t.ids for t in ts], -1, np.int64),

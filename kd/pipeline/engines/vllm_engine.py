@@ -297,19 +297,12 @@ class VLLMEngine:
         samples = self.encode(batch)
         llm = self._ensure_llm(spec)
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
         extra = {_ARRAY_TAG: True} if self.array_prompt_logprobs and _install_array_prompt_logprobs() else None
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
                                 extra_args=extra)
-        prompts = []
-        for s in samples:
-            p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
-            if s.images:
-                p["multi_modal_data"] = {"image": list(s.images)}
-            prompts.append(p)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(tokens_prompts(samples), params, use_tqdm=False)
         # With hidden layers configured, vLLM writes a file for every request: read what the spec
         # asks for, then delete them all.
         paths = self._drain(llm, outputs) if self._tmp else [None] * len(outputs)
@@ -419,3 +412,16 @@ class VLLMEngine:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def tokens_prompts(samples) -> list:
+    """vLLM prompts of encoded samples: exact token ids (no re-tokenisation) plus their images."""
+    from vllm.inputs import TokensPrompt
+
+    prompts = []
+    for s in samples:
+        p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
+        if s.images:
+            p["multi_modal_data"] = {"image": list(s.images)}
+        prompts.append(p)
+    return prompts
