@@ -20,7 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 pytest.importorskip("s3fs", reason="the dev extra installs s3fs")
-moto_server = pytest.importorskip("moto.server", reason="the dev extra installs moto[server]")
+# moto's server runs as its own process: importing it here would import flask, whose context-local
+# proxies break vLLM's start-up scan of sys.modules in every later test of this process.
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
 from kd.cli import app
 from kd.pipeline.synth import synthesize
@@ -37,10 +39,11 @@ def s3(tmp_path_factory):
     import fsspec
 
     home = tmp_path_factory.mktemp("aws")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server.start()
-    host, port = server.get_host_and_port()
+    assert MOTO_SERVER.exists(), "the dev extra installs moto[server]"
+    host, port = "127.0.0.1", _free_port()
+    server = subprocess.Popen([str(MOTO_SERVER), "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_http(f"http://{host}:{port}/", server)
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {
             "AWS_ACCESS_KEY_ID": "kd-test-key",
@@ -60,7 +63,36 @@ def s3(tmp_path_factory):
             yield fs
         finally:
             fsspec.filesystem("s3").clear_instance_cache()
-            server.stop()
+            server.kill()
+            server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:  # any HTTP answer means it is serving
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"moto_server did not answer at {url} within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
