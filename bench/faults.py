@@ -81,7 +81,11 @@ def make_request(workdir: Path, out: Path, **kw) -> BuildRequest:
 
 def start_builder(request: BuildRequest, fault: str | None = None) -> subprocess.Popen:
     """A builder subprocess (stdout: 'ready' after imports, then the BuildResult JSON)."""
-    env = {**os.environ, **ENV}
+    import torch
+
+    # Same intra-op thread count as the in-process reference: float reductions, hence bits, depend on it
+    # (and an inherited OMP_NUM_THREADS, e.g. from a dask LocalCluster elsewhere, would differ).
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("KD_FAULT_POINT", None)
     if fault:
         env["KD_FAULT_POINT"] = fault

@@ -109,8 +109,12 @@ def test_resume_after_partial_build_gives_same_arrays(workdir, reference):
 
 
 def test_dask_two_workers_equals_in_process(workdir, reference):
+    import os
+
+    environ = dict(os.environ)
     res = build_cache(request(workdir, workdir / "dask", workers=2))
     assert_same_cache(res.path, reference)
+    assert dict(os.environ) == environ  # distributed's OMP_NUM_THREADS=1 etc. must not leak to the caller
 
 
 def test_key_changes_with_signals(workdir, reference):

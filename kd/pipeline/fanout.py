@@ -8,7 +8,10 @@ worker rewrites that shard from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,8 +62,9 @@ def _run_dask(jobs: list[ShardJob], *, workers: int, scheduler: str | None,
         client = Client(scheduler)
     else:
         # Processes, one thread each: one engine per process, no GIL contention between them.
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+        with _environ_kept():  # distributed sets OMP_NUM_THREADS=1 etc. in *this* process's environment
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=40)
         client = Client(cluster)
     try:
         wants_gpu = jobs[0].request.get("device", "cpu").startswith("cuda") and scheduler is not None
@@ -81,3 +85,14 @@ def _run_dask(jobs: list[ShardJob], *, workers: int, scheduler: str | None,
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Restore os.environ afterwards: a build must not change what the caller's later subprocesses inherit."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
