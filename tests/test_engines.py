@@ -230,3 +230,22 @@ def test_vllm_refuses_attention_and_unconfigured_layers(vllm_engine, vlm_samples
     assert vllm_engine.capture(vlm_samples[:1], SignalSpec(top_k=4))[0].hidden == {}
     with pytest.raises(ValueError, match="hidden_layers= to load_engine"):
         load_engine("vllm", vllm_engine.model_dir, hidden_layers=(1,)).capture(vlm_samples[:1], SignalSpec(hidden_layers=(2,)))
+
+
+@pytest.mark.vllm
+def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir):
+    """vLLM's start-up scan of sys.modules trips over flask's proxies: kd names the cause (own process: flask stays out of this one)."""
+    pytest.importorskip("flask")
+    code = (
+        "import flask, sys\n"
+        "from kd.pipeline.engines import SignalSpec, load_engine\n"
+        f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32')\n"
+        "try:\n"
+        "    e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2))\n"
+        "except RuntimeError as err:\n"
+        "    print('ERR', err)\n"
+        "    sys.exit(3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "flask" in res.stdout and "--engine hf" in res.stdout

@@ -284,7 +284,15 @@ class VLLMEngine:
                     "kv_connector_extra_config": {"shared_storage_path": self._tmp},
                 }
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
-            self._llm = LLM(**kwargs)
+            try:
+                self._llm = LLM(**kwargs)
+            except RuntimeError as e:
+                if "application context" not in str(e):
+                    raise
+                # vLLM's start-up scan of every module's globals trips over flask's context-local proxies.
+                raise RuntimeError("vLLM cannot start in a process that has imported flask/werkzeug (its kernel "
+                                   "override scan touches flask's context-local proxies): run the build in its "
+                                   "own process, or use --engine hf") from e
         return self._llm
 
     def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
