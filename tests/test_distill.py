@@ -79,6 +79,11 @@ def test_config_from_yaml_toml_and_overrides(tmp_path):
 # ----------------------------------------------------------------------------- alignment
 
 
+def test_teacher_chunk_caches_share_one_budget(kd_world):
+    sources = open_teachers(kd_world["caches"], {}, None, cache_bytes=3 << 20)
+    assert len(sources) == 3 and all(s.reader._lru.budget == 1 << 20 for s in sources.values())
+
+
 def test_alignment_error_names_sample_and_cache_for_another_tokenizer(kd_world):
     _, processor = load_student(kd_world["student_tok1"])
     sources = open_teachers(kd_world["caches"], {}, processor)

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from kd.cache_schema import CachedSample, CacheReader, hash_ids
+from kd.cache_schema.reader import DEFAULT_CACHE_BYTES
 from kd.pipeline.dataset import Record
 from kd.pipeline.encoding import encode_record, end_of_turn_token
 
@@ -144,11 +145,16 @@ class TeacherSource:
 
 
 def open_teachers(teachers: Mapping[str, str], vocab_maps: Mapping[str, str] | None = None,
-                  student_tokenizer: Any = None) -> dict[str, TeacherSource]:
-    """Open each ``{role: cache url}``; ``vocab_maps[role]`` is a JSON file, a tokenizer dir or ``"auto"``."""
+                  student_tokenizer: Any = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, TeacherSource]:
+    """Open each ``{role: cache url}``; ``vocab_maps[role]`` is a JSON file, a tokenizer dir or ``"auto"``.
+
+    ``cache_bytes`` bounds the decoded-chunk LRUs of all teachers together (split evenly), so
+    memory does not grow with the number of teachers.
+    """
     out = {}
+    per_teacher = max(1, cache_bytes // max(1, len(teachers)))
     for role, url in teachers.items():
-        reader = CacheReader(url)
+        reader = CacheReader(url, cache_bytes=per_teacher)
         recorded = (reader.manifest.teacher or {}).get("role") if reader.manifest else None
         if recorded and recorded != role:
             log.warning("cache %s was built for role %r and serves role %r here", url, recorded, role)
