@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import zarr
 
-from kd.cache_schema import BuildPlan, CacheBuild, Location, Manifest, SignalConfig, key_inputs
+from kd.cache_schema import BuildPlan, CacheBuild, Location, Manifest, SignalConfig, checksum_bytes, key_inputs
 from kd.cache_schema.synthetic import teacher_like_topk
 from kd.pipeline.signals import TeacherSignals
 
@@ -122,3 +124,26 @@ def chunk_file(cache_dir: str | Path, array: str, shard: int = 0) -> Path:
 
 def manifest_of(build: CacheBuild) -> Manifest:
     return Manifest.from_json(build.location.read_bytes("manifest.json"), build.location.url)
+
+
+def rewrite_shard_array(cache: str, name: str, data: np.ndarray | None, drop: str | None = None) -> None:
+    """Replace (or drop) arrays of shard 0 with plain zarr, then re-record sizes and checksums."""
+    sdir = shard_dir(cache)
+    group = zarr.open_group(str(sdir), mode="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if drop:
+            del group[drop]
+        if data is not None:
+            group.create_array(name, data=data, chunks=(256,) + data.shape[1:], overwrite=True)
+    doc = read_manifest(cache)
+    files = {}
+    for f in sorted(p for p in sdir.rglob("*") if p.is_file()):
+        raw = f.read_bytes()
+        files[f.relative_to(sdir).as_posix()] = {"size": len(raw), "xxh3_128": checksum_bytes(raw)}
+    doc["shards"][0]["files"] = files
+    write_manifest(cache, doc)
+    commit = Path(cache, "shards", "00000.commit.json")
+    entry = json.loads(commit.read_text())
+    entry["files"] = files
+    commit.write_text(json.dumps(entry))

@@ -147,15 +147,15 @@ def test_cache_of_another_schema_version_is_refused_naming_the_file(world, tmp_p
     with pytest.raises(SchemaVersionError) as err:
         CacheReader(str(cache))
     msg = str(err.value)
-    assert str(manifest) in msg and "schema_version 7 found" in msg and "reads schema_version 1, 2" in msg
+    assert str(manifest) in msg and "schema_version 7 found" in msg and "reads schema_version 1, 2, 3" in msg
     line = one_line_error(CliRunner().invoke(app, ["cache", "inspect", str(cache)]))
     assert "manifest.json" in line and "schema_version 7" in line
     # An unfinished build of another version is refused too, naming its plan.
     manifest.unlink()
     plan = json.loads((cache / "plan.json").read_text())
-    plan["key_inputs"]["schema_version"] = 3
+    plan["key_inputs"]["schema_version"] = 8
     (cache / "plan.json").write_text(json.dumps(plan))
-    with pytest.raises(SchemaVersionError, match=r"plan\.json: cache schema_version 3 found"):
+    with pytest.raises(SchemaVersionError, match=r"plan\.json: cache schema_version 8 found"):
         CacheReader(str(cache), allow_unsealed=True)
 
 

@@ -13,6 +13,7 @@ from cache_helpers import (
     build_cache,
     make_signals,
     read_manifest,
+    rewrite_shard_array,
     shard_dir,
     write_manifest,
 )
@@ -87,29 +88,6 @@ def test_large_vocab_cache_round_trips_through_kd_and_plain_zarr(tmp_path):
     assert verify_cache(path).ok
 
 
-def _rewrite_shard_array(cache: str, name: str, data: np.ndarray | None, drop: str | None = None) -> None:
-    """Replace (or drop) arrays of shard 0 with plain zarr, then re-record sizes and checksums."""
-    sdir = shard_dir(cache)
-    group = zarr.open_group(str(sdir), mode="a")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if drop:
-            del group[drop]
-        if data is not None:
-            group.create_array(name, data=data, chunks=(256,) + data.shape[1:], overwrite=True)
-    doc = read_manifest(cache)
-    files = {}
-    for f in sorted(p for p in sdir.rglob("*") if p.is_file()):
-        raw = f.read_bytes()
-        files[f.relative_to(sdir).as_posix()] = {"size": len(raw), "xxh3_128": checksum_bytes(raw)}
-    doc["shards"][0]["files"] = files
-    write_manifest(cache, doc)
-    commit = Path(cache, "shards", "00000.commit.json")
-    entry = json.loads(commit.read_text())
-    entry["files"] = files
-    commit.write_text(json.dumps(entry))
-
-
 @pytest.fixture
 def small_cache(tmp_path):
     sig = SignalConfig(top_k=8, value_coding="fp16")
@@ -120,7 +98,7 @@ def small_cache(tmp_path):
 def test_v1_shard_with_raw_ids_reads_and_a_v2_shard_without_table_is_corrupt(small_cache):
     """schema_version 1 caches hold raw int32 ids and no id_table; in a v2 cache that is corruption."""
     cache, samples = small_cache
-    _rewrite_shard_array(cache, "ids", np.concatenate([s.ids for s in samples]), drop="id_table")
+    rewrite_shard_array(cache, "ids", np.concatenate([s.ids for s in samples]), drop="id_table")
     with pytest.raises(CacheCorruptError, match="shard has no id_table"):
         CacheReader(cache).get(samples[0].sample_id)
     doc = read_manifest(cache)
@@ -134,7 +112,7 @@ def test_v1_shard_with_raw_ids_reads_and_a_v2_shard_without_table_is_corrupt(sma
 def test_code_outside_the_id_table_is_a_corrupt_cache(small_cache):
     cache, _ = small_cache
     table = zarr.open_group(str(shard_dir(cache)), mode="r")["id_table"][...]
-    _rewrite_shard_array(cache, "id_table", table[:1])  # every code >= 1 now points past the table
+    rewrite_shard_array(cache, "id_table", table[:1])  # every code >= 1 now points past the table
     with pytest.raises(CacheCorruptError, match="ids chunk 0.*outside the 1-entry id_table"):
         CacheReader(cache).get("s-0")
 

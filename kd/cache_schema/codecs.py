@@ -1,8 +1,12 @@
 """Value and index codings of cached log-probs and hidden states (numpy only).
 
 Codings are chosen for size at a known error: ``fp32``/``fp16``/``bf16`` are exact for that
-dtype; ``u8`` quantises the gap to the row's top-1 on a square-root scale (fine resolution
-near the top where the probability mass is), with a measured KL bound (SPEC.md, bench).
+dtype; ``u8`` quantises each entry's gap to the row's top-1 on a power-law scale, uniform in
+``(p / p_top1) ** (1 / 3)``: a KL loss weighs an entry's error by its probability, so the
+resolution follows the probability (fine near the top, coarse where the mass is negligible),
+and entries 17 nats below the top-1 are folded into the tail. The row's absolute level is not
+stored: the top-k entries and the tail sum to one, so it follows from the gaps and the stored
+tail. Measured KL bound: SPEC.md section 6, bench/cache_io.py.
 Log-prob rows are sorted descending, so the bit patterns of fp16/bf16 values rise along a
 row: storing row-wise differences makes them compress ~25% better, exactly.
 """
@@ -15,12 +19,18 @@ import numpy as np
 
 VALUE_CODINGS = ("fp32", "fp16", "bf16", "u8")
 HIDDEN_CODINGS = ("fp32", "fp16", "bf16")
-U8_GAP_NATS = 20.0  # entries further than this below the row's top-1 are folded into the tail
+U8_FOLD_NATS = 17.0  # entries this far or further below the row's top-1 are folded into the tail
+U8_BETA = 3.0  # code c stands for the gap -U8_BETA * log(1 - c / U8_LEVELS) (uniform in (p/p1)^(1/3))
+U8_LEVELS = 160  # gaps below U8_FOLD_NATS take codes 0..159
 U8_PAD = 255  # code of a padding / folded entry; decodes to -inf
-_U8_LEVELS = 254
-# Decoded gap of each code: G * (code / 254)^2 in float32; the pad code decodes to -inf.
-_U8_GAP = np.square(np.arange(256, dtype=np.float32) / _U8_LEVELS) * np.float32(U8_GAP_NATS)
-_U8_GAP[U8_PAD] = np.inf
+_U8_GAP = np.full(256, np.inf, np.float32)  # decoded gap of each code
+_U8_GAP[:U8_LEVELS] = -U8_BETA * np.log1p(-np.arange(U8_LEVELS) / U8_LEVELS)
+_U8_WEIGHT = np.exp(-_U8_GAP.astype(np.float64))  # exp(-gap): the code's probability relative to the top-1
+_MIN_TOPK_LOGMASS = -69.0  # log(1e-30): floor of the top-k's log-mass when the tail claims everything
+
+# schema_version <= 2 u8 (read only): gap = 20 * (code / 254)^2 below a stored per-row reference.
+_U8_V2_GAP = np.square(np.arange(256, dtype=np.float32) / 254) * np.float32(20.0)
+_U8_V2_GAP[U8_PAD] = np.inf
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -53,8 +63,8 @@ def _row_undelta(d: np.ndarray) -> np.ndarray:
 def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict[str, np.ndarray]:
     """Encode ``[N, k]`` log-probs (rows sorted descending) into the arrays SPEC.md names.
 
-    Returns ``{"logprobs": ..., "tail_logmass": ...}`` plus ``"logprob_ref"`` for ``u8``.
-    ``u8`` may move entries far below the top-1 into the tail; the returned tail includes them.
+    Returns ``{"logprobs": ..., "tail_logmass": ...}``. ``u8`` may move entries far below the
+    top-1 into the tail; the returned tail includes them (and the decoder needs it).
     """
     lp = np.asarray(logprobs, dtype=np.float32)
     tail = np.asarray(tail, dtype=np.float32)
@@ -70,8 +80,13 @@ def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict
 
 
 def decode_logprobs(arrays: dict[str, np.ndarray], coding: str) -> np.ndarray:
-    """Inverse of :func:`encode_logprobs` for the ``logprobs`` array (float32)."""
-    return logprobs_from_codes(undelta_logprobs(arrays["logprobs"], coding), arrays.get("logprob_ref"), coding)
+    """Inverse of :func:`encode_logprobs` for the ``logprobs`` array (float32).
+
+    ``arrays`` holds what a shard stores: ``logprobs``, ``tail_logmass`` and, in a
+    schema_version <= 2 ``u8`` cache, ``logprob_ref``.
+    """
+    codes = undelta_logprobs(arrays["logprobs"], coding)
+    return logprobs_from_codes(codes, coding, tail=arrays.get("tail_logmass"), ref=arrays.get("logprob_ref"))
 
 
 def undelta_logprobs(stored: np.ndarray, coding: str) -> np.ndarray:
@@ -79,8 +94,13 @@ def undelta_logprobs(stored: np.ndarray, coding: str) -> np.ndarray:
     return stored if coding == "fp32" else _row_undelta(stored)
 
 
-def logprobs_from_codes(codes: np.ndarray, ref: np.ndarray | None, coding: str) -> np.ndarray:
-    """The second step of decoding: undelta'd codes (and ``logprob_ref`` for ``u8``) -> float32."""
+def logprobs_from_codes(codes: np.ndarray, coding: str, *, tail: np.ndarray | None = None,
+                        ref: np.ndarray | None = None) -> np.ndarray:
+    """The second step of decoding: undelta'd codes -> float32 log-probs.
+
+    ``u8`` needs the rows' ``tail_logmass`` (schema_version 3) or, for older caches, their
+    stored ``logprob_ref`` (the row maximum) instead.
+    """
     if coding == "fp32":
         return np.asarray(codes, dtype=np.float32)
     if coding == "fp16":  # a table lookup is ~2.5x faster than numpy's float16 -> float32 cast, same bits
@@ -88,9 +108,25 @@ def logprobs_from_codes(codes: np.ndarray, ref: np.ndarray | None, coding: str) 
     if coding == "bf16":
         return bf16_bits_to_f32(codes)
     if coding == "u8":
+        if ref is not None:
+            out = np.take(_U8_V2_GAP, codes)
+            return np.subtract(np.asarray(ref, dtype=np.float32)[:, None], out, out=out)
+        if tail is None:
+            raise ValueError("u8 log-probs decode from their codes and the rows' tail_logmass")
+        top1 = _u8_top1(codes, np.asarray(tail, np.float32))
         out = np.take(_U8_GAP, codes)
-        return np.subtract(np.asarray(ref, dtype=np.float32)[:, None], out, out=out)
+        return np.subtract(top1[:, None], out, out=out)
     raise ValueError(f"unknown value coding {coding!r}")
+
+
+def _u8_top1(codes: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """Each row's top-1 log-prob, from its gap codes and tail: the kept entries hold mass ``1 - exp(tail)``."""
+    topk_logmass = np.log(-np.expm1(np.minimum(tail.astype(np.float64), -1e-30)))
+    topk_logmass = np.maximum(topk_logmass, _MIN_TOPK_LOGMASS)
+    weight = np.take(_U8_WEIGHT, codes).sum(axis=1) if codes.shape[1] else np.zeros(len(codes))
+    with np.errstate(divide="ignore"):
+        top1 = topk_logmass - np.log(weight)
+    return np.where(weight > 0, top1, 0.0).astype(np.float32)  # a row with no kept entry decodes to all -inf
 
 
 @functools.cache
@@ -100,16 +136,17 @@ def _fp16_table() -> np.ndarray:
 
 def _encode_u8(lp: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
     n, k = lp.shape
-    ref = lp.max(axis=1) if k else np.zeros(n, np.float32)
-    ref = np.where(np.isfinite(ref), ref, 0.0).astype(np.float32)
-    gap = ref[:, None] - lp
-    folded = ~(gap < U8_GAP_NATS)  # also catches -inf and NaN
-    codes = np.round(np.sqrt(np.clip(gap, 0.0, U8_GAP_NATS) / U8_GAP_NATS) * _U8_LEVELS)
+    top1 = lp.max(axis=1) if k else np.zeros(n, np.float32)
+    top1 = np.where(np.isfinite(top1), top1, 0.0).astype(np.float64)
+    gap = top1[:, None] - lp.astype(np.float64)
+    folded = ~(gap < U8_FOLD_NATS)  # also catches -inf and NaN
+    scaled = -np.expm1(-np.clip(gap, 0.0, U8_FOLD_NATS) / U8_BETA) * U8_LEVELS
+    codes = np.minimum(np.round(scaled), U8_LEVELS - 1)  # round(159.45) = 159: the clamp only guards rounding
     codes = np.where(folded, U8_PAD, codes).astype(np.uint8)
     # The mass of folded entries moves into the tail so the distribution still sums to 1.
     folded_lp = np.where(folded & np.isfinite(lp), lp, -np.inf)
     new_tail = np.logaddexp.reduce(np.concatenate([folded_lp, tail[:, None]], axis=1), axis=1)
-    return {"logprobs": _row_delta(codes), "logprob_ref": ref, "tail_logmass": new_tail.astype(np.float32)}
+    return {"logprobs": _row_delta(codes), "tail_logmass": new_tail.astype(np.float32)}
 
 
 def folded_mask(arrays: dict[str, np.ndarray], coding: str) -> np.ndarray | None:

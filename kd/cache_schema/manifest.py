@@ -15,14 +15,14 @@ from kd import __version__
 from .errors import CacheCorruptError, SchemaVersionError
 from .storage import safe_relpath
 
-SCHEMA_VERSION = 2  # 2: ids as codes into a per-shard id_table (SPEC.md, Versioning)
+SCHEMA_VERSION = 3  # 2: ids as codes into a per-shard id_table; 3: u8 on a power-law scale (SPEC.md, Versioning)
 FORMAT_NAME = "kd-teacher-cache"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 PLAN_FILE = "plan.json"
 
 
-SUPPORTED_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)  # v1 shards hold raw int32 ids
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, SCHEMA_VERSION)  # v1 shards hold raw int32 ids, v1/v2 u8 a logprob_ref
 
 
 def check_schema_version(found: Any, where: str) -> None:

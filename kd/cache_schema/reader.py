@@ -273,14 +273,16 @@ class CacheReader:
         # Undo the row-wise delta on the sample's rows only: with random reads over a large cache
         # most chunks serve one sample, so undoing whole chunks would cost ~10x more.
         codes = undelta_logprobs(shard.rows("logprobs", start, start + n), sig.value_coding)
-        ref = shard.rows("logprob_ref", start, start + n) if sig.value_coding == "u8" else None
+        tail = shard.rows("tail_logmass", start, start + n)
+        # schema_version <= 2 u8 caches store each row's top-1; v3 derives it from the codes and the tail
+        ref = shard.rows("logprob_ref", start, start + n) if sig.value_coding == "u8" and self.schema_version <= 2 else None
         sample = CachedSample(
             sample_id=sample_id,
             capability=self._strs["capability"][row],
             target_ids=shard.rows("target_ids", start, start + n),
             ids=shard.rows("ids", start, start + n),
-            logprobs=logprobs_from_codes(codes, ref, sig.value_coding),
-            tail_logmass=shard.rows("tail_logmass", start, start + n),
+            logprobs=logprobs_from_codes(codes, sig.value_coding, tail=tail, ref=ref),
+            tail_logmass=tail,
             answer_start=int(c["answer_start"][row]),
             seq_len=int(c["seq_len"][row]),
             input_ids_hash=self._strs["input_ids_hash"][row],

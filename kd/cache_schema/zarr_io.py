@@ -47,6 +47,7 @@ def array_codecs(name: str, data: np.ndarray) -> tuple[list, list, tuple[int, ..
         # int32 codes (tables over 65536 ids) have mostly-zero high bits: bitshuffle drops them
         shuffle = "bitshuffle" if typesize == 4 else "shuffle"
         blocksize = CHUNK_BYTES  # one zstd block per chunk: smaller and faster to decode than blosc's choice
+        level = 1  # as small as level 3 on ids (9 saves 2% but encodes 40x slower), 3.5x faster to write
     elif name == "logprobs":
         level, blocksize = 1, CHUNK_BYTES  # level 1: smaller *and* 5-11x faster than 5 on the deltas
         if typesize * width <= 255:  # a whole row as blosc's "type": byte-shuffling groups each rank's bytes
