@@ -187,6 +187,7 @@ class OnlineTeacher:
     def targets(self, batch: dict) -> dict:
         import torch
 
+        from kd.pipeline.distill.data import flatten_maps, map_shapes
         from kd.pipeline.engines.base import tail_logmass
 
         device = batch["input_ids"].device
@@ -220,11 +221,12 @@ class OnlineTeacher:
                                for layer in self.hidden_layers},
                     "attention_t2v": {}, "attention_full": {},
                 }
+                shapes = map_shapes(batch, self.kind)
                 for layer in self.attention_layers:
                     maps = [store[layer][b, r, : lengths[b]] for b, r in enumerate(rows)]
                     if self.kind == "t2v":
                         maps = [m[:, batch["image_mask"][b, : lengths[b]]] for b, m in enumerate(maps)]
-                    entry[f"attention_{self.kind}"][layer] = maps
+                    entry[f"attention_{self.kind}"][layer] = flatten_maps(maps, shapes, batch["sample_ids"], "map")
         finally:
             for h in hooks:
                 h.remove()
@@ -360,6 +362,7 @@ class RowRunner:
         """One training step: fetch, (teachers,) forward, losses, backward, clip, AdamW. Returns its timings."""
         import torch
 
+        from kd.pipeline.distill.data import attention_layout
         from kd.pipeline.distill.student import student_forward
         from kd.pipeline.losses import answer_ce_loss
 
@@ -370,6 +373,8 @@ class RowRunner:
         t1 = time.perf_counter()
         if self.teachers:
             batch["teachers"] = {role: t.targets(batch) for role, t in self.teachers.items()}
+            kinds = {t.kind for t in self.teachers.values() if t.attention_layers}
+            batch["attention_layout"] = {kind: attention_layout(batch, kind) for kind in kinds}
         t2 = time.perf_counter()
         if self.objective is None:
             loss = answer_ce_loss(student_forward(self.student, batch).logits, batch["targets"])

@@ -215,6 +215,29 @@ def test_loss_wiring_equals_a_hand_computation(kd_world, setup):
     assert set(bd.losses) == {"ce", *ROLES}
 
 
+def test_collate_flattens_maps_where_the_student_maps_put_them(setup):
+    """The flat cached maps and their layout put every cached element at its place in the student's
+    padded maps: scattering them back gives each sample's cached map; a map of another shape names
+    its sample."""
+    _, _, _, dataset = setup
+    items = [dataset[i] for i in range(3)]
+    batch = collate(items)
+    b, t_max, width = 3, int(batch["num_tokens"].max()), batch["input_ids"].shape[1]
+    for role, kind, layer in (("perception", "t2v", 0), ("reasoning", "full", 1), ("planning", "t2v", 2)):
+        layout = batch["attention_layout"][kind]
+        grid = torch.zeros(b * t_max * width)
+        grid[layout["index"]] = batch["teachers"][role][f"attention_{kind}"][layer]
+        grid = grid.view(b, t_max, width)
+        for i, s in enumerate(items):
+            cached = getattr(s.teachers[role], f"attention_{kind}")[layer]
+            cols = np.flatnonzero(s.image_token_mask) if kind == "t2v" else np.arange(len(s.input_ids))
+            assert torch.equal(grid[i, : len(s.answer_ids)][:, torch.from_numpy(cols)], torch.from_numpy(cached))
+            assert torch.equal(layout["sample"][layout["index"] // (t_max * width) == i].unique(), torch.tensor([i]))
+    items[1].teachers["reasoning"].attention_full[0] = items[1].teachers["reasoning"].attention_full[0][:, :-1]
+    with pytest.raises(ValueError, match=re.escape(items[1].sample_id)):
+        collate(items)
+
+
 def test_mixing_matrix_is_applied_per_capability(kd_world, setup):
     student, _, sources, dataset = setup
     batch = first_scene_batch(dataset)

@@ -20,6 +20,8 @@ from kd.pipeline.losses import (
     hidden_state_loss,
     layer_map,
     sampled_kd_loss,
+    segment_attention_map_loss,
+    stacked_hidden_state_rows,
     topk_kd_loss,
 )
 
@@ -348,3 +350,77 @@ def test_answer_ce_loss():
     z = torch.randn(4, 7)
     y = torch.tensor([1, 0, -100, 6])
     torch.testing.assert_close(answer_ce_loss(z, y), F.cross_entropy(z, y))
+
+
+# ----------------------------------------------------------------------------- several teachers at once
+# (the objective computes each kind of term for all teachers together; it must equal one at a time)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail_mode, tail_temperature", [("bucket", "bucket"), ("bucket", "student_exact"),
+                                                         ("renorm", "bucket")])
+def test_stacked_teachers_equal_one_teacher_at_a_time(kind, tail_mode, tail_temperature):
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    caches = [_topk_cache(torch.randn(5, 12, generator=g, dtype=torch.float64) * 2, 4) for _ in range(3)]
+    caches[1][0][2, -1], caches[1][1][2, -1] = -1, NEG_INF  # padding in one teacher only
+    ids, lp, tail = (torch.stack(x) for x in zip(*caches))
+    for temp in (1.0, 2.0):
+        opts = dict(kind=kind, tail=tail_mode, tail_temperature=tail_temperature, temperature=temp, reduction="none")
+        stacked = topk_kd_loss(z, ids, lp, tail, **opts)
+        one = torch.stack([topk_kd_loss(z, *c, **opts) for c in caches])
+        assert stacked.shape == (3, 5)
+        torch.testing.assert_close(stacked, one, rtol=1e-12, atol=1e-12)
+        (g_stacked,) = torch.autograd.grad(stacked.sum(), z)
+        (g_one,) = torch.autograd.grad(one.sum(), z)
+        torch.testing.assert_close(g_stacked, g_one, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="t_tail"):
+        topk_kd_loss(z, ids, lp, tail[0])
+
+
+def test_stacked_sampled_teachers_equal_one_teacher_at_a_time():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 9, (2, 4, 5), generator=g)
+    ids[0, 1, -1] = -1
+    counts = torch.randint(0, 4, (2, 4, 5), generator=g).to(torch.float64)
+    lp = -torch.rand(2, 4, 5, generator=g, dtype=torch.float64) * 3
+    for temp in (1.0, 0.5):
+        stacked = sampled_kd_loss(z, ids, counts, lp, temperature=temp, reduction="none")
+        one = torch.stack([sampled_kd_loss(z, ids[r], counts[r], lp[r], temperature=temp, reduction="none")
+                           for r in range(2)])
+        torch.testing.assert_close(stacked, one, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_stacked_hidden_rows_equal_one_pair_at_a_time(kind):
+    g = torch.Generator().manual_seed(9)
+    hs = [torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(2)]
+    ht = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    proj = HiddenProjector(4, 5, student_layers=[1, 2])
+    pairs = [(hs[0], ht[0], proj[1]), (hs[1], ht[1], proj[2]), (hs[0], ht[2], proj[2])]
+    stacked = stacked_hidden_state_rows(*zip(*pairs), kind=kind)
+    one = torch.stack([hidden_state_loss(h, t, p, kind, reduction="none") for h, t, p in pairs])
+    torch.testing.assert_close(stacked, one)
+    grads = torch.autograd.grad(stacked.sum(), [*hs, proj[2].weight])
+    want = torch.autograd.grad(one.sum(), [*hs, proj[2].weight])
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_segment_attention_loss_equals_per_map_loss():
+    g = torch.Generator().manual_seed(10)
+    student = torch.rand(2, 3, 4, generator=g, requires_grad=True)
+    # Segment 0: rows 0..1 x keys {1, 3} of map 0; segment 1: row 0 x keys 0..3 of map 1; segment 2: empty.
+    picks = [(0, [0, 1], [1, 3]), (1, [0], [0, 1, 2, 3])]
+    index, segment, teacher, want = [], [], [], []
+    for seg, (b, rows, keys) in enumerate(picks):
+        t = torch.rand(len(rows), len(keys), generator=g)
+        index += [b * 12 + r * 4 + k for r in rows for k in keys]
+        segment += [seg] * t.numel()
+        teacher.append(t.reshape(-1))
+        want.append(attention_map_loss(student[b][rows][:, keys], t))
+    got = segment_attention_map_loss(student, torch.cat(teacher), torch.tensor(index), torch.tensor(segment), 3)
+    torch.testing.assert_close(got, torch.stack(want + [torch.tensor(0.0)]))
+    got.sum().backward()
+    assert student.grad is not None and student.grad[0, 2].abs().sum() == 0  # row 2 of map 0 is not read

@@ -3,7 +3,10 @@
 Every token-level input is flattened over valid answer tokens: row ``n`` is one position that
 predicts an answer token (see ``signals.py``). Student logits are ``[N, V]``; cached teacher
 top-k ids are ``[N, k]`` long with ``-1`` padding, their raw log-probs ``[N, k]`` (temperature 1,
-``-inf`` padding) and the log tail mass outside the top-k ``[N]`` (``-inf`` when none).
+``-inf`` padding) and the log tail mass outside the top-k ``[N]`` (``-inf`` when none). The KD
+losses also take several teachers at once, stacked in leading dims (``[R, N, k]``, tail ``[R, N]``):
+the student's log-softmax is then computed and gathered once for all of them, which on a small
+student is most of the cost of a per-teacher loop (one op and one autograd node per teacher).
 
 Temperature on a top-k cache (``topk_kd_loss``). The cache holds ``k + 1`` *buckets* per
 row: the top-k tokens and one tail bucket with log-mass ``tail``. The teacher at temperature ``T``
@@ -44,6 +47,8 @@ __all__ = [
     "layer_map",
     "padded_attention_map_loss",
     "sampled_kd_loss",
+    "segment_attention_map_loss",
+    "stacked_hidden_state_rows",
     "topk_kd_loss",
 ]
 
@@ -89,14 +94,25 @@ def _reduce(per_row: Tensor, reduction: str) -> Tensor:
 
 
 def _check_ids(student_logits: Tensor, ids: Tensor, other: Tensor, what: str) -> None:
+    """``ids`` / ``other``: ``[..., N, k]`` (leading dims = teachers) against student logits ``[N, V]``."""
     if student_logits.ndim != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
-    if ids.ndim != 2 or ids.shape != other.shape or ids.shape[0] != student_logits.shape[0]:
+    if ids.ndim < 2 or ids.shape != other.shape or ids.shape[-2] != student_logits.shape[0]:
         raise ValueError(
-            f"ids {tuple(ids.shape)} / {what} {tuple(other.shape)} must both be [N={student_logits.shape[0]}, k]"
+            f"ids {tuple(ids.shape)} / {what} {tuple(other.shape)} must both be [..., N={student_logits.shape[0]}, k]"
         )
     if ids.numel() and int(ids.max()) >= student_logits.shape[1]:
         raise ValueError(f"teacher id {int(ids.max())} outside the student vocabulary of {student_logits.shape[1]}")
+
+
+def _gather_ids(s: Tensor, ids: Tensor) -> Tensor:
+    """``s[n, ids[..., n, j]]`` for student rows ``s`` ``[N, V]`` and ids ``[..., N, k]``: one gather over
+    all leading (teacher) dims, whose backward is one scatter into ``[N, V]``."""
+    if ids.ndim == 2:
+        return s.gather(1, ids)
+    lead, (n, k) = ids.shape[:-2], ids.shape[-2:]
+    flat = ids.movedim(-2, 0).reshape(n, -1)  # [N, R * k]
+    return s.gather(1, flat).reshape(n, *lead, k).movedim(0, -2)
 
 
 def topk_kd_loss(
@@ -120,11 +136,12 @@ def topk_kd_loss(
     ``tail="renorm"`` drops the tail bucket and renormalises both sides over the top-k, which is
     exact for the truncated teacher at any ``T``. See the module docstring for the temperature and
     tail definitions. Returns the mean over rows times ``T**2``, or ``[N]`` with ``reduction="none"``.
-    Never materialises a dense teacher or an ``[N, k, V]`` tensor.
+    Several teachers stacked in leading dims (ids ``[R, N, k]``, tail ``[R, N]``) give ``[R, N]``
+    (``"mean"``: over all of them). Never materialises a dense teacher or an ``[N, k, V]`` tensor.
     """
     _check_ids(student_logits, t_ids, t_logprobs, "t_logprobs")
-    if t_tail.shape != (t_ids.shape[0],):
-        raise ValueError(f"t_tail must be [N={t_ids.shape[0]}], got {tuple(t_tail.shape)}")
+    if t_tail.shape != t_ids.shape[:-1]:
+        raise ValueError(f"t_tail must be {list(t_ids.shape[:-1])} (ids without k), got {tuple(t_tail.shape)}")
     if kind not in ("forward", "reverse", "jsd"):
         raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd', got {kind!r}")
     if tail not in ("bucket", "renorm"):
@@ -145,19 +162,19 @@ def topk_kd_loss(
 
     if tail == "renorm":
         # Both renormalised over the top-k; per-token temperature is exact here.
-        s_top = F.log_softmax(z / t, dim=-1).gather(1, ids).masked_fill(~valid, NEG_INF)
+        s_top = _gather_ids(F.log_softmax(z / t, dim=-1), ids).masked_fill(~valid, NEG_INF)
         logp, logq = _normalise(t_lp / t), _normalise(s_top)
     else:
         exact = tail_temperature == "student_exact"
         s_lsm = F.log_softmax(z / t if exact else z, dim=-1)
-        s_top = s_lsm.gather(1, ids).masked_fill(~valid, NEG_INF)
+        s_top = _gather_ids(s_lsm, ids).masked_fill(~valid, NEG_INF)
         # Student tail = logsumexp over tokens outside the teacher's top-k (mask built by scatter_add
-        # so a clamped padding id never masks a real token).
-        in_top = torch.zeros_like(s_lsm).scatter_add_(1, ids, valid.to(s_lsm.dtype)) > 0
-        s_tail = _safe_logsumexp(s_lsm.masked_fill(in_top, NEG_INF), -1)
-        s_buckets = torch.cat([s_top, s_tail.unsqueeze(1)], dim=1)
+        # so a clamped padding id never masks a real token), per teacher: [..., N, V] mask.
+        in_top = s_lsm.new_zeros(ids.shape[:-1] + s_lsm.shape[-1:]).scatter_add_(-1, ids, valid.to(s_lsm.dtype)) > 0
+        s_tail = _safe_logsumexp(torch.where(in_top, NEG_INF, s_lsm), -1)
+        s_buckets = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
         t_tail_eff = torch.where(torch.isneginf(s_tail), t_tail.to(dt), t_tail.to(dt).clamp_min(TAIL_LOGMASS_FLOOR))
-        t_buckets = torch.cat([t_lp, t_tail_eff.unsqueeze(1)], dim=1)
+        t_buckets = torch.cat([t_lp, t_tail_eff.unsqueeze(-1)], dim=-1)
         logp = _normalise(t_buckets / t)
         logq = s_buckets if exact else _normalise(s_buckets / t)
 
@@ -189,7 +206,8 @@ def sampled_kd_loss(
     teacher log-probs ``s_logprobs``, and the weights are self-normalised. The unknown
     normaliser of ``p_T`` cancels that way, but the estimate becomes consistent rather than
     unbiased (O(1/D) bias). The student side is ``log_softmax(z / T)``, and the result is scaled
-    by ``T**2``. Padding: id ``-1`` or count 0. A row without draws contributes 0.
+    by ``T**2``. Padding: id ``-1`` or count 0. A row without draws contributes 0. Like
+    ``topk_kd_loss``, takes several teachers stacked in leading dims (``[R, N, k]`` -> ``[R, N]``).
     """
     _check_ids(student_logits, s_ids, s_counts, "s_counts")
     if s_logprobs.shape != s_ids.shape:
@@ -204,11 +222,11 @@ def sampled_kd_loss(
     counts = counts.masked_fill(~valid, 0.0)
     if t != 1.0:
         logw = ((1.0 / t - 1.0) * s_logprobs.to(dt)).masked_fill(~valid, NEG_INF)
-        logw = logw - logw.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
+        logw = logw - logw.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
         counts = counts * logw.exp()
-    weights = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    s_lp = F.log_softmax(student_logits.to(dt) / t, dim=-1).gather(1, ids)
-    per_row = -torch.where(valid, weights * s_lp, torch.zeros_like(s_lp)).sum(1)
+    weights = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    s_lp = _gather_ids(F.log_softmax(student_logits.to(dt) / t, dim=-1), ids)
+    per_row = -torch.where(valid, weights * s_lp, torch.zeros_like(s_lp)).sum(-1)
     return _reduce(per_row * (t * t), reduction)
 
 
@@ -278,11 +296,41 @@ def hidden_state_loss(
     target = teacher_h.detach().to(proj.dtype)
     if proj.shape != target.shape:
         raise ValueError(f"projected student {tuple(proj.shape)} != teacher {tuple(target.shape)}")
+    if kind == "mse" and reduction == "mean":
+        return F.mse_loss(proj, target)
+    return _reduce(_hidden_rows(proj, target, kind), reduction)
+
+
+def _hidden_rows(proj: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-row hidden loss over the last dim (any leading dims): mse = mean square, cosine = 1 - cos."""
     if kind == "mse":
-        return F.mse_loss(proj, target) if reduction == "mean" else _reduce((proj - target).pow(2).mean(-1), reduction)
+        return (proj - target).pow(2).mean(-1)
     if kind == "cosine":
-        return _reduce(1.0 - F.cosine_similarity(proj, target, dim=-1), reduction)
+        return 1.0 - F.cosine_similarity(proj, target, dim=-1)
     raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
+
+
+def stacked_hidden_state_rows(
+    student_h: Sequence[Tensor],
+    teacher_h: Sequence[Tensor],
+    projectors: Sequence[nn.Linear],
+    kind: Literal["mse", "cosine"] = "mse",
+) -> Tensor:
+    """``hidden_state_loss(..., reduction="none")`` of ``P`` (student, teacher, projector) pairs at once:
+    ``[P, N]``. The pairs share ``N`` and the teacher width; one batched matmul projects them all
+    (instead of ``P`` linear layers and ``P`` loss graphs, which dominate on a small student)."""
+    if not (len(student_h) == len(teacher_h) == len(projectors)) or not projectors:
+        raise ValueError(f"need as many student / teacher states as projectors, got {len(student_h)} / "
+                         f"{len(teacher_h)} / {len(projectors)}")
+    h, target = torch.stack(list(student_h)), torch.stack([t.detach() for t in teacher_h])
+    weight = torch.stack([p.weight for p in projectors]).transpose(1, 2)  # [P, Hs, Ht]
+    if any(p.bias is None for p in projectors):
+        proj = torch.bmm(h, weight)
+    else:
+        proj = torch.baddbmm(torch.stack([p.bias for p in projectors]).unsqueeze(1), h, weight)
+    if proj.shape != target.shape:
+        raise ValueError(f"projected student {tuple(proj.shape)} != teacher {tuple(target.shape)}")
+    return _hidden_rows(proj, target.to(proj.dtype), kind)
 
 
 def layer_map(student_layers: int, teacher_layers: Sequence[int], teacher_depth: int | None = None) -> dict[int, int]:
@@ -340,10 +388,28 @@ def padded_attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, mask: 
     if student_maps.ndim != 3 or student_maps.shape != teacher_maps.shape or mask.shape != student_maps.shape:
         raise ValueError(f"student {tuple(student_maps.shape)} / teacher {tuple(teacher_maps.shape)} / mask "
                          f"{tuple(mask.shape)} must all be the same [B, T, K]")
+    index = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+    per_sample = student_maps[0].numel()
+    return segment_attention_map_loss(student_maps, teacher_maps.reshape(-1)[index], index,
+                                      torch.div(index, max(per_sample, 1), rounding_mode="floor"), len(student_maps))
+
+
+def segment_attention_map_loss(student_maps: Tensor, teacher_values: Tensor, index: Tensor, segment: Tensor,
+                               segments: int) -> Tensor:
+    """Per-segment MSE ``[segments]`` of attention-map elements given by position (teacher detached).
+
+    Element ``e`` compares ``student_maps.reshape(-1)[index[e]]`` with ``teacher_values[e]`` and
+    belongs to segment ``segment[e]``; a segment's loss is the mean over its elements (0 with none).
+    The kept elements of many maps (samples x layers x teachers) go through one gather, one squared
+    difference and one segment sum, and the cached maps are never padded to the student's layout.
+    """
+    if index.shape != teacher_values.shape or segment.shape != index.shape or index.ndim != 1:
+        raise ValueError(f"index {tuple(index.shape)} / teacher_values {tuple(teacher_values.shape)} / segment "
+                         f"{tuple(segment.shape)} must all be the same [E]")
     dt = _compute_dtype(student_maps)
-    m = mask.to(dt)
-    sq = (student_maps.to(dt) - teacher_maps.detach().to(dt)).pow(2) * m
-    return sq.sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
+    sq = (student_maps.reshape(-1)[index].to(dt) - teacher_values.detach().to(dt)).pow(2)
+    total = sq.new_zeros(segments).index_add(0, segment, sq)
+    return total / torch.bincount(segment, minlength=segments).to(dt).clamp_min(1.0)
 
 
 def group_teacher_layers(student_layers: Sequence[int], teacher_layers: Sequence[int]) -> dict[int, list[int]]:

@@ -37,7 +37,8 @@ from kd.pipeline.engines.hf_engine import _stack_model_inputs
 
 __all__ = [
     "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
-    "EpochSampler", "open_teachers", "answer_token_ids", "check_alignment", "collate",
+    "EpochSampler", "open_teachers", "answer_token_ids", "attention_layout", "check_alignment", "collate",
+    "flatten_maps", "map_shapes",
 ]
 
 log = logging.getLogger(__name__)
@@ -393,8 +394,9 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
     """Right-padded student inputs plus teacher targets flattened over answer tokens.
 
     Row ``n`` of every token-level tensor is one answer token; sample ``b`` owns the
-    ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``. Attention maps stay
-    per sample (lists), because their key counts differ.
+    ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``. Attention maps are
+    flattened too (``flatten_maps``: every sample's ``[T_b, K_b]`` map, row-major, concatenated), and
+    ``attention_layout[kind]`` says where each element sits in the student's padded maps.
     """
     b = len(samples)
     lengths = [len(s.input_ids) for s in samples]
@@ -420,7 +422,11 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
         "per_sample_inputs": None if stacked is not None else
         [{k: torch.from_numpy(v) for k, v in s.model_inputs.items()} for s in samples],
         "teachers": {},
+        "attention_layout": {},
     }
+    kinds = [kind for kind in ("t2v", "full") if any(getattr(t, f"attention_{kind}") for t in samples[0].teachers.values())]
+    shapes = {kind: map_shapes(batch, kind) for kind in kinds}
+    batch["attention_layout"] = {kind: attention_layout(batch, kind) for kind in kinds}
     for role in samples[0].teachers:
         ts = [s.teachers[role] for s in samples]
         k = max(t.ids.shape[1] for t in ts)
@@ -436,12 +442,47 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
             "tail": torch.from_numpy(np.concatenate([t.tail for t in ts]).astype(np.float32)),
             "hidden": {layer: torch.from_numpy(np.concatenate([t.hidden[layer] for t in ts]).astype(np.float32))
                        for layer in ts[0].hidden},
-            "attention_t2v": {layer: [torch.from_numpy(t.attention_t2v[layer]) for t in ts]
-                              for layer in ts[0].attention_t2v},
-            "attention_full": {layer: [torch.from_numpy(t.attention_full[layer]) for t in ts]
-                               for layer in ts[0].attention_full},
         }
+        for kind in ("t2v", "full"):
+            entry[f"attention_{kind}"] = {
+                layer: flatten_maps([getattr(t, f"attention_{kind}")[layer] for t in ts], shapes[kind],
+                                    batch["sample_ids"], f"teacher {role!r}: cached {kind} map")
+                for layer in getattr(ts[0], f"attention_{kind}")}
         if ts[0].counts is not None:
             entry["counts"] = pad([t.counts for t in ts], 0, np.float32)
         batch["teachers"][role] = entry
     return batch
+
+
+def map_shapes(batch: Mapping[str, Any], kind: str) -> list[tuple[int, int]]:
+    """Each sample's ``(answer tokens, keys)`` of a ``kind`` map: keys are its image tokens (t2v) or
+    all its tokens (full), as the student's maps are read."""
+    keys = batch["image_mask"].sum(1) if kind == "t2v" else batch["lengths"]
+    return list(zip(batch["num_tokens"].tolist(), keys.tolist()))
+
+
+def attention_layout(batch: Mapping[str, Any], kind: str) -> dict[str, torch.Tensor]:
+    """Where the elements of flattened ``kind`` maps (``flatten_maps``) sit in the student's padded
+    maps ``[B, T_max, S]`` (``StudentOutputs.attention_padded``): ``index`` ``[E]`` into their flat
+    view and ``sample`` ``[E]``, the sample each element belongs to. Built on the CPU (in the loader,
+    by ``collate``), so the training step only gathers."""
+    num_tokens, lengths = batch["num_tokens"].tolist(), batch["lengths"].tolist()
+    t_max, width = max(num_tokens), batch["input_ids"].shape[1]
+    image = batch["image_mask"].cpu().numpy()
+    index, sample = [], []
+    for b, (t_b, n) in enumerate(zip(num_tokens, lengths)):
+        cols = np.flatnonzero(image[b, :n]) if kind == "t2v" else np.arange(n)
+        index.append(((b * t_max + np.arange(t_b)) * width)[:, None] + cols[None, :])
+        sample.append(np.full(t_b * len(cols), b))
+    return {"index": torch.from_numpy(np.concatenate([i.ravel() for i in index]).astype(np.int64)),
+            "sample": torch.from_numpy(np.concatenate(sample).astype(np.int64))}
+
+
+def flatten_maps(maps: Sequence[np.ndarray | torch.Tensor], shapes: Sequence[tuple[int, int]],
+                 sample_ids: Sequence[str], what: str) -> torch.Tensor:
+    """Every sample's ``[T_b, K_b]`` map (``shapes[b]``, from ``map_shapes``), row-major, concatenated
+    into ``[E]`` float32 in ``attention_layout`` order; a map of another shape raises ``ValueError``."""
+    for sid, m, shape in zip(sample_ids, maps, shapes):
+        if tuple(m.shape) != shape:
+            raise ValueError(f"sample {sid!r}, {what} {tuple(m.shape)} vs student {shape}")
+    return torch.cat([torch.as_tensor(m).reshape(-1) for m in maps]).float()

@@ -17,6 +17,11 @@ with only the terms whose weight is > 0 and whose signal the cache holds. The na
 ``{"ce": CE, role: L_r}`` are what fixed weights (``ce`` for CE, 1 for each teacher), learnable
 weights and AGP combine.
 
+Each kind of term is computed for all teachers at once (one stacked top-k KD, one batched
+projection for all hidden pairs, one gather for all attention maps), then split per teacher: on
+a small student a loop per teacher and layer costs more than the arithmetic (one op and one
+autograd node each).
+
 Default layer maps (override per role in the config):
 
 * hidden: ``losses.layer_map`` from the student's depth to the cached teacher layers (teacher
@@ -40,10 +45,10 @@ from kd.pipeline.losses import (
     HiddenProjector,
     answer_ce_loss,
     group_teacher_layers,
-    hidden_state_loss,
     layer_map,
-    padded_attention_map_loss,
     sampled_kd_loss,
+    segment_attention_map_loss,
+    stacked_hidden_state_rows,
     topk_kd_loss,
 )
 from kd.pipeline.mixing import mixing_matrix, resolve_mixing, teacher_weights
@@ -190,55 +195,52 @@ class DistillObjective(nn.Module):
 
     def forward(self, out: StudentOutputs, batch: Mapping[str, Any]) -> LossBreakdown:
         cfg = self.cfg
-        n_tok = batch["num_tokens"].to(out.logits.device)
+        device = out.logits.device
+        n_tok = batch["num_tokens"].to(device)
         n = int(n_tok.sum())
         # One teacher has nothing to mix: it serves every sample (e.g. a text-only LLM distilled from
         # one cache over data of several capabilities), so an unmatched capability is no typo to flag.
         unknown = "uniform" if len(self.roles) == 1 else cfg.unknown_capability
-        w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=unknown)
-        w = w.to(out.logits.device)
-        row_sample = torch.repeat_interleave(torch.arange(len(n_tok), device=n_tok.device), n_tok)
-        keys: dict[str, list[Tensor]] = {}  # per kind, each sample's student key columns (shared by teachers)
+        w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=unknown).to(device)
+        row_w = w[torch.repeat_interleave(torch.arange(len(n_tok), device=device), n_tok)]  # [N, R]
         ce = answer_ce_loss(out.logits, batch["targets"])
-        losses, terms = {"ce": ce}, {"ce": float(ce.detach())}
-        for j, role in enumerate(self.roles):
-            plan, t = self.plans[role], batch["teachers"][role]
-            parts: list[tuple[str, float, Tensor]] = []
-            if plan.logits:
-                per_row = self._kd_rows(out.logits, t, plan.logits)
-                parts.append(("kd", cfg.kd, (w[row_sample, j] * per_row).sum() / n))
-            if plan.hidden_map:
-                # A sample's loss is the mean of its rows' losses, so the token-weighted batch term is the
-                # row-weighted mean: one projection of the whole batch per layer.
-                per_layer = []
-                for s, tl in sorted(plan.hidden_map.items()):
-                    per_row = hidden_state_loss(out.hidden[s], t["hidden"][tl], self.projectors[role][s],
-                                                cfg.hidden_kind, reduction="none")
-                    per_layer.append((w[row_sample, j] * per_row).sum() / n)
-                parts.append(("hidden", cfg.hidden, torch.stack(per_layer).mean()))
-            attn = []
-            for kind, amap in (("t2v", plan.t2v_map), ("full", plan.full_map)):
-                if amap and kind not in keys:
-                    keys[kind] = self._key_columns(batch, kind, out.logits.device)
-                for s, tls in sorted(amap.items()):
-                    per_sample = self._attention(out, batch, t, kind, s, tls, keys[kind], role)
-                    value = (w[:, j] * n_tok * per_sample).sum() / n
-                    attn.append(value)
-                    terms[f"attn_{kind}/{role}/L{s}"] = float(value.detach())
-            if attn:
-                parts.append(("attn", cfg.attention, torch.stack(attn).mean()))
-            if not parts:
-                continue
-            total = None
-            for name, weight, value in parts:
-                terms[f"{name}/{role}"] = float(value.detach())
-                total = weight * value if total is None else total + weight * value
-            losses[role] = total
+        parts = [("kd", cfg.kd, self._kd_terms(out.logits, batch, row_w, n)),
+                 ("hidden", cfg.hidden, self._hidden_terms(out, batch, row_w, n)),
+                 ("attn", cfg.attention, self._attention_terms(out, batch, w * n_tok[:, None], n))]
+        parts = [(name, weight, pairs, pairs.per_role(len(self.roles))) for name, weight, pairs in parts if pairs.roles]
+        total = None
+        for _, weight, _, per_role in parts:
+            total = weight * per_role if total is None else total + weight * per_role
+        active = sorted({j for *_, pairs, _ in parts for j in pairs.roles})
+        losses = {"ce": ce}
+        if total is not None:
+            by_role = total.unbind()
+            losses.update({self.roles[j]: by_role[j] for j in active})
+        # Logged terms: one transfer of every detached value.
+        names = ["ce"] + [f"{name}/{self.roles[j]}" for name, _, pairs, _ in parts for j in sorted(set(pairs.roles))]
+        names += [label for *_, pairs, _ in parts for label in pairs.labels]
+        values = [ce.detach().reshape(1)] + [per_role.detach()[sorted(set(pairs.roles))] for *_, pairs, per_role in parts]
+        values += [pairs.values.detach() for *_, pairs, _ in parts if pairs.labels]
+        terms = dict(zip(names, torch.cat(values).tolist()))
         return LossBreakdown(losses=losses, terms=terms, teacher_weights=w.detach())
 
     # ------------------------------------------------------------------ pieces
 
+    def _kd_terms(self, logits: Tensor, batch: Mapping[str, Any], row_w: Tensor, n: int) -> _Pairs:
+        """One KD term per teacher with a logit signal: the teachers of one kind (top-k, sampled)
+        stacked into one loss call, each row weighted by its sample's mixing weight."""
+        roles, values = [], []
+        for kind, keys in (("topk", ("ids", "logprobs", "tail")), ("sampled", ("ids", "logprobs", "counts"))):
+            js = [j for j, r in enumerate(self.roles) if self.plans[r].logits == kind]
+            if js:
+                stacked = _stack_targets([batch["teachers"][self.roles[j]] for j in js], keys)
+                per_row = self._kd_rows(logits, stacked, kind)  # [R', N]
+                roles += js
+                values.append((row_w[:, js].T * per_row).sum(-1) / n)
+        return _Pairs(roles, torch.cat(values) if values else logits.new_zeros(0))
+
     def _kd_rows(self, logits: Tensor, t: Mapping[str, Tensor], kind: str) -> Tensor:
+        """Per-row KD losses ``[N]`` of one teacher's targets, or ``[R, N]`` of stacked ones."""
         cfg = self.cfg
         if kind == "sampled":
             return sampled_kd_loss(logits, t["ids"], t["counts"], t["logprobs"], temperature=cfg.temperature,
@@ -247,28 +249,81 @@ class DistillObjective(nn.Module):
                             temperature=cfg.temperature, tail=cfg.kd_tail, tail_temperature=cfg.tail_temperature,
                             reduction="none")
 
-    @staticmethod
-    def _key_columns(batch: Mapping[str, Any], kind: str, device: torch.device) -> list[Tensor]:
-        """Each sample's student key columns of a ``kind`` map: its image tokens (t2v) or all its tokens."""
-        lengths = batch["lengths"].tolist()
-        if kind == "t2v":
-            return [torch.nonzero(batch["image_mask"][b, :n], as_tuple=True)[0].to(device) for b, n in enumerate(lengths)]
-        return [torch.arange(n, device=device) for n in lengths]
+    def _hidden_terms(self, out: StudentOutputs, batch: Mapping[str, Any], row_w: Tensor, n: int) -> _Pairs:
+        """One term per (teacher, mapped layer): a sample's loss is the mean of its rows' losses, so the
+        token-weighted batch term is the row-weighted mean. Pairs of one teacher width are projected
+        together (``stacked_hidden_state_rows``)."""
+        pairs = [(j, s, tl) for j, r in enumerate(self.roles) for s, tl in sorted(self.plans[r].hidden_map.items())]
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for j, s, tl in pairs:
+            groups.setdefault(self.projectors[self.roles[j]][s].out_features, []).append((j, s, tl))
+        roles, values = [], []
+        for group in groups.values():
+            per_row = stacked_hidden_state_rows(
+                [out.hidden[s] for _, s, _ in group], [batch["teachers"][self.roles[j]]["hidden"][tl] for j, _, tl in group],
+                [self.projectors[self.roles[j]][s] for j, s, _ in group], self.cfg.hidden_kind)  # [P, N]
+            js = [j for j, _, _ in group]
+            roles += js
+            values.append((row_w[:, js].T * per_row).sum(-1) / n)
+        return _Pairs(roles, torch.cat(values) if values else out.logits.new_zeros(0))
 
-    @staticmethod
-    def _attention(out: StudentOutputs, batch: Mapping[str, Any], t: Mapping[str, Any], kind: str, s: int,
-                   tls: Sequence[int], cols: Sequence[Tensor], role: str) -> Tensor:
-        """Per-sample attention-map MSE ``[B]``: the cached maps (mean over ``tls``) laid out like the
-        student's padded maps, then ``padded_attention_map_loss`` over each sample's rows and keys."""
-        student = out.attention_padded[s]  # [B, T_max, S]
-        target = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
-        mask = torch.zeros(student.shape, dtype=torch.bool, device=student.device)
-        maps = t["attention_t2v" if kind == "t2v" else "attention_full"]
-        for b, (t_b, c) in enumerate(zip(batch["num_tokens"].tolist(), cols)):
-            cached = maps[tls[0]][b] if len(tls) == 1 else torch.stack([maps[tl][b] for tl in tls]).mean(0)
-            if tuple(cached.shape) != (t_b, len(c)):
-                raise ValueError(f"sample {batch['sample_ids'][b]!r}, teacher {role!r}: cached {kind} map "
-                                 f"{tuple(cached.shape)} vs student {(t_b, len(c))}")
-            target[b, :t_b, c] = cached.to(student.device, torch.float32)
-            mask[b, :t_b, c] = True
-        return padded_attention_map_loss(student, target, mask)
+    def _attention_terms(self, out: StudentOutputs, batch: Mapping[str, Any], sample_w: Tensor, n: int) -> _Pairs:
+        """One term per (teacher, kind, student layer): per-sample MSE between the student's padded maps
+        and the cached maps (mean over the mapped teacher layers), weighted by ``sample_w`` ``[B, R]``
+        (mixing weight x answer tokens). All pairs go through one ``segment_attention_map_loss``."""
+        pairs = [(j, kind, s, tls) for j, r in enumerate(self.roles)
+                 for kind, amap in (("t2v", self.plans[r].t2v_map), ("full", self.plans[r].full_map))
+                 for s, tls in sorted(amap.items())]
+        if not pairs:
+            return _Pairs([], out.logits.new_zeros(0))
+        layers = sorted({s for _, _, s, _ in pairs})
+        maps = torch.stack([out.attention_padded[s] for s in layers])  # [L, B, T_max, S]
+        b = len(sample_w)
+        grid = (b, int(batch["num_tokens"].max()), batch["input_ids"].shape[1])
+        if tuple(maps.shape[1:]) != grid:
+            raise ValueError(f"student attention maps {tuple(maps.shape[1:])} do not match the batch layout {grid}")
+        index, segment, target = [], [], []
+        for p, (j, kind, s, tls) in enumerate(pairs):
+            layout, cached = batch["attention_layout"][kind], batch["teachers"][self.roles[j]][f"attention_{kind}"]
+            index.append(layout["index"] + layers.index(s) * maps[0].numel())
+            segment.append(layout["sample"] + p * b)
+            target.append(cached[tls[0]] if len(tls) == 1 else torch.stack([cached[tl] for tl in tls]).mean(0))
+        per_sample = segment_attention_map_loss(maps, torch.cat(target), torch.cat(index).to(maps.device),
+                                                torch.cat(segment).to(maps.device), len(pairs) * b)
+        js = [j for j, *_ in pairs]
+        values = (sample_w[:, js].T * per_sample.view(len(pairs), b)).sum(-1) / n
+        labels = [f"attn_{kind}/{self.roles[j]}/L{s}" for j, kind, s, _ in pairs]
+        return _Pairs(js, values, labels)
+
+
+@dataclass
+class _Pairs:
+    """Batch terms of one kind: ``values[p]`` belongs to teacher ``roles[p]`` (``labels``: names to log
+    each value under, if any)."""
+
+    roles: list[int]
+    values: Tensor
+    labels: list[str] = field(default_factory=list)
+
+    def per_role(self, n_roles: int) -> Tensor:
+        """``[n_roles]``: the mean of each teacher's values (0 for a teacher without any)."""
+        idx = torch.tensor(self.roles, device=self.values.device)
+        count = torch.bincount(idx, minlength=n_roles).clamp_min(1).to(self.values.dtype)
+        return self.values.new_zeros(n_roles).index_add(0, idx, self.values) / count
+
+
+_PAD = {"ids": -1, "logprobs": float("-inf"), "counts": 0.0}
+
+
+def _stack_targets(entries: Sequence[Mapping[str, Tensor]], keys: Sequence[str]) -> dict[str, Tensor]:
+    """Teachers' logit targets stacked ``[R, N, k]`` (tails ``[R, N]``), padded to the widest ``k``
+    (padding is what the losses ignore: id -1, log-prob -inf, count 0)."""
+    out = {}
+    for key in keys:
+        xs = [e[key] for e in entries]
+        if key in _PAD:
+            k = max(x.shape[-1] for x in xs)
+            xs = [x if x.shape[-1] == k else torch.nn.functional.pad(x, (0, k - x.shape[-1]), value=_PAD[key])
+                  for x in xs]
+        out[key] = torch.stack(xs)
+    return out

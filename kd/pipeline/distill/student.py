@@ -29,17 +29,24 @@ __all__ = ["MAPS_ATTENTION", "StudentOutputs", "load_student", "student_dims", "
 class StudentOutputs:
     """Student outputs at the answer-predicting positions, rows in batch order (see ``data.collate``).
 
-    ``logits``: ``[N, V]``; ``hidden``: layer -> ``[N, H]``; ``attention``: layer -> per-sample
-    ``[T_b, S_b]`` head-averaged maps over that sample's own (unpadded) keys; ``attention_padded``:
-    the same maps as one ``[B, T_max, S]`` tensor (row ``j`` of sample ``b`` predicts its answer token
-    ``j``; ``S`` is the batch's padded width; rows ``>= T_b`` and keys ``>= S_b`` are padding), which
-    lets the objective compute every sample's attention loss in a few batched ops.
+    ``logits``: ``[N, V]``; ``hidden``: layer -> ``[N, H]``; ``attention_padded``: layer -> the
+    head-averaged maps as one ``[B, T_max, S]`` tensor (row ``j`` of sample ``b`` predicts its answer
+    token ``j``; ``S`` is the batch's padded width; rows ``>= T_b`` and keys ``>= S_b`` are padding),
+    which lets the objective compute every sample's attention loss in a few batched ops;
+    ``attention``: the same as per-sample ``[T_b, S_b]`` maps over each sample's own keys (views,
+    made on access: the objective reads only the padded maps). ``num_tokens`` / ``lengths``: ``T_b`` / ``S_b``.
     """
 
     logits: Tensor
     hidden: dict[int, Tensor] = field(default_factory=dict)
-    attention: dict[int, list[Tensor]] = field(default_factory=dict)
     attention_padded: dict[int, Tensor] = field(default_factory=dict)
+    num_tokens: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def attention(self) -> dict[int, list[Tensor]]:
+        return {layer: [m[b, :t, :n] for b, (t, n) in enumerate(zip(self.num_tokens, self.lengths))]
+                for layer, m in self.attention_padded.items()}
 
 
 # Attention maps without eager attention: every layer runs sdpa, and the layers whose maps a loss
@@ -147,9 +154,9 @@ def student_forward(model: nn.Module, batch: dict[str, Any], *, hidden_layers: I
     return StudentOutputs(
         logits=torch.cat([p.logits for p in parts]),
         hidden={layer: torch.cat([p.hidden[layer] for p in parts]) for layer in hidden_layers},
-        attention={layer: [m for p in parts for m in p.attention[layer]] for layer in attention_layers},
         attention_padded={layer: torch.cat([pad(p.attention_padded[layer]) for p in parts])
                           for layer in attention_layers},
+        num_tokens=[n for p in parts for n in p.num_tokens], lengths=[n for p in parts for n in p.lengths],
     )
 
 
@@ -193,14 +200,24 @@ def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, extra:
             h.remove()
         for mod in modules:
             mod.__dict__.pop("_kd_keep", None)
-    logits = torch.cat([out.logits[b, r] for b, r in enumerate(rows)])
-    hidden = {layer: torch.cat([out.hidden_states[layer][b, p.to(device)] for b, p in enumerate(positions)])
-              for layer in hidden_layers}
-    attention = {layer: [store[layer][b, r, : lengths[b]] for b, r in enumerate(rows)] for layer in attention_layers}
+    logits = _flat_rows(out.logits, rows)
+    hidden_rows = _flat_rows_index([p.to(device) for p in positions], input_ids.shape[1]) if hidden_layers else None
+    hidden = {layer: out.hidden_states[layer].flatten(0, 1)[hidden_rows] for layer in hidden_layers}
     padded = {}
     if attention_layers:
         # [B, T_max] indices into the kept rows (padding rows repeat row 0 and are masked by the loss).
         index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
         batch_index = torch.arange(len(rows), device=device)[:, None]
         padded = {layer: store[layer][batch_index, index] for layer in attention_layers}
-    return StudentOutputs(logits=logits, hidden=hidden, attention=attention, attention_padded=padded)
+    return StudentOutputs(logits=logits, hidden=hidden, attention_padded=padded,
+                          num_tokens=[len(r) for r in rows], lengths=list(lengths))
+
+
+def _flat_rows_index(rows: list[Tensor], width: int) -> Tensor:
+    """Indices into ``x.flatten(0, 1)`` of rows ``rows[b]`` of each sample ``b`` of an ``[B, width, ...]`` ``x``."""
+    return torch.cat([r + b * width for b, r in enumerate(rows)])
+
+
+def _flat_rows(x: Tensor, rows: list[Tensor]) -> Tensor:
+    """``cat([x[b, rows[b]] for b])`` in one gather (one autograd node instead of one per sample)."""
+    return x.flatten(0, 1)[_flat_rows_index(rows, x.shape[1])]
