@@ -27,16 +27,20 @@ coding), so these estimates are what any plain-zarr layout of the same content c
 Results (200k tokens, k = 64, vocab 32768, 2 shared cores; B/token, before -> after the
 frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_io):
 
-    fp32 321.9 -> 308.4   fp16 182.6 -> 168.0   bf16 160.6 -> 145.3   u8 153.1 -> 131.9
+    fp32 321.9 -> 308.4   fp16 182.6 -> 168.0   bf16 160.6 -> 145.3   u8 153.1 -> 131.9 (-> 109.3: v3 u8)
     ids 120.1 -> 107.9 (ordered estimate 99.5); bf16 log-prob deltas 35.4 -> 32.3 (estimate 30.1)
     vocab 151936: bf16 182.2 -> 162.6 (ids 141.6 -> 125.1), u8 174.6 -> 153.2
 
 * lossless <= 160: PASS with bf16 at vocab 32768 (145.3; estimate 133.3); 2.6 B/token over at
   vocab 151936 (splitting int32 codes into uint16 + uint8 high bits measured -2.6 more: not adopted).
-* lossy <= 110 at KL <= 1e-4: MISS. u8 holds ~118 B/token by the estimates (ids 88.4 even with
-  folded entries free, codes 22.6, ref + tail 6.6, target 0.2): no exact coding of these ids
-  reaches 110 with zarr's codecs; coding ids as a set (~61) loses the rank order, which costs up
-  to log2(64!)/8 = 37 B/token to restore (measured 33-37). 110 needs fewer ids per row.
+* lossy <= 110 at KL <= 1e-4: was a MISS with schema v2's u8 (131.9: square-root scale in the
+  gap, folding at 20 nats, a float32 reference per row). Schema v3's u8 (SPEC.md section 6:
+  uniform steps in (p / p_top1)^(1/3), folding at 17 nats, the row's level derived from the
+  tail, ids at zstd level 1): 109.3 B/token (ids 86.4, codes 17.5, tail 3.5, targets 1.4) at
+  mean KL 1.66e-5 over the k + 1 buckets and 7.84e-5 over the vocabulary (p99 4.2e-4): PASS, by
+  0.7 B/token. At vocab 151936 it is 131.1 (ids become int32 codes: this generator draws half its
+  candidates uniformly from the vocabulary, so a shard holds > 65536 distinct ids; KL 1.4e-5 /
+  3.0e-5): MISS there.
 * CPU per token (process time, old vs new, same machine): writes within noise, cold joined reads
   ~0.09M tokens/cpu-s both, warm joined reads unchanged (the LRU holds decoded chunks).
   Tried and not adopted: column-major chunks (zarr ``transpose``: a further -4 B ids, -0.5 B
