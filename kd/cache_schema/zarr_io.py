@@ -44,8 +44,8 @@ def array_codecs(name: str, data: np.ndarray) -> tuple[list, list, tuple[int, ..
     level, blocksize, shuffle_size = 3, 0, typesize
     shuffle = "shuffle"
     if name == "ids":
-        # int32 codes (tables over 65536 ids) have mostly-zero high bits: bitshuffle drops them
-        shuffle = "bitshuffle" if typesize == 4 else "shuffle"
+        # Byte shuffle for int32 codes too (tables over 65536 ids): the zero high bytes cost nothing
+        # either way, and zstd models the low bytes' skew whole (bitshuffle: 7% larger at vocab 151936).
         blocksize = CHUNK_BYTES  # one zstd block per chunk: smaller and faster to decode than blosc's choice
         level = 1  # as small as level 3 on ids (9 saves 2% but encodes 40x slower), 3.5x faster to write
     elif name == "logprobs":
