@@ -147,3 +147,18 @@ def rewrite_shard_array(cache: str, name: str, data: np.ndarray | None, drop: st
     entry = json.loads(commit.read_text())
     entry["files"] = files
     commit.write_text(json.dumps(entry))
+
+
+def same_entries_per_row(got_ids: np.ndarray, got_logprobs: np.ndarray, expected_ids: np.ndarray) -> bool:
+    """Row by row, the same (log-prob, id) pairs: ``u8`` caches return the ids of entries with equal
+    decoded log-probs (a tie group) in a canonical order, so only the pairs must match."""
+    if got_ids.shape != expected_ids.shape:
+        return False
+    rows = np.broadcast_to(np.arange(got_ids.shape[0])[:, None], got_ids.shape).ravel()
+    values = got_logprobs.ravel().view(np.int32)  # bit patterns: -inf sorts alike on both sides
+
+    def pairs(ids: np.ndarray) -> np.ndarray:
+        order = np.lexsort((ids.ravel(), values, rows))
+        return ids.ravel()[order]
+
+    return bool(np.array_equal(pairs(got_ids), pairs(expected_ids)))

@@ -28,7 +28,7 @@ from kd.cache_schema import (
     checksum_bytes,
     verify_cache,
 )
-from kd.cache_schema.id_coding import U16_CODES_MAX, decode_ids, encode_ids
+from kd.cache_schema.id_coding import U16_CODES_MAX, decode_ids, encode_ids, sort_ties, unsort_ties
 
 
 @settings(max_examples=60, deadline=None)
@@ -129,3 +129,25 @@ def test_single_distinct_id_whose_chunks_zarr_leaves_unwritten(tmp_path):
     for s in samples:
         assert np.array_equal(reader.get(s.sample_id).ids, s.ids)
     assert verify_cache(path).ok
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=st.tuples(st.integers(0, 6), st.integers(1, 12)), seed=st.integers(0, 2**16), wide=st.booleans())
+def test_tie_sorting_round_trips_and_moves_entries_only_within_runs(shape, seed, wide):
+    """Runs of equal group values (any order, not only sorted rows) keep their places; codes return."""
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 3, shape).astype(np.uint8)
+    dtype = np.int32 if wide else np.uint16
+    codes = rng.integers(0, 70000 if wide else 65536, shape).astype(dtype)
+    stored, order = sort_ties(codes, groups)
+    assert stored.dtype == codes.dtype and stored.shape == codes.shape
+    sorted_codes = np.take_along_axis(codes, order, axis=1)
+    assert np.array_equal(np.take_along_axis(groups, order, axis=1), groups)  # never across runs
+    assert np.array_equal(unsort_ties(stored, groups), sorted_codes)
+    for r in range(shape[0]):  # ascending within each run, the run's first code stored as is
+        for j in range(1, shape[1]):
+            if groups[r, j] == groups[r, j - 1]:
+                assert sorted_codes[r, j] >= sorted_codes[r, j - 1]
+                assert stored[r, j] == sorted_codes[r, j] - sorted_codes[r, j - 1]
+            else:
+                assert stored[r, j] == sorted_codes[r, j]

@@ -144,8 +144,9 @@ def _encode_u8(lp: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
     codes = np.minimum(np.round(scaled), U8_LEVELS - 1)  # round(159.45) = 159: the clamp only guards rounding
     codes = np.where(folded, U8_PAD, codes).astype(np.uint8)
     # The mass of folded entries moves into the tail so the distribution still sums to 1.
-    folded_lp = np.where(folded & np.isfinite(lp), lp, -np.inf)
-    new_tail = np.logaddexp.reduce(np.concatenate([folded_lp, tail[:, None]], axis=1), axis=1)
+    # In float64: up to k float32 log-adds would drift by ~k ulps, and the decoder derives the top-1 from it.
+    folded_lp = np.where(folded & np.isfinite(lp), lp, -np.inf).astype(np.float64)
+    new_tail = np.logaddexp.reduce(np.concatenate([folded_lp, tail[:, None].astype(np.float64)], axis=1), axis=1)
     return {"logprobs": _row_delta(codes), "tail_logmass": new_tail.astype(np.float32)}
 
 

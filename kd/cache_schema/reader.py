@@ -22,7 +22,7 @@ import zarr
 
 from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
-from .id_coding import ID_TABLE, decode_ids
+from .id_coding import ID_TABLE, decode_ids, unsort_ties
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .storage import Location, checksum_bytes
 from .writer import SHARD_INDEX_FILE, shard_commit_name
@@ -131,8 +131,11 @@ class _Shard:
             if chunk is None:
                 self._check_chunk_file(name, c, arr.ndim)
                 try:
-                    chunk = arr[c * step : min((c + 1) * step, arr.shape[0])]
+                    stop_c = min((c + 1) * step, arr.shape[0])
+                    chunk = arr[c * step : stop_c]
                     if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
+                        if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
+                            chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
                         chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
                 except CacheCorruptError:
                     raise
@@ -193,6 +196,8 @@ class CacheReader:
                 f"{self.location.url}: cache is not sealed (build unfinished or killed); "
                 "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
             )
+        # v3 u8 shards store each tie group's id codes sorted, as differences (SPEC.md section 5)
+        self.ties_sorted = self.signals.value_coding == "u8" and self.schema_version >= 3
         self._shards = {e.shard: _Shard(self, e) for e in entries}
         ids = self.index.column("sample_id").to_pylist()
         self._row_of = {sid: i for i, sid in enumerate(ids)}

@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .codecs import encode_hidden, encode_logprobs, folded_mask
+from .codecs import encode_hidden, encode_logprobs, folded_mask, undelta_logprobs
 from .errors import CacheCorruptError, CacheError
 from .faults import fault_point
-from .id_coding import encode_ids
+from .id_coding import encode_ids, sort_ties
 from .key import cache_dir_name, cache_key
 from .manifest import (
     INDEX_FILE,
@@ -180,6 +180,8 @@ class ShardWriter:
         if folded is not None:
             ids = np.where(folded, -1, ids).astype(np.int32)
         id_codes, id_table = encode_ids(ids)  # frequency-rank coding, exact (SPEC.md section 5)
+        if sig.value_coding == "u8":  # entries of equal codes decode alike: their ids go in canonical order
+            id_codes, _ = sort_ties(id_codes, undelta_logprobs(coded["logprobs"], "u8"))
         arrays: dict[str, np.ndarray] = {
             "target_ids": np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples]),
             "ids": id_codes,
