@@ -80,6 +80,11 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
+def _scale(x: Tensor, t: float) -> Tensor:
+    """``x / t``, skipped at ``t = 1`` (same values, one op and autograd node less)."""
+    return x if t == 1.0 else x / t
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half/bf16 inputs (log-space sums need it), float64 kept as is."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -162,21 +167,25 @@ def topk_kd_loss(
 
     if tail == "renorm":
         # Both renormalised over the top-k; per-token temperature is exact here.
-        s_top = _gather_ids(F.log_softmax(z / t, dim=-1), ids).masked_fill(~valid, NEG_INF)
-        logp, logq = _normalise(t_lp / t), _normalise(s_top)
+        s_top = _gather_ids(F.log_softmax(_scale(z, t), dim=-1), ids).masked_fill(~valid, NEG_INF)
+        logp, logq = _normalise(_scale(t_lp, t)), _normalise(s_top)
     else:
         exact = tail_temperature == "student_exact"
-        s_lsm = F.log_softmax(z / t if exact else z, dim=-1)
+        s_lsm = F.log_softmax(_scale(z, t) if exact else z, dim=-1)
         s_top = _gather_ids(s_lsm, ids).masked_fill(~valid, NEG_INF)
         # Student tail = logsumexp over tokens outside the teacher's top-k (mask built by scatter_add
         # so a clamped padding id never masks a real token), per teacher: [..., N, V] mask.
         in_top = s_lsm.new_zeros(ids.shape[:-1] + s_lsm.shape[-1:]).scatter_add_(-1, ids, valid.to(s_lsm.dtype)) > 0
-        s_tail = _safe_logsumexp(torch.where(in_top, NEG_INF, s_lsm), -1)
+        # Plain logsumexp: a row with every token in the top-k gives -inf and NaN gradients, but only
+        # at masked entries, which the where drops (it selects, it does not multiply).
+        s_tail = torch.logsumexp(torch.where(in_top, NEG_INF, s_lsm), -1)
         s_buckets = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
         t_tail_eff = torch.where(torch.isneginf(s_tail), t_tail.to(dt), t_tail.to(dt).clamp_min(TAIL_LOGMASS_FLOOR))
         t_buckets = torch.cat([t_lp, t_tail_eff.unsqueeze(-1)], dim=-1)
-        logp = _normalise(t_buckets / t)
-        logq = s_buckets if exact else _normalise(s_buckets / t)
+        logp = _normalise(_scale(t_buckets, t))
+        # At T = 1 the student's buckets already sum to 1: the top-k ids of a row are distinct (engines
+        # write a top-k, vocab maps are injective) and the tail holds every other token.
+        logq = s_buckets if exact or t == 1.0 else _normalise(s_buckets / t)
 
     if kind == "forward":
         per_row = _kl(logp, logq)
@@ -185,7 +194,7 @@ def topk_kd_loss(
     else:
         logm = _safe_logsumexp(torch.stack([logp + math.log(beta), logq + math.log1p(-beta)]), 0)
         per_row = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
-    return _reduce(per_row * (t * t), reduction)
+    return _reduce(per_row if t == 1.0 else per_row * (t * t), reduction)
 
 
 def sampled_kd_loss(

@@ -20,6 +20,8 @@ __all__ = [
     "resolve_mixing",
     "check_capabilities",
     "teacher_weights",
+    "teacher_weight_rows",
+    "lookup_teacher_weights",
     "LearnableLossWeights",
     "grad_norms",
     "per_loss_grads",
@@ -158,17 +160,33 @@ def teacher_weights(
     The matrix is validated first: its shape must be ``[n, n]``, its entries non-negative, and its
     rows must sum to 1.
     """
+    return lookup_teacher_weights(capabilities, roles, teacher_weight_rows(roles, matrix), unknown=unknown)
+
+
+def teacher_weight_rows(roles: Sequence[str], matrix: Tensor) -> Tensor:
+    """The validated matrix as float32 ``[n + 1, n]`` lookup rows, the last one uniform (``1/n``: the
+    fallback for unknown capabilities). Build once, look up per batch (``lookup_teacher_weights``)."""
+    _check_matrix(roles, matrix)
+    n = len(roles)
+    return torch.cat([matrix.float(), torch.full((1, n), 1.0 / n, device=matrix.device)])
+
+
+def lookup_teacher_weights(
+    capabilities: Sequence[str],
+    roles: Sequence[str],
+    rows: Tensor,
+    *,
+    unknown: Literal["error", "uniform"] = "error",
+) -> Tensor:
+    """``teacher_weights`` from rows already checked by ``teacher_weight_rows`` (the per-batch part)."""
     if unknown not in ("error", "uniform"):
         raise ValueError(f"unknown must be 'error' or 'uniform', got {unknown!r}")
-    _check_matrix(roles, matrix)
     index = {r: i for i, r in enumerate(roles)}
     missing = sorted({c for c in capabilities if c not in index})
     if missing and unknown == "error":
         raise ValueError(f"unknown capabilities {missing}; teachers cover {list(roles)} (or pass unknown='uniform')")
-    n = len(roles)
-    rows = torch.cat([matrix.float(), torch.full((1, n), 1.0 / n)])  # last row: uniform fallback
-    idx = torch.tensor([index.get(c, n) for c in capabilities], dtype=torch.long)
-    return rows[idx].to(matrix.device)
+    idx = torch.tensor([index.get(c, len(roles)) for c in capabilities], dtype=torch.long)
+    return rows[idx.to(rows.device)]
 
 
 class LearnableLossWeights(nn.Module):

@@ -335,19 +335,20 @@ class DistillDataset(Dataset):
     def __getitem__(self, i: int) -> DistillSample:
         rec = self.records[i]
         enc = encode_record(self.processor, rec.as_dict())
+        answer_hash = enc.answer_hash if self.sources else ""  # once per sample, not per teacher
         teachers = {}
         for role, src in self.sources.items():
             cached = src.reader.get(rec.id)
-            self._check(rec.id, enc, cached, src)
+            self._check(rec.id, enc, answer_hash, cached, src)
             teachers[role] = to_student_ids(cached, src.vocab_map)
         return DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
                              answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
                              image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers)
 
     @staticmethod
-    def _check(sid: str, enc, cached: CachedSample, src: TeacherSource) -> None:
+    def _check(sid: str, enc, answer_hash: str, cached: CachedSample, src: TeacherSource) -> None:
         if src.vocab_map is None:
-            if cached.answer_ids_hash != enc.answer_hash or not np.array_equal(cached.target_ids, enc.answer_ids):
+            if cached.answer_ids_hash != answer_hash or not np.array_equal(cached.target_ids, enc.answer_ids):
                 raise _mismatch(sid, src, f"student answer ids {enc.answer_ids.tolist()} differ from the cached "
                                 f"ones {np.asarray(cached.target_ids).tolist()}")
         else:
@@ -468,14 +469,13 @@ def attention_layout(batch: Mapping[str, Any], kind: str) -> dict[str, torch.Ten
     by ``collate``), so the training step only gathers."""
     num_tokens, lengths = batch["num_tokens"].tolist(), batch["lengths"].tolist()
     t_max, width = max(num_tokens), batch["input_ids"].shape[1]
-    image = batch["image_mask"].cpu().numpy()
-    index, sample = [], []
-    for b, (t_b, n) in enumerate(zip(num_tokens, lengths)):
-        cols = np.flatnonzero(image[b, :n]) if kind == "t2v" else np.arange(n)
-        index.append(((b * t_max + np.arange(t_b)) * width)[:, None] + cols[None, :])
-        sample.append(np.full(t_b * len(cols), b))
-    return {"index": torch.from_numpy(np.concatenate([i.ravel() for i in index]).astype(np.int64)),
-            "sample": torch.from_numpy(np.concatenate(sample).astype(np.int64))}
+    image = batch["image_mask"].cpu().numpy()  # False past each sample's length
+    index = [np.add.outer(np.arange(b * t_max, b * t_max + t_b) * width,
+                          np.flatnonzero(image[b]) if kind == "t2v" else np.arange(n)).ravel()
+             for b, (t_b, n) in enumerate(zip(num_tokens, lengths))]
+    sample = np.repeat(np.arange(len(index)), [len(i) for i in index])
+    return {"index": torch.from_numpy(np.concatenate(index).astype(np.int64, copy=False)),
+            "sample": torch.from_numpy(sample.astype(np.int64, copy=False))}
 
 
 def flatten_maps(maps: Sequence[np.ndarray | torch.Tensor], shapes: Sequence[tuple[int, int]],
@@ -485,4 +485,6 @@ def flatten_maps(maps: Sequence[np.ndarray | torch.Tensor], shapes: Sequence[tup
     for sid, m, shape in zip(sample_ids, maps, shapes):
         if tuple(m.shape) != shape:
             raise ValueError(f"sample {sid!r}, {what} {tuple(m.shape)} vs student {shape}")
+    if all(isinstance(m, np.ndarray) for m in maps):  # the loader's case: one numpy call
+        return torch.from_numpy(np.concatenate(maps, axis=None).astype(np.float32, copy=False))
     return torch.cat([torch.as_tensor(m).reshape(-1) for m in maps]).float()

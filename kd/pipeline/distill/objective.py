@@ -51,7 +51,7 @@ from kd.pipeline.losses import (
     stacked_hidden_state_rows,
     topk_kd_loss,
 )
-from kd.pipeline.mixing import mixing_matrix, resolve_mixing, teacher_weights
+from kd.pipeline.mixing import lookup_teacher_weights, mixing_matrix, resolve_mixing, teacher_weight_rows
 
 from .config import LossConfig
 from .student import StudentOutputs
@@ -177,6 +177,7 @@ class DistillObjective(nn.Module):
         matrix = (resolve_mixing(cfg.mixing_matrix, self.roles) if cfg.mixing_matrix is not None
                   else mixing_matrix(self.roles, cfg.mixing_diag))  # a bad matrix fails here, before training
         self.register_buffer("mixing", matrix, persistent=False)
+        self.register_buffer("weight_rows", teacher_weight_rows(self.roles, matrix), persistent=False)
 
     @property
     def loss_names(self) -> list[str]:
@@ -201,7 +202,7 @@ class DistillObjective(nn.Module):
         # One teacher has nothing to mix: it serves every sample (e.g. a text-only LLM distilled from
         # one cache over data of several capabilities), so an unmatched capability is no typo to flag.
         unknown = "uniform" if len(self.roles) == 1 else cfg.unknown_capability
-        w = teacher_weights(batch["capabilities"], self.roles, self.mixing.cpu(), unknown=unknown).to(device)
+        w = lookup_teacher_weights(batch["capabilities"], self.roles, self.weight_rows, unknown=unknown).to(device)
         row_w = w[torch.repeat_interleave(torch.arange(len(n_tok), device=device), n_tok)]  # [N, R]
         ce = answer_ce_loss(out.logits, batch["targets"])
         parts = [("kd", cfg.kd, self._kd_terms(out.logits, batch, row_w, n)),
