@@ -27,7 +27,7 @@ coding), so these estimates are what any plain-zarr layout of the same content c
 Results (200k tokens, k = 64, vocab 32768, 2 shared cores; B/token, before -> after the
 frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_io):
 
-    fp32 321.9 -> 308.4   fp16 182.6 -> 168.0   bf16 160.6 -> 145.3   u8 153.1 -> 131.9 (-> 109.3: v3 u8)
+    fp32 321.9 -> 308.4   fp16 182.6 -> 168.0   bf16 160.6 -> 145.3   u8 153.1 -> 131.9 (-> 103.9: v3 u8)
     ids 120.1 -> 107.9 (ordered estimate 99.5); bf16 log-prob deltas 35.4 -> 32.3 (estimate 30.1)
     vocab 151936: bf16 182.2 -> 162.6 (ids 141.6 -> 125.1), u8 174.6 -> 153.2
 
@@ -36,12 +36,15 @@ frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_
 * lossy <= 110 at KL <= 1e-4: was a MISS with schema v2's u8 (131.9: square-root scale in the
   gap, folding at 20 nats, a float32 reference per row). Schema v3's u8 (SPEC.md section 6:
   uniform steps in (p / p_top1)^(1/3), folding at 17 nats, the row's level derived from the
-  tail, ids at zstd level 1): 109.3 B/token (ids 86.4, codes 17.5, tail 3.5, targets 1.4) at
-  mean KL 1.66e-5 over the k + 1 buckets and 7.84e-5 over the vocabulary (p99 4.2e-4): PASS, by
-  0.7 B/token. At vocab 151936 it is 123.2 (ids 99.2: this generator draws half its candidates
-  uniformly from the vocabulary, so a shard holds > 65536 distinct ids and int32 codes; their
-  byte shuffle is 7.9 B/token smaller than the bitshuffle v2 used; KL 1.4e-5 / 3.0e-5): MISS
-  there, and bf16 163.2 (lossless target missed by 3.2 there, as before).
+  tail; section 5: ids of tie groups sorted and delta-coded; ids at zstd level 1): 103.9
+  B/token (ids 81.1, codes 17.5, tail 3.5, targets 1.4) at mean KL 1.66e-5 over the k + 1
+  buckets and 7.84e-5 over the vocabulary (p99 4.2e-4): PASS. The steps, in B/token: scale +
+  folding + no reference 131.9 -> 109.3 (level 1 for ids is as small as 3), tie groups -5.4.
+  Cost: decoding u8 derives each row's top-1 (~0.12 us/token), warm joined u8 reads 2.7M ->
+  ~1.6M tokens/s on a loaded machine (target >= 1M). At vocab 151936: u8 115.3 (MISS there;
+  ids 91.3: this generator draws half its candidates uniformly from the vocabulary, so a shard
+  holds > 65536 distinct ids and int32 codes, whose byte shuffle is 7.9 B/token smaller than
+  v2's bitshuffle; KL 1.4e-5 / 3.0e-5), bf16 163.2 (lossless target missed by 3.2 there, as before).
 * CPU per token (process time, old vs new, same machine): writes within noise, cold joined reads
   ~0.09M tokens/cpu-s both, warm joined reads unchanged (the LRU holds decoded chunks).
   Tried and not adopted: column-major chunks (zarr ``transpose``: a further -4 B ids, -0.5 B
