@@ -157,9 +157,14 @@ class LossBreakdown:
         """``sum_i weights[i] * losses[i]`` over the named losses."""
         out = None
         for name, loss in self.losses.items():
-            term = weights[name] * loss
+            term = _times(weights[name], loss)
             out = term if out is None else out + term
         return out
+
+
+def _times(weight: float | Tensor, x: Tensor) -> Tensor:
+    """``weight * x``, without the op (and its autograd node) for a plain weight of 1."""
+    return x if isinstance(weight, (int, float)) and weight == 1.0 else weight * x
 
 
 class DistillObjective(nn.Module):
@@ -203,15 +208,16 @@ class DistillObjective(nn.Module):
         # one cache over data of several capabilities), so an unmatched capability is no typo to flag.
         unknown = "uniform" if len(self.roles) == 1 else cfg.unknown_capability
         w = lookup_teacher_weights(batch["capabilities"], self.roles, self.weight_rows, unknown=unknown).to(device)
-        row_w = w[torch.repeat_interleave(torch.arange(len(n_tok), device=device), n_tok)]  # [N, R]
+        # Row and sample weights with the 1/N of the token-weighted mean folded in: [N, R] and [B, R].
+        row_w = w[torch.repeat_interleave(torch.arange(len(n_tok), device=device), n_tok)] / n
         ce = answer_ce_loss(out.logits, batch["targets"])
-        parts = [("kd", cfg.kd, self._kd_terms(out.logits, batch, row_w, n)),
-                 ("hidden", cfg.hidden, self._hidden_terms(out, batch, row_w, n)),
-                 ("attn", cfg.attention, self._attention_terms(out, batch, w * n_tok[:, None], n))]
+        parts = [("kd", cfg.kd, self._kd_terms(out.logits, batch, row_w)),
+                 ("hidden", cfg.hidden, self._hidden_terms(out, batch, row_w)),
+                 ("attn", cfg.attention, self._attention_terms(out, batch, w * n_tok[:, None] / n))]
         parts = [(name, weight, pairs, pairs.per_role(len(self.roles))) for name, weight, pairs in parts if pairs.roles]
         total = None
         for _, weight, _, per_role in parts:
-            total = weight * per_role if total is None else total + weight * per_role
+            total = _times(weight, per_role) if total is None else total + _times(weight, per_role)
         active = sorted({j for *_, pairs, _ in parts for j in pairs.roles})
         losses = {"ce": ce}
         if total is not None:
@@ -227,7 +233,7 @@ class DistillObjective(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _kd_terms(self, logits: Tensor, batch: Mapping[str, Any], row_w: Tensor, n: int) -> _Pairs:
+    def _kd_terms(self, logits: Tensor, batch: Mapping[str, Any], row_w: Tensor) -> _Pairs:
         """One KD term per teacher with a logit signal: the teachers of one kind (top-k, sampled)
         stacked into one loss call, each row weighted by its sample's mixing weight."""
         roles, values = [], []
@@ -237,7 +243,7 @@ class DistillObjective(nn.Module):
                 stacked = _stack_targets([batch["teachers"][self.roles[j]] for j in js], keys)
                 per_row = self._kd_rows(logits, stacked, kind)  # [R', N]
                 roles += js
-                values.append((row_w[:, js].T * per_row).sum(-1) / n)
+                values.append((row_w[:, js].T * per_row).sum(-1))
         return _Pairs(roles, torch.cat(values) if values else logits.new_zeros(0))
 
     def _kd_rows(self, logits: Tensor, t: Mapping[str, Tensor], kind: str) -> Tensor:
@@ -250,7 +256,7 @@ class DistillObjective(nn.Module):
                             temperature=cfg.temperature, tail=cfg.kd_tail, tail_temperature=cfg.tail_temperature,
                             reduction="none")
 
-    def _hidden_terms(self, out: StudentOutputs, batch: Mapping[str, Any], row_w: Tensor, n: int) -> _Pairs:
+    def _hidden_terms(self, out: StudentOutputs, batch: Mapping[str, Any], row_w: Tensor) -> _Pairs:
         """One term per (teacher, mapped layer): a sample's loss is the mean of its rows' losses, so the
         token-weighted batch term is the row-weighted mean. Pairs of one teacher width are projected
         together (``stacked_hidden_state_rows``)."""
@@ -265,13 +271,13 @@ class DistillObjective(nn.Module):
                 [self.projectors[self.roles[j]][s] for j, s, _ in group], self.cfg.hidden_kind)  # [P, N]
             js = [j for j, _, _ in group]
             roles += js
-            values.append((row_w[:, js].T * per_row).sum(-1) / n)
+            values.append((row_w[:, js].T * per_row).sum(-1))
         return _Pairs(roles, torch.cat(values) if values else out.logits.new_zeros(0))
 
-    def _attention_terms(self, out: StudentOutputs, batch: Mapping[str, Any], sample_w: Tensor, n: int) -> _Pairs:
+    def _attention_terms(self, out: StudentOutputs, batch: Mapping[str, Any], sample_w: Tensor) -> _Pairs:
         """One term per (teacher, kind, student layer): per-sample MSE between the student's padded maps
         and the cached maps (mean over the mapped teacher layers), weighted by ``sample_w`` ``[B, R]``
-        (mixing weight x answer tokens). All pairs go through one ``segment_attention_map_loss``."""
+        (mixing weight x answer tokens / N). All pairs go through one ``segment_attention_map_loss``."""
         pairs = [(j, kind, s, tls) for j, r in enumerate(self.roles)
                  for kind, amap in (("t2v", self.plans[r].t2v_map), ("full", self.plans[r].full_map))
                  for s, tls in sorted(amap.items())]
@@ -292,7 +298,7 @@ class DistillObjective(nn.Module):
         per_sample = segment_attention_map_loss(maps, torch.cat(target), torch.cat(index).to(maps.device),
                                                 torch.cat(segment).to(maps.device), len(pairs) * b)
         js = [j for j, *_ in pairs]
-        values = (sample_w[:, js].T * per_sample.view(len(pairs), b)).sum(-1) / n
+        values = (sample_w[:, js].T * per_sample.view(len(pairs), b)).sum(-1)
         labels = [f"attn_{kind}/{self.roles[j]}/L{s}" for j, kind, s, _ in pairs]
         return _Pairs(js, values, labels)
 
@@ -308,6 +314,9 @@ class _Pairs:
 
     def per_role(self, n_roles: int) -> Tensor:
         """``[n_roles]``: the mean of each teacher's values (0 for a teacher without any)."""
+        per = len(self.roles) // n_roles
+        if self.roles == [j for j in range(n_roles) for _ in range(per)]:  # the usual layout: a view, no scatter
+            return self.values if per == 1 else self.values.view(n_roles, per).mean(1)
         idx = torch.tensor(self.roles, device=self.values.device)
         count = torch.bincount(idx, minlength=n_roles).clamp_min(1).to(self.values.dtype)
         return self.values.new_zeros(n_roles).index_add(0, idx, self.values) / count
