@@ -40,11 +40,16 @@ library (the same for all rows, see ``_warm_up_framework``); with ``--device cud
 and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
 ``--profile`` adds a cProfile of (b)'s timed steps.
 
-What to expect on CPU: (b) costs a roughly fixed ~10 ms and ~10 MiB per step over (a) (cache reads
-and collation, the objective's extra graph, projectors), so the ratios shrink as the student
-grows: on a shared 2-core machine the demo student (2 x 64, ~35 ms/step) gave (b)/(a) ~1.3x time
-and ~1.2x memory, the 4 x 256 student (``--student medium``) 1.10x and 1.06x (1.15x memory with
-``--eager-attention``).
+What to expect on CPU: (b) costs a roughly fixed ~7 ms per step over (a), so the time ratio shrinks
+as the student grows. On a shared 2-core machine the demo student (2 x 64, ~34 ms/step) gave (b)/(a)
+1.19-1.22x time (1.27-1.29x before the objective computed each term for all teachers at once) and
+1.00x memory. Of the ~7 ms: cache reads ~1.5 ms (24 ``CacheReader.get`` per step), alignment checks
+and collation ~0.7 ms, the objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the
+12 projector tensors ~0.5 ms, the maps and hidden states in the forward ~0.4 ms. (a)'s RSS growth
+depends on the setup by up to ~10 MiB (39-49 MiB over different work dirs, stable over repeats) while
+(b)'s stays ~46 MiB, so the memory ratio reads 1.00-1.19x depending on the work dir. Earlier
+measurement of the 4 x 256 student (``--student medium``): 1.10x time and 1.06x memory (1.15x memory
+with ``--eager-attention``).
 """
 
 from __future__ import annotations
