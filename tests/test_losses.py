@@ -366,7 +366,8 @@ def test_stacked_teachers_equal_one_teacher_at_a_time(kind, tail_mode, tail_temp
     caches[1][0][2, -1], caches[1][1][2, -1] = -1, NEG_INF  # padding in one teacher only
     ids, lp, tail = (torch.stack(x) for x in zip(*caches))
     for temp in (1.0, 2.0):
-        opts = dict(kind=kind, tail=tail_mode, tail_temperature=tail_temperature, temperature=temp, reduction="none")
+        opts = {"kind": kind, "tail": tail_mode, "tail_temperature": tail_temperature, "temperature": temp,
+                "reduction": "none"}
         stacked = topk_kd_loss(z, ids, lp, tail, **opts)
         one = torch.stack([topk_kd_loss(z, *c, **opts) for c in caches])
         assert stacked.shape == (3, 5)

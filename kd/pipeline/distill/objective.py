@@ -51,7 +51,12 @@ from kd.pipeline.losses import (
     stacked_hidden_state_rows,
     topk_kd_loss,
 )
-from kd.pipeline.mixing import lookup_teacher_weights, mixing_matrix, resolve_mixing, teacher_weight_rows
+from kd.pipeline.mixing import (
+    lookup_teacher_weights,
+    mixing_matrix,
+    resolve_mixing,
+    teacher_weight_rows,
+)
 
 from .config import LossConfig
 from .student import StudentOutputs
