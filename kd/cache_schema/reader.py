@@ -89,6 +89,7 @@ class _Shard:
         self.reader = reader
         self.entry = entry
         self._arrays: dict[str, zarr.Array] = {}
+        self._metas: dict[str, tuple[zarr.Array, int]] = {}
         self._group: zarr.Group | None = None
         self._lock = threading.Lock()
 
@@ -122,33 +123,44 @@ class _Shard:
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array, assembled from cached decompressed chunks (a new array)."""
-        arr = self.array(name)
-        step = arr.chunks[0]
-        parts = []
-        for c in range(start // step, (stop - 1) // step + 1 if stop > start else start // step):
-            key = (self.entry.shard, name, c)
-            chunk = self.reader._lru.get(key)
-            if chunk is None:
-                self._check_chunk_file(name, c, arr.ndim)
-                try:
-                    stop_c = min((c + 1) * step, arr.shape[0])
-                    chunk = arr[c * step : stop_c]
-                    if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
-                        if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
-                            chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
-                        chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
-                except CacheCorruptError:
-                    raise
-                except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
-                    raise CacheCorruptError(f"{self.where}/{name}: chunk {c} unreadable or corrupt ({e})") from None
-                self.reader._lru.put(key, chunk)
-            lo = max(start - c * step, 0)
-            hi = min(stop - c * step, chunk.shape[0])
-            parts.append(chunk[lo:hi])
-        if not parts:
+        arr, step = self._meta(name)
+        first, last = start // step, (stop - 1) // step
+        if stop <= start:
             return np.zeros((0,) + arr.shape[1:], arr.dtype)
-        # Copy a single slice: callers own what they get, and must not write into the LRU.
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        if first == last:  # the usual case: a sample's rows inside one chunk
+            # Copy: callers own what they get, and must not write into the LRU.
+            return self._chunk(name, arr, step, first)[start - first * step : stop - first * step].copy()
+        parts = [self._chunk(name, arr, step, c)[max(start - c * step, 0) : stop - c * step] for c in range(first, last + 1)]
+        return np.concatenate(parts)
+
+    def _meta(self, name: str) -> tuple[zarr.Array, int]:
+        """The array and its rows per chunk, looked up once (zarr's metadata properties are slow)."""
+        meta = self._metas.get(name)
+        if meta is None:
+            arr = self.array(name)
+            meta = self._metas[name] = (arr, arr.chunks[0])
+        return meta
+
+    def _chunk(self, name: str, arr: zarr.Array, step: int, c: int) -> np.ndarray:
+        """Chunk ``c`` of an array, decoded (ids: to token ids), from the LRU or read and checked."""
+        key = (self.entry.shard, name, c)
+        chunk = self.reader._lru.get(key)
+        if chunk is not None:
+            return chunk
+        self._check_chunk_file(name, c, arr.ndim)
+        try:
+            stop_c = min((c + 1) * step, arr.shape[0])
+            chunk = arr[c * step : stop_c]
+            if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
+                if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
+                    chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
+                chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
+        except CacheCorruptError:
+            raise
+        except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
+            raise CacheCorruptError(f"{self.where}/{name}: chunk {c} unreadable or corrupt ({e})") from None
+        self.reader._lru.put(key, chunk)
+        return chunk
 
     def id_table(self) -> np.ndarray | None:
         """The shard's ``id_table`` (``ids`` holds codes into it), or None for raw ids (older caches)."""
