@@ -40,16 +40,20 @@ library (the same for all rows, see ``_warm_up_framework``); with ``--device cud
 and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
 ``--profile`` adds a cProfile of (b)'s timed steps.
 
-What to expect on CPU: (b) costs a roughly fixed ~7 ms per step over (a), so the time ratio shrinks
-as the student grows. On a shared 2-core machine the demo student (2 x 64, ~34 ms/step) gave (b)/(a)
-1.19-1.22x time (1.27-1.29x before the objective computed each term for all teachers at once) and
-1.00x memory. Of the ~7 ms: cache reads ~1.5 ms (24 ``CacheReader.get`` per step), alignment checks
-and collation ~0.7 ms, the objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the
-12 projector tensors ~0.5 ms, the maps and hidden states in the forward ~0.4 ms. (a)'s RSS growth
-depends on the setup by up to ~10 MiB (39-49 MiB over different work dirs, stable over repeats) while
-(b)'s stays ~46 MiB, so the memory ratio reads 1.00-1.19x depending on the work dir. Earlier
-measurement of the 4 x 256 student (``--student medium``): 1.10x time and 1.06x memory (1.15x memory
-with ``--eager-attention``).
+What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5.5 ms per step over (a),
+so the time ratio shrinks as the student grows: demo student (2 x 64, ~34 ms/step) 1.16-1.17x
+(1.27-1.29x before the objective computed each term for all teachers at once and the reader
+looked its chunk sizes up once), ``--student medium`` (4 x 256, ~285 ms/step) 1.07x. Of the ~5.5
+ms: cache reads ~1 ms (24 ``CacheReader.get`` per step), alignment checks and collation ~0.7 ms,
+the objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the 12 projector
+tensors ~0.5 ms, the maps and hidden states in the forward ~0.4 ms.
+Memory, with glibc's malloc thresholds fixed in the workers (``_worker_env``; before, peak RSS
+moved by ~10 MiB between fresh processes and the ratio read anywhere from 1.00x to 1.19x):
+demo student (a) +33.7 MiB, (b) +40.6 MiB = 1.20x; medium (a) +106.0, (b) +118.5 = 1.12x. Of
+the demo student's +7 MiB, ~4 MiB is paid once when three caches open (pyarrow's mimalloc pool
+reserves ~2 MiB on its first real parquet read, zarr's groups and arrays ~2 MiB) and does not
+grow with the model or the data; projectors, their AdamW state and the objective's graph are the
+rest (more on the medium student: 6 projectors 256 -> 128 with AdamW state are ~3 MiB).
 """
 
 from __future__ import annotations
@@ -268,11 +272,17 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     loss.backward()
     torch.optim.AdamW(lin.parameters()).step()
     before = _rss_mb()
-    pq.write_table(pa.table({"x": [1, 2, 3]}), scratch / "t.parquet")
+    pq.write_table(pa.table({"x": [1, 2, 3], "s": ["a", "b", "c"]}), scratch / "t.parquet", compression="zstd")  # as kd's indexes
     pq.read_table(scratch / "t.parquet")
-    z = zarr.create_array(store=str(scratch / "z"), shape=(4,), dtype="f4", chunks=(2,), overwrite=True)
-    z[:] = np.arange(4, dtype="f4")
-    zarr.open_array(str(scratch / "z"), mode="r")[:]
+    # zarr with the codec chain of a cache's arrays (blosc + crc32c: blosc's first use sets up its contexts)
+    from kd.cache_schema.zarr_io import array_codecs
+
+    data = np.arange(64, dtype="u2").reshape(4, 16)
+    filters, compressors, chunks = array_codecs("logprobs", data)
+    z = zarr.create_array(store=str(scratch / "z"), shape=data.shape, dtype=data.dtype, chunks=chunks,
+                          filters=filters, compressors=compressors, overwrite=True)
+    z[...] = data
+    zarr.open_array(str(scratch / "z"), mode="r")[...]
     return _rss_mb() - before
 
 
@@ -478,6 +488,20 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     return result
 
 
+def _worker_env() -> dict[str, str]:
+    """The environment of the worker processes, with glibc's malloc thresholds fixed.
+
+    glibc adapts its mmap threshold as a process frees large blocks, so how much freed memory
+    stays resident, and so peak RSS, varied by ~10 MiB from one fresh process to the next (SFT's
+    growth read 39 or 49 MiB on the same inputs). Fixed thresholds make it repeat within ~0.3 MiB;
+    every row gets the same setting (set them yourself to override).
+    """
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    return env
+
+
 def run_worker(mode: str, setup_path: Path, args: argparse.Namespace) -> dict:
     """``mode`` in a fresh interpreter (its own peak memory); returns its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -488,7 +512,7 @@ def run_worker(mode: str, setup_path: Path, args: argparse.Namespace) -> dict:
            "--device", args.device, "--num-workers", str(args.num_workers)] + (["--profile"] if args.profile else [])
     cmd += [f"--set={o}" for o in args.set] + (["--eager-attention"] if args.eager_attention else [])
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_worker_env())
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
