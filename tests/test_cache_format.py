@@ -154,6 +154,16 @@ def test_empty_answer_rejected_naming_the_sample(tmp_path):
         build.shard_writer(0).add(empty, "cap")
 
 
+@pytest.mark.parametrize("field", ["logprobs", "tail_logmass"])
+def test_nan_teacher_outputs_rejected_naming_sample_field_and_token(tmp_path, field):
+    sig = SignalConfig(top_k=4, value_coding="u8")
+    build = build_cache(str(tmp_path), samples_for(sig, [3]), sig, seal=False, commit_shards=[])
+    broken = make_signals("the-nan-one", 5, sig, seed=0)
+    getattr(broken, field)[2] = np.nan
+    with pytest.raises(ValueError, match=f"the-nan-one.*{field} has NaN .first at answer token 2"):
+        build.shard_writer(0).add(broken, "cap")
+
+
 @pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16"])
 def test_hidden_and_attention_round_trip(tmp_path, coding):
     sig = SignalConfig(top_k=4, value_coding="fp16", hidden_layers=(0, 3), hidden_coding=coding,

@@ -233,6 +233,11 @@ def _check_sample(s: SampleSignals, sig: SignalConfig) -> None:
         raise ValueError(f"{where}: empty answer (0 answer tokens) cannot be cached")
     if s.ids.shape[1] != sig.top_k:
         raise ValueError(f"{where}: ids have {s.ids.shape[1]} columns, signal config says top_k={sig.top_k}")
+    for field in ("logprobs", "tail_logmass"):  # a broken teacher (overflow) must not be cached as data
+        bad = np.isnan(np.asarray(getattr(s, field), np.float32))
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(f"{where}: {field} has NaN (first at answer token {row}); the teacher's outputs are broken")
     if sig.logits == "sampled" and s.counts is None:
         raise ValueError(f"{where}: sampled logits need counts")
     for layer in sig.hidden_layers:
