@@ -41,7 +41,10 @@ frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_
   buckets and 7.84e-5 over the vocabulary (p99 4.2e-4): PASS. The steps, in B/token: scale +
   folding + no reference 131.9 -> 109.3 (level 1 for ids is as small as 3), tie groups -5.4.
   Cost: decoding u8 derives each row's top-1 (~0.12 us/token), warm joined u8 reads 2.7M ->
-  ~1.6M tokens/s on a loaded machine (target >= 1M). At vocab 151936: u8 115.3 (MISS there;
+  ~1.6-1.8M tokens/s (target >= 1M); each ids chunk read from disk also undoes the tie-group
+  deltas (~1.8 ms per 4096-row chunk, plus that chunk's u8 codes), so u8's random reads over a
+  cache 10x its LRU run at ~0.13M tokens/s against bf16's ~0.26M (zarr's reads and decompression
+  are about half of u8's time there). At vocab 151936: u8 115.3 (MISS there;
   ids 91.3: this generator draws half its candidates uniformly from the vocabulary, so a shard
   holds > 65536 distinct ids and int32 codes, whose byte shuffle is 7.9 B/token smaller than
   v2's bitshuffle; KL 1.4e-5 / 3.0e-5), bf16 163.2 (lossless target missed by 3.2 there, as before).

@@ -98,8 +98,8 @@ def unsort_ties(stored: np.ndarray, groups: np.ndarray) -> np.ndarray:
     stored = np.asarray(stored)
     if stored.size == 0:
         return stored.copy()
-    start = _run_starts(groups)
-    total = np.cumsum(stored, axis=1, dtype=np.int64)
-    before = total - stored  # sum of everything before each entry
-    first = np.maximum.accumulate(np.where(start, np.arange(stored.shape[1]), 0), axis=1)
-    return (total - np.take_along_axis(before, first, axis=1)).astype(stored.dtype)
+    total = np.cumsum(stored, axis=1, dtype=np.int64 if stored.dtype.itemsize > 2 else np.int32)
+    before = total - stored  # sum of everything before each entry: non-decreasing, as stored values are >= 0
+    # ... so the running maximum of `before` at run starts is `before` at the start of each entry's run
+    base = np.maximum.accumulate(np.where(_run_starts(groups), before, 0), axis=1)
+    return (total - base).astype(stored.dtype)
