@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from .chunk_codec import ArrayMeta, decode_chunk, parse_array_meta
 from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
 from .id_coding import ID_TABLE, decode_ids, unsort_ties
@@ -82,40 +83,65 @@ class _ChunkLRU:
                 self.used -= old.nbytes
 
 
+@dataclass(frozen=True)
+class _ArrayHandle:
+    """An array of a shard as ``rows`` reads it: decoded directly (``meta``) or through zarr (``zarr_array``)."""
+
+    shape: tuple[int, ...]
+    chunk_rows: int
+    meta: ArrayMeta | None
+    zarr_array: zarr.Array | None
+
+
 class _Shard:
-    """Lazy access to one shard's zarr arrays, checked against the manifest on first use."""
+    """Lazy access to one shard's arrays, checked against the manifest on first use."""
 
     def __init__(self, reader: "CacheReader", entry: ShardEntry):
         self.reader = reader
         self.entry = entry
-        self._arrays: dict[str, zarr.Array] = {}
-        self._metas: dict[str, tuple[zarr.Array, int]] = {}
+        self._docs: dict[str, dict] | None = None  # array name -> its zarr.json, checksum verified
+        self._handles: dict[str, _ArrayHandle] = {}
         self._group: zarr.Group | None = None
         self._lock = threading.Lock()
 
-    def _open(self) -> zarr.Group:
+    def _array_docs(self) -> dict[str, dict]:
+        """Every array's ``zarr.json``, each checked against the manifest's size and checksum first."""
         with self._lock:
-            if self._group is None:
-                loc = self.reader.location
+            if self._docs is None:
+                loc, docs = self.reader.location, {}
                 for rel, meta in self.entry.files.items():
                     if rel.endswith("zarr.json"):
                         data = loc.read_bytes(f"{self.entry.path}/{rel}")
                         if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
                             raise CacheCorruptError(f"{loc.url}/{self.entry.path}/{rel}: checksum mismatch")
-                self._group = zarr.open_group(store=zarr_store(loc.child(self.entry.path), read_only=True), mode="r")
-            return self._group
+                        if "/" in rel:
+                            docs[rel.rsplit("/", 1)[0]] = json.loads(data)
+                self._docs = docs
+            return self._docs
 
-    def array(self, name: str) -> zarr.Array:
-        arr = self._arrays.get(name)
-        if arr is None:
-            try:
-                arr = self._open()[name]
-            except KeyError:
-                raise CacheCorruptError(f"{self.where}: array {name!r} missing") from None
-            if not name.startswith("attn_") and name != ID_TABLE and arr.shape[0] != self.entry.tokens:
-                raise CacheCorruptError(f"{self.where}/{name}: {arr.shape[0]} rows, manifest says {self.entry.tokens} tokens")
-            self._arrays[name] = arr
-        return arr
+    def _zarr_array(self, name: str) -> zarr.Array:
+        """The array through zarr (arrays whose codecs kd does not decode itself)."""
+        with self._lock:
+            if self._group is None:
+                store = zarr_store(self.reader.location.child(self.entry.path), read_only=True)
+                self._group = zarr.open_group(store=store, mode="r")
+        return self._group[name]
+
+    def handle(self, name: str) -> _ArrayHandle:
+        """The array's shape and decoder, its row count checked against the manifest (looked up once)."""
+        h = self._handles.get(name)
+        if h is None:
+            doc = self._array_docs().get(name)
+            if doc is None:
+                raise CacheCorruptError(f"{self.where}: array {name!r} missing")
+            meta = parse_array_meta(doc)
+            arr = None if meta is not None else self._zarr_array(name)
+            shape = meta.shape if meta is not None else tuple(arr.shape)
+            rows = meta.chunk_rows if meta is not None else arr.chunks[0]
+            if not name.startswith("attn_") and name != ID_TABLE and shape[0] != self.entry.tokens:
+                raise CacheCorruptError(f"{self.where}/{name}: {shape[0]} rows, manifest says {self.entry.tokens} tokens")
+            h = self._handles[name] = _ArrayHandle(shape, rows, meta, arr)
+        return h
 
     @property
     def where(self) -> str:
@@ -123,34 +149,31 @@ class _Shard:
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array, assembled from cached decompressed chunks (a new array)."""
-        arr, step = self._meta(name)
+        h = self.handle(name)
+        step = h.chunk_rows
         first, last = start // step, (stop - 1) // step
         if stop <= start:
-            return np.zeros((0,) + arr.shape[1:], arr.dtype)
+            return np.zeros((0,) + h.shape[1:], h.meta.dtype if h.meta is not None else h.zarr_array.dtype)
         if first == last:  # the usual case: a sample's rows inside one chunk
             # Copy: callers own what they get, and must not write into the LRU.
-            return self._chunk(name, arr, step, first)[start - first * step : stop - first * step].copy()
-        parts = [self._chunk(name, arr, step, c)[max(start - c * step, 0) : stop - c * step] for c in range(first, last + 1)]
+            return self._chunk(name, h, first)[start - first * step : stop - first * step].copy()
+        parts = [self._chunk(name, h, c)[max(start - c * step, 0) : stop - c * step] for c in range(first, last + 1)]
         return np.concatenate(parts)
 
-    def _meta(self, name: str) -> tuple[zarr.Array, int]:
-        """The array and its rows per chunk, looked up once (zarr's metadata properties are slow)."""
-        meta = self._metas.get(name)
-        if meta is None:
-            arr = self.array(name)
-            meta = self._metas[name] = (arr, arr.chunks[0])
-        return meta
-
-    def _chunk(self, name: str, arr: zarr.Array, step: int, c: int) -> np.ndarray:
+    def _chunk(self, name: str, h: _ArrayHandle, c: int) -> np.ndarray:
         """Chunk ``c`` of an array, decoded (ids: to token ids), from the LRU or read and checked."""
         key = (self.entry.shard, name, c)
         chunk = self.reader._lru.get(key)
         if chunk is not None:
             return chunk
-        self._check_chunk_file(name, c, arr.ndim)
+        step = h.chunk_rows
+        stop_c = min((c + 1) * step, h.shape[0])
         try:
-            stop_c = min((c + 1) * step, arr.shape[0])
-            chunk = arr[c * step : stop_c]
+            if h.meta is None:
+                self._check_chunk_file(name, c, len(h.shape))
+                chunk = h.zarr_array[c * step : stop_c]
+            else:
+                chunk = self._read_chunk(name, h.meta, c, stop_c - c * step)
             if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
                 if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
                     chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
@@ -167,13 +190,28 @@ class _Shard:
         if not hasattr(self, "_id_table"):
             table = None
             if f"{ID_TABLE}/zarr.json" in self.entry.files:
-                arr = self.array(ID_TABLE)
-                n = arr.shape[0]
+                n = self.handle(ID_TABLE).shape[0]
                 table = self.rows(ID_TABLE, 0, n) if n else np.zeros(0, np.int32)
             elif self.reader.schema_version >= 2:  # v2 shards always code their ids (SPEC.md, Versioning)
                 raise CacheCorruptError(f"{self.where}: schema_version {self.reader.schema_version} shard has no id_table")
             self._id_table = table
         return self._id_table
+
+    def _read_chunk(self, name: str, meta: ArrayMeta, c: int, rows: int) -> np.ndarray:
+        """A chunk of kd's codec chain, read as bytes and decoded (``chunk_codec``): a listed chunk
+        must exist at its listed size, an unlisted one is all fill value and must not exist."""
+        rel = f"{name}/{meta.chunk_key(c)}"
+        listed = self.entry.files.get(rel)
+        if listed is None:
+            self._check_chunk_file(name, c, len(meta.shape))
+            return meta.fill_chunk(rows)
+        try:
+            raw = self.reader.location.read_bytes(f"{self.entry.path}/{rel}")
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{self.where}/{rel}: chunk file missing (deleted or truncated shard)") from None
+        if len(raw) != listed.size:
+            raise CacheCorruptError(f"{self.where}/{rel}: {len(raw)} bytes, the manifest lists {listed.size} (truncated?)")
+        return decode_chunk(raw, meta, rows, f"{self.where}/{rel}")
 
     def _check_chunk_file(self, name: str, c: int, ndim: int) -> None:
         """zarr reads a missing chunk as fill_value: a chunk is present iff the manifest lists it."""

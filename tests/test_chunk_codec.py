@@ -1,0 +1,71 @@
+"""kd's direct chunk decoder (kd/cache_schema/chunk_codec.py) against zarr, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import google_crc32c
+import numpy as np
+import pytest
+import zarr
+from cache_helpers import build_cache, make_signals, rewrite_shard_array, shard_dir
+
+from kd.cache_schema import CacheCorruptError, CacheReader, SignalConfig
+from kd.cache_schema.chunk_codec import decode_chunk, parse_array_meta
+
+
+@pytest.fixture
+def cache(tmp_path):
+    sig = SignalConfig(top_k=8, value_coding="u8", hidden_layers=(1,), hidden_coding="bf16",
+                       attention_layers=(0,), attention_kinds=("t2v", "full"))
+    samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([700, 3, 40])]
+    return build_cache(str(tmp_path), samples, sig, shard_size=3).location.path, samples
+
+
+def test_every_array_decodes_exactly_as_zarr_reads_it(cache):
+    path, _ = cache
+    group = zarr.open_group(str(shard_dir(path)), mode="r")
+    names = [name for name, _ in group.arrays()]
+    assert {"ids", "logprobs", "tail_logmass", "hidden_L1", "attn_t2v_L0", "attn_full_L0"} <= set(names)
+    for name in names:
+        meta = parse_array_meta(json.loads((shard_dir(path) / name / "zarr.json").read_text()))
+        assert meta is not None, name  # kd's own chain is decoded directly
+        arr = group[name]
+        for c in range(-(-arr.shape[0] // meta.chunk_rows)):
+            rows = min(meta.chunk_rows, arr.shape[0] - c * meta.chunk_rows)
+            f = shard_dir(path) / name / meta.chunk_key(c)
+            got = decode_chunk(f.read_bytes(), meta, rows, str(f)) if f.exists() else meta.fill_chunk(rows)
+            want = arr[c * meta.chunk_rows : c * meta.chunk_rows + rows]
+            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), (name, c)
+
+
+def test_other_codec_chains_are_read_through_zarr(cache):
+    path, samples = cache
+    group = zarr.open_group(str(shard_dir(path)), mode="r")
+    tail = group["tail_logmass"][...]
+    rewrite_shard_array(path, "tail_logmass", tail)  # zarr's default codecs, not kd's chain
+    assert parse_array_meta(json.loads((shard_dir(path) / "tail_logmass" / "zarr.json").read_text())) is None
+    reader = CacheReader(path)
+    start = 0
+    for s in samples:
+        assert np.array_equal(reader.get(s.sample_id).tail_logmass, tail[start : start + s.num_tokens])
+        start += s.num_tokens
+
+
+def test_damaged_chunk_bytes_are_refused_naming_the_file(cache):
+    path, _ = cache
+    f = shard_dir(path) / "logprobs" / "c" / "0" / "0"
+    meta = parse_array_meta(json.loads((shard_dir(path) / "logprobs" / "zarr.json").read_text()))
+    raw = f.read_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    with pytest.raises(CacheCorruptError, match="c/0/0: crc32c mismatch"):
+        decode_chunk(bytes(flipped), meta, 10, str(f))
+    with pytest.raises(CacheCorruptError, match="too short"):
+        decode_chunk(raw[:3], meta, 10, str(f))
+    garbage = b"not a blosc frame at all"
+    with pytest.raises(CacheCorruptError, match="blosc cannot decompress"):
+        decode_chunk(garbage + google_crc32c.value(garbage).to_bytes(4, "little"), meta, 10, str(f))
+    other = parse_array_meta(json.loads((shard_dir(path) / "tail_logmass" / "zarr.json").read_text()))
+    with pytest.raises(CacheCorruptError, match="decompresses to .* bytes, its shape needs"):
+        decode_chunk(raw, other, 10, str(f))  # a valid chunk of another shape
