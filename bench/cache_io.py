@@ -43,13 +43,15 @@ frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_
   Cost: decoding u8 derives each row's top-1 (~0.12 us/token), warm joined u8 reads 2.7M ->
   ~1.6-1.8M tokens/s (target >= 1M); each ids chunk read from disk also undoes the tie-group
   deltas (~1.8 ms per 4096-row chunk, plus that chunk's u8 codes), so u8's random reads over a
-  cache 10x its LRU run at ~0.13M tokens/s against bf16's ~0.26M (zarr's reads and decompression
-  are about half of u8's time there). At vocab 151936: u8 115.3 (MISS there;
+  cache 10x its LRU run at ~0.19M tokens/s against bf16's ~0.57M. At vocab 151936: u8 115.3 (MISS there;
   ids 91.3: this generator draws half its candidates uniformly from the vocabulary, so a shard
   holds > 65536 distinct ids and int32 codes, whose byte shuffle is 7.9 B/token smaller than
   v2's bitshuffle; KL 1.4e-5 / 3.0e-5), bf16 163.2 (lossless target missed by 3.2 there, as before).
 * CPU per token (process time, old vs new, same machine): writes within noise, cold joined reads
   ~0.09M tokens/cpu-s both, warm joined reads unchanged (the LRU holds decoded chunks).
+* Chunk reads without zarr (kd/cache_schema/chunk_codec.py: kd's own chain read as bytes, crc32c
+  checked, blosc-decompressed; 0.32 vs 1.69 ms per 1 MiB ids chunk): reads over a cache 10x the
+  LRU, bf16 0.26M -> 0.57M tokens/s, joined 0.14M -> 0.29M; cold bf16 0.19M -> 0.40M.
   Tried and not adopted: column-major chunks (zarr ``transpose``: a further -4 B ids, -0.5 B
   log-probs vs the row-typed shuffle, but 1.7x slower chunk decode); zstd level 5 for ids (same
   size as 3 with one block per chunk, slower); target_ids XOR the top-1 id (-0.5 B/token);
