@@ -40,20 +40,21 @@ library (the same for all rows, see ``_warm_up_framework``); with ``--device cud
 and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
 ``--profile`` adds a cProfile of (b)'s timed steps.
 
-What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5.5 ms per step over (a),
-so the time ratio shrinks as the student grows: demo student (2 x 64, ~34 ms/step) 1.16-1.17x
-(1.27-1.29x before the objective computed each term for all teachers at once and the reader
-looked its chunk sizes up once), ``--student medium`` (4 x 256, ~285 ms/step) 1.07x. Of the ~5.5
-ms: cache reads ~1 ms (24 ``CacheReader.get`` per step), alignment checks and collation ~0.7 ms,
-the objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the 12 projector
-tensors ~0.5 ms, the maps and hidden states in the forward ~0.4 ms.
+What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5 ms per step over (a),
+so the time ratio shrinks as the student grows: demo student (2 x 64, ~34 ms/step unloaded)
+1.14-1.15x (1.27-1.29x before the objective computed each term for all teachers at once and the
+reader decoded its chunks without zarr), ``--student medium`` (4 x 256) 1.07x. Of the ~5 ms: cache
+reads ~1 ms (24 ``CacheReader.get`` per step), alignment checks and collation ~0.7 ms, the
+objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the 12 projector tensors
+~0.5 ms, the maps and hidden states in the forward ~0.4 ms.
 Memory, with glibc's malloc thresholds fixed in the workers (``_worker_env``; before, peak RSS
 moved by ~10 MiB between fresh processes and the ratio read anywhere from 1.00x to 1.19x):
-demo student (a) +33.7 MiB, (b) +40.6 MiB = 1.20x; medium (a) +106.0, (b) +118.5 = 1.12x. Of
-the demo student's +7 MiB, ~4 MiB is paid once when three caches open (pyarrow's mimalloc pool
-reserves ~2 MiB on its first real parquet read, zarr's groups and arrays ~2 MiB) and does not
-grow with the model or the data; projectors, their AdamW state and the objective's graph are the
-rest (more on the medium student: 6 projectors 256 -> 128 with AdamW state are ~3 MiB).
+demo student (a) +33.4 MiB, (b) +39.4 MiB = 1.18-1.19x; medium (a) +105.8, (b) +117.4 = 1.11x.
+Of the demo student's +6 MiB, ~2 MiB appear when the three caches open although Python and Arrow
+hold ~0.1 MiB of it (native allocator pages kept by pyarrow's mimalloc pool after reading the
+indexes), ~1.7 MiB with the objective (projectors, first chunk reads) and ~2 MiB per step
+(the objective's graph and the batch's teacher targets); the medium student's projectors with
+their AdamW state add ~3 MiB more.
 """
 
 from __future__ import annotations
@@ -244,22 +245,50 @@ class OnlineTeacher:
         return entry
 
 
+def _read_scratch_cache(root: Path) -> None:
+    """Write a one-sample cache with kd's writer and read it back with kd's reader.
+
+    A cache's first open pays library set-up that no later cache pays again: pyarrow's mimalloc pool
+    reserves ~2 MiB on its first real parquet read, zarr its event loop and codec pipeline, blosc its
+    contexts. Paying it on a scratch cache in every row leaves in a row's memory what its own caches add.
+    """
+    import numpy as np
+
+    from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, SignalConfig, key_inputs
+    from kd.pipeline.signals import TeacherSignals
+
+    sig = SignalConfig(top_k=4, hidden_layers=(1,), attention_layers=(0,), attention_kinds=("t2v", "full"))
+    sample = TeacherSignals(
+        sample_id="warm-up", target_ids=np.array([5, 6], np.int32), ids=np.arange(8, dtype=np.int32).reshape(2, 4),
+        logprobs=np.full((2, 4), -2.0, np.float32), tail_logmass=np.full(2, -1.0, np.float32),
+        input_ids=np.array([1, 2, 5, 6], np.int32), answer_start=2, hidden={1: np.zeros((2, 8), np.float32)},
+        attention_t2v={0: np.zeros((2, 1), np.float32)}, attention_full={0: np.zeros((2, 4), np.float32)})
+    inputs = key_inputs(teacher={"name": "warm-up"}, tokenizer_hash="-", template_hash="-",
+                        dataset_fingerprint="-", signals=sig)
+    build = CacheBuild(Location.from_url(str(root)), inputs, {"name": "warm-up"}, sig)
+    build.start(BuildPlan.from_ids([sample.sample_id], 1))
+    writer = build.shard_writer(0)
+    writer.add(sample, "warm-up")
+    writer.commit()
+    build.seal("bench")
+    CacheReader(build.location.url).get(sample.sample_id)
+
+
 def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float:
     """Pay the one-off costs every row pays (lazy imports of the model code, the processor and its
     image pipeline, the autograd engine, the CPU kernels' first-use buffers) before the memory
     baseline, so that a row's memory is what its models, optimiser, activations and data add.
 
     The first parquet read in a process costs ~20 MiB of RSS (pyarrow's allocator and libraries),
-    whatever the file; on a tiny student that flat cost would swamp everything a cache adds. It is
-    paid here on a scratch file in every row and returned (MiB) so the report can show it.
+    whatever the file, and the first kd cache opened a few MiB more (``_read_scratch_cache``); on a
+    tiny student that flat cost would swamp everything a cache adds. It is paid here on a scratch
+    parquet file and a scratch cache in every row and returned (MiB) so the report can show it.
     """
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     import transformers.models.idefics3.modeling_idefics3
     import transformers.models.llama.modeling_llama  # noqa: F401
-    import zarr
     from transformers import AutoProcessor
 
     from kd.pipeline.encoding import encode_record
@@ -274,15 +303,7 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     before = _rss_mb()
     pq.write_table(pa.table({"x": [1, 2, 3], "s": ["a", "b", "c"]}), scratch / "t.parquet", compression="zstd")  # as kd's indexes
     pq.read_table(scratch / "t.parquet")
-    # zarr with the codec chain of a cache's arrays (blosc + crc32c: blosc's first use sets up its contexts)
-    from kd.cache_schema.zarr_io import array_codecs
-
-    data = np.arange(64, dtype="u2").reshape(4, 16)
-    filters, compressors, chunks = array_codecs("logprobs", data)
-    z = zarr.create_array(store=str(scratch / "z"), shape=data.shape, dtype=data.dtype, chunks=chunks,
-                          filters=filters, compressors=compressors, overwrite=True)
-    z[...] = data
-    zarr.open_array(str(scratch / "z"), mode="r")[...]
+    _read_scratch_cache(scratch / "cache")
     return _rss_mb() - before
 
 
