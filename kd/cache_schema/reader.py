@@ -2,9 +2,10 @@
 
 A reader trusts nothing it has not checked: the manifest must be sealed and of this
 schema version, ``index.parquet`` and each shard's metadata files must match their
-checksums before use, array shapes must match the manifest's counts, and every chunk
-carries a crc32c that zarr checks on read. Decoded chunks are kept in a bounded LRU so
-the repeated random reads of training are served from memory.
+checksums before use, array shapes must match the manifest's counts, and every chunk's
+size and crc32c are checked on read (by ``chunk_codec`` for kd's own codec chain, by zarr for
+any other). Decoded chunks are kept in a bounded LRU so the repeated random reads of training
+are served from memory.
 """
 
 from __future__ import annotations
