@@ -25,7 +25,7 @@ from kd.pipeline.distill.student import load_student, student_forward
 from kd.pipeline.distill.train import DistillModule
 from kd.pipeline.encoding import encode_record
 from kd.pipeline.engines import SignalSpec
-from kd.pipeline.losses import attention_map_loss, hidden_state_loss, sampled_kd_loss, topk_kd_loss
+from kd.pipeline.losses import attention_map_loss, hidden_state_loss, sampled_kd_loss, student_log_probs, topk_kd_loss
 
 ROLES = ("perception", "reasoning", "planning")
 FAST = {"lr": 1e-3, "warmup_steps": 0, "grad_accum": 1, "batch_size": 3}
@@ -288,7 +288,8 @@ def test_mixing_matrix_is_applied_per_capability(kd_world, setup):
         assert torch.allclose(bd.teacher_weights, expected)
         if diag == 1.0:  # a teacher sees only its own capability's sample
             with torch.no_grad():
-                per_row = objective._kd_rows(student_forward(student, batch).logits, batch["teachers"]["perception"], "topk")
+                per_row = objective._kd_rows(student_log_probs(student_forward(student, batch).logits),
+                                             batch["teachers"]["perception"], "topk")
             t0 = int(batch["num_tokens"][0])
             assert bd.terms["kd/perception"] == pytest.approx(float(per_row[:t0].sum() / n_tok.sum()), rel=1e-5)
     batch["capabilities"][0] = "Perception"

@@ -22,6 +22,7 @@ from kd.pipeline.losses import (
     sampled_kd_loss,
     segment_attention_map_loss,
     stacked_hidden_state_rows,
+    student_log_probs,
     topk_kd_loss,
 )
 
@@ -377,6 +378,31 @@ def test_stacked_teachers_equal_one_teacher_at_a_time(kind, tail_mode, tail_temp
         torch.testing.assert_close(g_stacked, g_one, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="t_tail"):
         topk_kd_loss(z, ids, lp, tail[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail_mode, tail_temperature", [("bucket", "bucket"), ("bucket", "student_exact"),
+                                                         ("renorm", "bucket")])
+def test_shared_log_probs_equal_logits(kind, tail_mode, tail_temperature):
+    """``normalized=True`` on ``student_log_probs(z)`` (one log-softmax shared by CE and every KD
+    term) gives the losses and gradients of the raw logits, at every temperature."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, lp, tail = (torch.stack(x) for x in zip(*[_topk_cache(torch.randn(5, 12, generator=g, dtype=torch.float64), 4)
+                                                   for _ in range(2)]))
+    counts = torch.randint(0, 3, ids.shape, generator=g).double()
+    targets = torch.randint(0, 12, (5,), generator=g)
+    for temp in (1.0, 0.7):
+        opts = {"kind": kind, "tail": tail_mode, "tail_temperature": tail_temperature, "temperature": temp}
+        pairs = [(topk_kd_loss(z, ids, lp, tail, **opts),
+                  topk_kd_loss(student_log_probs(z), ids, lp, tail, normalized=True, **opts)),
+                 (sampled_kd_loss(z, ids, counts, lp, temperature=temp),
+                  sampled_kd_loss(student_log_probs(z), ids, counts, lp, temperature=temp, normalized=True)),
+                 (answer_ce_loss(z, targets), answer_ce_loss(student_log_probs(z), targets, normalized=True))]
+        for raw, shared in pairs:
+            torch.testing.assert_close(shared, raw, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(torch.autograd.grad(shared, z)[0], torch.autograd.grad(raw, z)[0],
+                                       rtol=1e-10, atol=1e-12)
 
 
 def test_stacked_sampled_teachers_equal_one_teacher_at_a_time():

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .student_tail import student_tail_logmass
+
 __all__ = [
     "HiddenProjector",
     "answer_ce_loss",
@@ -49,6 +51,7 @@ __all__ = [
     "sampled_kd_loss",
     "segment_attention_map_loss",
     "stacked_hidden_state_rows",
+    "student_log_probs",
     "topk_kd_loss",
 ]
 
@@ -88,6 +91,17 @@ def _scale(x: Tensor, t: float) -> Tensor:
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half/bf16 inputs (log-space sums need it), float64 kept as is."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _log_softmax(z: Tensor, t: float, normalized: bool) -> Tensor:
+    """``log_softmax(z / t)``; no op when ``z`` already holds log-probs and ``t = 1``."""
+    return z if normalized and t == 1.0 else F.log_softmax(_scale(z, t), dim=-1)
+
+
+def student_log_probs(student_logits: Tensor) -> Tensor:
+    """``log_softmax`` of student logits in float32 (or wider), to compute once and pass with
+    ``normalized=True`` to the CE and every KD loss: one ``[N, V]`` tensor saved for backward, not one each."""
+    return F.log_softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
 
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
@@ -132,6 +146,7 @@ def topk_kd_loss(
     tail: Literal["bucket", "renorm"] = "bucket",
     tail_temperature: Literal["bucket", "student_exact"] = "bucket",
     reduction: Literal["mean", "none"] = "mean",
+    normalized: bool = False,
 ) -> Tensor:
     """KD against a top-k + tail cache, on k + 1 buckets (``tail="bucket"``) or the renormalised top-k.
 
@@ -143,6 +158,8 @@ def topk_kd_loss(
     tail definitions. Returns the mean over rows times ``T**2``, or ``[N]`` with ``reduction="none"``.
     Several teachers stacked in leading dims (ids ``[R, N, k]``, tail ``[R, N]``) give ``[R, N]``
     (``"mean"``: over all of them). Never materialises a dense teacher or an ``[N, k, V]`` tensor.
+    ``normalized=True``: ``student_logits`` are already log-probs (one ``log_softmax`` shared with the
+    CE term and other teachers); the loss then adds no ``[N, V]`` tensor of its own at ``T = 1``.
     """
     _check_ids(student_logits, t_ids, t_logprobs, "t_logprobs")
     if t_tail.shape != t_ids.shape[:-1]:
@@ -167,18 +184,15 @@ def topk_kd_loss(
 
     if tail == "renorm":
         # Both renormalised over the top-k; per-token temperature is exact here.
-        s_top = _gather_ids(F.log_softmax(_scale(z, t), dim=-1), ids).masked_fill(~valid, NEG_INF)
+        s_top = _gather_ids(_log_softmax(z, t, normalized), ids).masked_fill(~valid, NEG_INF)
         logp, logq = _normalise(_scale(t_lp, t)), _normalise(s_top)
     else:
         exact = tail_temperature == "student_exact"
-        s_lsm = F.log_softmax(_scale(z, t) if exact else z, dim=-1)
+        s_lsm = _log_softmax(z, t if exact else 1.0, normalized)
         s_top = _gather_ids(s_lsm, ids).masked_fill(~valid, NEG_INF)
-        # Student tail = logsumexp over tokens outside the teacher's top-k (mask built by scatter_add
-        # so a clamped padding id never masks a real token), per teacher: [..., N, V] mask.
-        in_top = s_lsm.new_zeros(ids.shape[:-1] + s_lsm.shape[-1:]).scatter_add_(-1, ids, valid.to(s_lsm.dtype)) > 0
-        # Plain logsumexp: a row with every token in the top-k gives -inf and NaN gradients, but only
-        # at masked entries, which the where drops (it selects, it does not multiply).
-        s_tail = torch.logsumexp(torch.where(in_top, NEG_INF, s_lsm), -1)
+        # Student tail = logsumexp over the tokens outside each teacher's top-k, exact, one [N, V]
+        # buffer at a time (student_tail.py: not an [R, N, V] masked copy per teacher).
+        s_tail = student_tail_logmass(s_lsm, ids, valid)
         s_buckets = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
         t_tail_eff = torch.where(torch.isneginf(s_tail), t_tail.to(dt), t_tail.to(dt).clamp_min(TAIL_LOGMASS_FLOOR))
         t_buckets = torch.cat([t_lp, t_tail_eff.unsqueeze(-1)], dim=-1)
@@ -205,6 +219,7 @@ def sampled_kd_loss(
     *,
     temperature: float = 1.0,
     reduction: Literal["mean", "none"] = "mean",
+    normalized: bool = False,
 ) -> Tensor:
     """Cross-entropy of the student against a sampled teacher cache (RS-KD / Sparse Logit Sampling).
 
@@ -216,7 +231,8 @@ def sampled_kd_loss(
     normaliser of ``p_T`` cancels that way, but the estimate becomes consistent rather than
     unbiased (O(1/D) bias). The student side is ``log_softmax(z / T)``, and the result is scaled
     by ``T**2``. Padding: id ``-1`` or count 0. A row without draws contributes 0. Like
-    ``topk_kd_loss``, takes several teachers stacked in leading dims (``[R, N, k]`` -> ``[R, N]``).
+    ``topk_kd_loss``, takes several teachers stacked in leading dims (``[R, N, k]`` -> ``[R, N]``),
+    and student log-probs with ``normalized=True``.
     """
     _check_ids(student_logits, s_ids, s_counts, "s_counts")
     if s_logprobs.shape != s_ids.shape:
@@ -234,7 +250,7 @@ def sampled_kd_loss(
         logw = logw - logw.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # scale-free, avoid overflow
         counts = counts * logw.exp()
     weights = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    s_lp = _gather_ids(F.log_softmax(student_logits.to(dt) / t, dim=-1), ids)
+    s_lp = _gather_ids(_log_softmax(student_logits.to(dt), t, normalized), ids)
     per_row = -torch.where(valid, weights * s_lp, torch.zeros_like(s_lp)).sum(-1)
     return _reduce(per_row * (t * t), reduction)
 
@@ -464,9 +480,13 @@ def default_attention_layers(num_layers: int) -> dict[str, tuple[str, list[int]]
     }
 
 
-def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int = -100) -> Tensor:
-    """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP)."""
+def answer_ce_loss(student_logits: Tensor, target_ids: Tensor, ignore_index: int = -100, *,
+                   normalized: bool = False) -> Tensor:
+    """Plain next-token cross-entropy on the answer tokens (the hard-label term that anchors AGP).
+    ``normalized=True``: ``student_logits`` are log-probs already (shared with the KD terms)."""
     if student_logits.ndim != 2 or target_ids.shape != (student_logits.shape[0],):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} / target_ids {tuple(target_ids.shape)}: need [N, V] / [N]")
     z = student_logits.to(_compute_dtype(student_logits))
+    if normalized:
+        return F.nll_loss(z, target_ids.long(), ignore_index=ignore_index)
     return F.cross_entropy(z, target_ids.long(), ignore_index=ignore_index)

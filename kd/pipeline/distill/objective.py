@@ -49,6 +49,7 @@ from kd.pipeline.losses import (
     sampled_kd_loss,
     segment_attention_map_loss,
     stacked_hidden_state_rows,
+    student_log_probs,
     topk_kd_loss,
 )
 from kd.pipeline.mixing import (
@@ -215,8 +216,11 @@ class DistillObjective(nn.Module):
         w = lookup_teacher_weights(batch["capabilities"], self.roles, self.weight_rows, unknown=unknown).to(device)
         # Row and sample weights with the 1/N of the token-weighted mean folded in: [N, R] and [B, R].
         row_w = w[torch.repeat_interleave(torch.arange(len(n_tok), device=device), n_tok)] / n
-        ce = answer_ce_loss(out.logits, batch["targets"])
-        parts = [("kd", cfg.kd, self._kd_terms(out.logits, batch, row_w)),
+        # One log-softmax for CE and every KD term (its [N, V] output is saved for backward once).
+        shared = any(self.plans[r].logits for r in self.roles)
+        logits = student_log_probs(out.logits) if shared else out.logits
+        ce = answer_ce_loss(logits, batch["targets"], normalized=shared)
+        parts = [("kd", cfg.kd, self._kd_terms(logits, batch, row_w)),
                  ("hidden", cfg.hidden, self._hidden_terms(out, batch, row_w)),
                  ("attn", cfg.attention, self._attention_terms(out, batch, w * n_tok[:, None] / n))]
         parts = [(name, weight, pairs, pairs.per_role(len(self.roles))) for name, weight, pairs in parts if pairs.roles]
@@ -238,28 +242,30 @@ class DistillObjective(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _kd_terms(self, logits: Tensor, batch: Mapping[str, Any], row_w: Tensor) -> _Pairs:
+    def _kd_terms(self, log_probs: Tensor, batch: Mapping[str, Any], row_w: Tensor) -> _Pairs:
         """One KD term per teacher with a logit signal: the teachers of one kind (top-k, sampled)
-        stacked into one loss call, each row weighted by its sample's mixing weight."""
+        stacked into one loss call on the student's log-probs, each row weighted by its sample's
+        mixing weight."""
         roles, values = [], []
         for kind, keys in (("topk", ("ids", "logprobs", "tail")), ("sampled", ("ids", "logprobs", "counts"))):
             js = [j for j, r in enumerate(self.roles) if self.plans[r].logits == kind]
             if js:
                 stacked = _stack_targets([batch["teachers"][self.roles[j]] for j in js], keys)
-                per_row = self._kd_rows(logits, stacked, kind)  # [R', N]
+                per_row = self._kd_rows(log_probs, stacked, kind)  # [R', N]
                 roles += js
                 values.append((row_w[:, js].T * per_row).sum(-1))
-        return _Pairs(roles, torch.cat(values) if values else logits.new_zeros(0))
+        return _Pairs(roles, torch.cat(values) if values else log_probs.new_zeros(0))
 
-    def _kd_rows(self, logits: Tensor, t: Mapping[str, Tensor], kind: str) -> Tensor:
-        """Per-row KD losses ``[N]`` of one teacher's targets, or ``[R, N]`` of stacked ones."""
+    def _kd_rows(self, log_probs: Tensor, t: Mapping[str, Tensor], kind: str) -> Tensor:
+        """Per-row KD losses ``[N]`` of one teacher's targets, or ``[R, N]`` of stacked ones, from the
+        student's log-probs."""
         cfg = self.cfg
         if kind == "sampled":
-            return sampled_kd_loss(logits, t["ids"], t["counts"], t["logprobs"], temperature=cfg.temperature,
-                                   reduction="none")
-        return topk_kd_loss(logits, t["ids"], t["logprobs"], t["tail"], kind=cfg.kd_kind, beta=cfg.kd_beta,
+            return sampled_kd_loss(log_probs, t["ids"], t["counts"], t["logprobs"], temperature=cfg.temperature,
+                                   reduction="none", normalized=True)
+        return topk_kd_loss(log_probs, t["ids"], t["logprobs"], t["tail"], kind=cfg.kd_kind, beta=cfg.kd_beta,
                             temperature=cfg.temperature, tail=cfg.kd_tail, tail_temperature=cfg.tail_temperature,
-                            reduction="none")
+                            reduction="none", normalized=True)
 
     def _hidden_terms(self, out: StudentOutputs, batch: Mapping[str, Any], row_w: Tensor) -> _Pairs:
         """One term per (teacher, mapped layer): a sample's loss is the mean of its rows' losses, so the
