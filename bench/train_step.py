@@ -72,6 +72,8 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tensor_memory import peak_tensor_mib  # noqa: E402  (bench/, the script's own folder)
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TIME_TARGET, MEMORY_TARGET = 1.15, 1.10
@@ -442,7 +444,8 @@ def _import_everything() -> None:
 def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     """``time``: all rows interleaved step by step in this process (a load burst on the shared machine
     hits every row alike; each row keeps its own state). ``mem-<row>``: one row alone in this fresh
-    process, for its peak memory. ``loader``: (b)'s data loader alone."""
+    process, for its peak RSS (and on CUDA its peak allocation). ``tensors-<row>``: the same under
+    the profiler, for its peak of live CPU tensors. ``loader``: (b)'s data loader alone."""
     _import_everything()
     import torch
 
@@ -470,14 +473,22 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - t0
         return {"tokens_per_s": tokens / seconds, "answer_tokens_per_s": answer_tokens / seconds}
 
+    if mode.startswith("tensors-"):
+        def run() -> None:
+            runner = RowRunner(mode[8:], setup, args, records, device)
+            for _ in range(args.warmup + args.memory_steps):
+                runner.step()
+
+        return {"tensor_mb": peak_tensor_mib(run)}
+
     if mode.startswith("mem-"):
         runner = RowRunner(mode[4:], setup, args, records, device)
         steps = [runner.step() for _ in range(args.warmup + args.memory_steps)]
         result = {"rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(),
-                  "mem_mb": _peak_rss_mb() - base_rss,
+                  "rss_mb": _peak_rss_mb() - base_rss,
                   "step_s": statistics.median(s["step_s"] for s in steps[args.warmup:])}
         if device.type == "cuda":
-            result["mem_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+            result["tensor_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
         return result
 
     runners = {row: RowRunner(row, setup, args, records, device) for row in ROWS}
@@ -598,11 +609,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[row].append(run_worker(f"mem-{row}", setup_path, args))
         memory = {}
         for row, label in ROWS.items():
-            values = sorted(r["mem_mb"] for r in runs[row])
-            memory[row] = {**runs[row][0], "mem_mb": statistics.median(values), "mem_runs": values,
+            values = sorted(r["rss_mb"] for r in runs[row])
+            memory[row] = {**runs[row][0], "rss_mb": statistics.median(values),
                            "rss_peak_mb": statistics.median(r["rss_peak_mb"] for r in runs[row])}
-            print(f"memory {label}: +{memory[row]['mem_mb']:.1f} MiB (runs: "
-                  f"{', '.join(f'{v:.1f}' for v in values)})", flush=True)
+            if args.device == "cpu":  # deterministic: one run
+                memory[row]["tensor_mb"] = run_worker(f"tensors-{row}", setup_path, args)["tensor_mb"]
+            print(f"memory {label}: tensors +{memory[row]['tensor_mb']:.2f} MiB, RSS +{memory[row]['rss_mb']:.1f} MiB "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in values)})", flush=True)
         loader = run_worker("loader", setup_path, args)
     finally:
         if tmp is not None:
@@ -617,26 +630,28 @@ def report(timing: dict, memory: dict[str, dict], loader: dict, args: argparse.N
     def med(row: str, key: str) -> float:
         return statistics.median(s[key] for s in steps[row])
 
-    mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
+    tensors = "peak CUDA allocation" if args.device.startswith("cuda") else "peak of live torch CPU tensors"
     print(f"\nstudent {args.student}, batch {args.batch_size}, top-k {args.k}, {args.threads} thread(s), device "
           f"{args.device}; time: median of {args.steps} interleaved steps after {args.warmup} warm-up")
-    print(f"{'row':<28}{'ms/step':>9}{'data ms':>9}{'teach ms':>9}{'tok/s':>8}{'MiB':>8}{'RSS MiB':>9}")
+    print(f"{'row':<28}{'ms/step':>9}{'data ms':>9}{'teach ms':>9}{'tok/s':>8}{'tensors':>9}{'RSS+':>7}{'RSS':>6}")
     for row, label in ROWS.items():
         tps = sum(s["tokens"] for s in steps[row]) / sum(s["step_s"] for s in steps[row])
         print(f"{label:<28}{1000 * med(row, 'step_s'):>9.1f}{1000 * med(row, 'data_s'):>9.1f}"
-              f"{1000 * med(row, 'teachers_s'):>9.1f}{tps:>8.0f}{memory[row]['mem_mb']:>8.1f}"
-              f"{memory[row]['rss_peak_mb']:>9.0f}")
+              f"{1000 * med(row, 'teachers_s'):>9.1f}{tps:>8.0f}{memory[row]['tensor_mb']:>9.2f}"
+              f"{memory[row]['rss_mb']:>7.1f}{memory[row]['rss_peak_mb']:>6.0f}")
     lib = statistics.median(m["lib_init_mb"] for m in memory.values())
-    print(f"(MiB: {mem_kind} of the row alone in a fresh process, over the baseline after imports and first use "
-          f"of every library (the first parquet/zarr use alone took {lib:.0f} MiB RSS); RSS MiB: whole-process peak)")
+    print(f"(MiB, each row alone in a fresh process. tensors: {tensors} from the row's set-up to its last step. "
+          f"RSS+: peak RSS growth over the baseline after imports and first use of every library (the first "
+          f"parquet/zarr use alone took {lib:.0f} MiB), median of {args.memory_repeats} runs. RSS: whole-process peak)")
     print(f"(b) loader alone (no model): {loader['tokens_per_s']:,.0f} input tokens/s, "
           f"{loader['answer_tokens_per_s']:,.0f} answer tokens/s\n")
     for row, tag, target_t, target_m in (("cached", "b", TIME_TARGET, MEMORY_TARGET), ("online", "c", None, None)):
         # Ratio of the same step index (both rows ran within a fraction of a second of each other).
         t = statistics.median(x["step_s"] / a["step_s"] for x, a in zip(steps[row], steps["sft"]))
-        m = memory[row]["mem_mb"] / max(memory["sft"]["mem_mb"], 1e-9)  # medians over the memory runs
-        line = f"({tag})/(a) time {t:.2f}x" + (f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else "")
-        line += f"   memory {m:.2f}x" + (f" [{_verdict(m, target_m)} <= {target_m}]" if target_m else "")
+        line = f"({tag})/(a) time {t:.3f}x" + (f" [{_verdict(t, target_t)} <= {target_t}]" if target_t else "")
+        for key, what in (("tensor_mb", "memory (tensors)"), ("rss_mb", "memory (RSS+)")):
+            m = memory[row][key] / max(memory["sft"][key], 1e-9)
+            line += f"   {what} {m:.3f}x" + (f" [{_verdict(m, target_m)} <= {target_m}]" if target_m else "")
         print(line)
     if "profile" in timing:
         print("\ncProfile of (b)'s timed steps:\n" + timing["profile"])

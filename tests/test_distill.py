@@ -75,6 +75,9 @@ def test_config_from_yaml_toml_and_overrides(tmp_path):
         load_config(tmp_path / "run.toml", ["loss.kd_kind=kl"])
     with pytest.raises(ValueError, match="mixing_matrix"):
         load_config(tmp_path / "run.toml", ["loss.mixing_matrix=[[0.5, 0.5]]"])
+    assert load_config(tmp_path / "run.toml", ["train.cache_mib=64"]).train.cache_mib == 64
+    with pytest.raises(ValueError, match=r"train\.cache_mib must be >= 0"):
+        load_config(tmp_path / "run.toml", ["train.cache_mib=-1"])
 
 
 # ----------------------------------------------------------------------------- alignment

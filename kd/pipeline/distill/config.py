@@ -102,6 +102,8 @@ class TrainConfig:
     The schedule is linear warmup over ``warmup_steps`` (or ``warmup_ratio`` of the steps when that
     is None) then cosine decay to ``min_lr_ratio * lr``. ``mixed_precision="auto"`` uses bf16
     autocast only on a CUDA device that supports it. ``eval_every`` / ``save_every`` = 0 means only at the end of the run.
+    ``cache_mib`` bounds the decoded cache chunks kept for reuse, all teachers together, in each
+    process that reads caches (the main one and every data-loader worker): host memory, never GPU.
     """
 
     lr: float = 5e-5
@@ -119,6 +121,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     num_workers: int = 0
+    cache_mib: int = 512
     log_every: int = 1
     eval_every: int = 0
     eval_batch_size: int = 8
@@ -137,7 +140,7 @@ class TrainConfig:
         for name in ("max_steps", "eval_max_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 or null, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "num_workers", "weight_decay", "max_grad_norm"):
+        for name in ("eval_every", "save_every", "num_workers", "weight_decay", "max_grad_norm", "cache_mib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

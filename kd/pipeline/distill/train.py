@@ -132,7 +132,7 @@ def distill(config: DistillConfig) -> RunResult:
         raise FileExistsError(f"{run_dir} already holds a run (checkpoint {ckpt.name}); pass resume=True or "
                               "choose another out directory")
     student, processor = load_student(cfg.student)
-    sources = open_teachers(cfg.teachers, cfg.vocab_maps, processor)
+    sources = open_teachers(cfg.teachers, cfg.vocab_maps, processor, cache_bytes=tc.cache_mib << 20)
     dataset = DistillDataset(records, processor, sources, missing=cfg.missing)
     objective = build_objective(lc, sources, student)
     check_capabilities((r.capability for r in dataset.records), objective.roles,  # before any step, not at step 1
