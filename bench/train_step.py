@@ -340,7 +340,7 @@ class RowRunner:
             student_dims,
             use_map_attention,
         )
-        from kd.pipeline.distill.train import DistillModule
+        from kd.pipeline.distill.train import DistillModule, make_adamw
 
         self.row, self.device = row, device
         self.cuda = device.type == "cuda"
@@ -386,7 +386,7 @@ class RowRunner:
         groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
         if objective is not None and list(objective.parameters()):
             groups.append({"params": list(objective.parameters())})
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-4)
+        self.optimizer = make_adamw(groups, lr=1e-4)  # kd distill's, in every row
         self.weights = objective.fixed_weights() if objective is not None else None
 
     def _batches(self):

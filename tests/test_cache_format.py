@@ -164,6 +164,18 @@ def test_nan_teacher_outputs_rejected_naming_sample_field_and_token(tmp_path, fi
         build.shard_writer(0).add(broken, "cap")
 
 
+def test_repeated_ids_in_a_row_rejected_naming_sample_token_and_id(tmp_path):
+    sig = SignalConfig(top_k=4)
+    build = build_cache(str(tmp_path), samples_for(sig, [3]), sig, seal=False, commit_shards=[])
+    broken = make_signals("the-dup-one", 5, sig, seed=0)
+    broken.ids[3, 2] = broken.ids[3, 0]
+    with pytest.raises(ValueError, match=f"the-dup-one.*repeat token {broken.ids[3, 0]} at answer token 3"):
+        build.shard_writer(0).add(broken, "cap")
+    padded = make_signals("padded", 5, sig, seed=1)
+    padded.ids[1, 2:] = -1  # padding repeats, ids do not
+    build.shard_writer(0).add(padded, "cap")
+
+
 @pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16"])
 def test_hidden_and_attention_round_trip(tmp_path, coding):
     sig = SignalConfig(top_k=4, value_coding="fp16", hidden_layers=(0, 3), hidden_coding=coding,

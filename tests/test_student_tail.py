@@ -57,6 +57,7 @@ def _case(seed: int, r: int, n: int, v: int, k: int, p_pad: float, shared: float
     (2, 5, 7, 7, 0.3, 0.9),    # some rows covered, some not
     (3, 4, 12, 4, 1.0, 0.0),   # every entry padding: the tail is the whole row (log 1)
     (4, 8, 30, 6, 0.0, 1.0),   # identical teachers
+    (17, 3, 40, 3, 0.1, 0.5),  # more teachers than a 16-bit set holds
 ])
 def test_values_and_gradients_equal_the_masked_reference(r, n, v, k, p_pad, shared):
     s_lsm, ids, valid = _case(0, r, n, v, k, p_pad, shared)

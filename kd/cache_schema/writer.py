@@ -238,6 +238,12 @@ def _check_sample(s: SampleSignals, sig: SignalConfig) -> None:
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
             raise ValueError(f"{where}: {field} has NaN (first at answer token {row}); the teacher's outputs are broken")
+    ranked = np.sort(np.asarray(s.ids), axis=1)  # a top-k (or the distinct sampled ids): no id twice in a row
+    dup = (ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)
+    if dup.any():
+        row = int(np.argwhere(dup)[0][0])
+        raise ValueError(f"{where}: ids repeat token {int(ranked[row][1:][dup[row]][0])} at answer token {row}; "
+                         "a row's ids must be distinct")
     if sig.logits == "sampled" and s.counts is None:
         raise ValueError(f"{where}: sampled logits need counts")
     for layer in sig.hidden_layers:

@@ -266,6 +266,7 @@ def train_supervised(model_dir: str | Path, train_jsonl: str | Path, out_dir: st
     from kd.pipeline.dataset import load_records
     from kd.pipeline.distill.data import DistillDataset, collate
     from kd.pipeline.distill.student import load_student, student_forward
+    from kd.pipeline.distill.train import make_adamw
     from kd.pipeline.evaluate import evaluate_model
     from kd.pipeline.losses import answer_ce_loss
 
@@ -275,7 +276,7 @@ def train_supervised(model_dir: str | Path, train_jsonl: str | Path, out_dir: st
     items = [dataset[i] for i in range(len(dataset))]
     val = load_records(val_jsonl)[:val_samples] if val_jsonl and eval_every else None
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = make_adamw([{"params": list(model.parameters())}], lr=lr)  # kd distill's optimizer
     warm = min(20, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / (warm + 1) if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
