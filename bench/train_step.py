@@ -32,29 +32,32 @@ Time: the three rows run in one process, interleaved step by step (step ``i`` of
 rotating order, then step ``i + 1``; each row keeps its own student copy, optimiser and loader), so
 a burst of load on a shared machine hits every row alike. The table shows each row's median over
 ``--steps`` steps after ``--warmup``; the ratios are the medians of the per-step ratios.
-Memory: each row alone in a fresh subprocess (``--warmup`` + ``--memory-steps`` steps; median of
-``--memory-repeats`` runs per row, run round-robin, as RSS growth varies by several MiB): on CPU the
-growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first use of every
-library (the same for all rows, see ``_warm_up_framework``); with ``--device cuda``
-``torch.cuda.max_memory_allocated``. The loader row iterates (b)'s data loader alone (no model)
-and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1 in memory.
-``--profile`` adds a cProfile of (b)'s timed steps.
+Memory: each row alone in a fresh subprocess, from its set-up (student, optimiser, loader,
+caches, teachers) through ``--warmup`` + ``--memory-steps`` steps, two numbers:
+``tensors``, the peak of live torch tensors over those live before the row (``tensor_memory.py``:
+exact, from the profiler's allocation events on CPU; ``torch.cuda.max_memory_allocated`` with
+``--device cuda``): the model, optimiser state, activations and teacher targets, what a GPU holds;
+and ``RSS+``, the growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first
+use of every library, the same warm-up for all rows (``_warm_up_framework``: parquet, a scratch
+kd cache, the processor, and every loss kernel kd distill uses, whose code libtorch pages in on
+first call), median of ``--memory-repeats`` runs. The loader row iterates (b)'s data loader alone
+(no model) and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1
+in memory. ``--profile`` adds a cProfile of (b)'s timed steps.
 
-What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5 ms per step over (a),
-so the time ratio shrinks as the student grows: demo student (2 x 64, ~34 ms/step unloaded)
-1.14-1.15x (1.27-1.29x before the objective computed each term for all teachers at once and the
-reader decoded its chunks without zarr), ``--student medium`` (4 x 256) 1.07x. Of the ~5 ms: cache
-reads ~1 ms (24 ``CacheReader.get`` per step), alignment checks and collation ~0.7 ms, the
-objective's forward ~1.7 ms and its share of backward ~1.2 ms, AdamW on the 12 projector tensors
-~0.5 ms, the maps and hidden states in the forward ~0.4 ms.
-Memory, with glibc's malloc thresholds fixed in the workers (``_worker_env``; before, peak RSS
-moved by ~10 MiB between fresh processes and the ratio read anywhere from 1.00x to 1.19x):
-demo student (a) +33.4 MiB, (b) +39.4 MiB = 1.18-1.19x; medium (a) +105.8, (b) +117.4 = 1.11x.
-Of the demo student's +6 MiB, ~2 MiB appear when the three caches open although Python and Arrow
-hold ~0.1 MiB of it (native allocator pages kept by pyarrow's mimalloc pool after reading the
-indexes), ~1.7 MiB with the objective (projectors, first chunk reads) and ~2 MiB per step
-(the objective's graph and the batch's teacher targets); the medium student's projectors with
-their AdamW state add ~3 MiB more.
+What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~6 ms per step over (a),
+so the time ratio shrinks as the student grows: demo student (2 x 64, ~34-49 ms/step as the
+machine's load varies) 1.13-1.15x, ``--student medium`` (4 x 256) 1.07x. Of the ~6 ms, ~2 ms are
+the loader's (24 ``CacheReader.get`` per step, alignment checks, collation), the rest the
+objective's forward and backward and the projectors' share of AdamW.
+Memory, demo student: tensors (a) +13.35 MiB, (b) +14.48 MiB = 1.085x: the six hidden-state
+projectors and their AdamW state (0.57 MiB) and the batch's teacher targets and KD graph at the
+step's peak (0.56 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
++28.2 MiB, (b) +31.3 MiB = 1.11x: the tensors, the decoded-chunk LRU (~0.35 MiB here), the
+readers' indexes and Python objects. Two RSS effects are not counted: libtorch's kernel code
+paged in on first use (before the warm-up ran the loss kernels it read 1.14x) and pyarrow's
+mimalloc pool keeping the pages of an index read's freed buffers (0.7 MiB per cache opened; the
+reader now hands them back: 1.19x -> 1.14x). RSS also moved by ~10 MiB between fresh processes
+until the workers fixed glibc's malloc thresholds (``_worker_env``).
 """
 
 from __future__ import annotations
@@ -276,6 +279,38 @@ def _read_scratch_cache(root: Path) -> None:
     CacheReader(build.location.url).get(sample.sample_id)
 
 
+def _kd_loss_kernels(device):
+    """A scalar through every loss kd distill computes (CE and top-k KD on shared log-probs, stacked
+    hidden MSE, segment attention MSE, capability mixing) on scratch tensors, for the warm-up: the
+    first call of each CPU kernel pages its code in from libtorch (~0.1 MiB of file-backed RSS per
+    kernel, shared and the same for any model size), which is library set-up, not what a row adds."""
+    import torch
+
+    from kd.pipeline.losses import (
+        answer_ce_loss,
+        segment_attention_map_loss,
+        stacked_hidden_state_rows,
+        student_log_probs,
+        topk_kd_loss,
+    )
+    from kd.pipeline.mixing import lookup_teacher_weights, mixing_matrix, teacher_weight_rows
+
+    z = torch.randn(6, 10, device=device, requires_grad=True)
+    s = student_log_probs(z)
+    ids = torch.stack([torch.randperm(10)[:4] for _ in range(12)]).view(2, 6, 4).to(device)
+    lp = torch.randn(2, 6, 5, device=device).log_softmax(-1)
+    kd = topk_kd_loss(s, ids, lp[..., :4], lp[..., 4], reduction="none", normalized=True)
+    hidden = stacked_hidden_state_rows([z[:, :8], z[:, 2:]], [torch.randn(6, 3, device=device)] * 2,
+                                       [torch.nn.Linear(8, 3).to(device) for _ in range(2)])
+    maps = z.view(1, 2, 3, 10)
+    attn = segment_attention_map_loss(maps, torch.rand(8, device=device), torch.arange(8, device=device),
+                                      torch.arange(8, device=device) // 4, 2)
+    roles = ["a", "b"]
+    w = lookup_teacher_weights(["a", "b"], roles, teacher_weight_rows(roles, mixing_matrix(roles, 0.8))).to(device)
+    return (answer_ce_loss(s, torch.arange(6, device=device), normalized=True) + (w.T.repeat_interleave(3, 1) * kd).sum()
+            + hidden.sum() + attn.sum())
+
+
 def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float:
     """Pay the one-off costs every row pays (lazy imports of the model code, the processor and its
     image pipeline, the autograd engine, the CPU kernels' first-use buffers) before the memory
@@ -299,7 +334,7 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     lin = torch.nn.Linear(64, 64).to(device)
     x = torch.randn(2, 4, 8, 64, device=device)
     y = (torch.nn.functional.scaled_dot_product_attention(x, x, x) @ x.transpose(-1, -2)).softmax(-1) @ x
-    loss = lin(y.mean(1)).log_softmax(-1).topk(4).values.sum()
+    loss = lin(y.mean(1)).log_softmax(-1).topk(4).values.sum() + _kd_loss_kernels(device)
     loss.backward()
     torch.optim.AdamW(lin.parameters()).step()
     before = _rss_mb()

@@ -57,6 +57,15 @@ class CachedSample:
         return int(self.target_ids.shape[0])
 
 
+def _read_parquet(data: bytes) -> pa.Table:
+    """A parquet file's table, read once at open. Arrow's default (mimalloc) pool keeps the pages of
+    the read's freed temporaries resident (~0.7 MiB per cache opened, in every process that opens
+    caches, data-loader workers too); they are handed back right away (< 1 ms for a 100k-sample index)."""
+    table = pq.read_table(pa.BufferReader(data))
+    pa.default_memory_pool().release_unused()
+    return table
+
+
 class _ChunkLRU:
     """Decoded chunks keyed by (shard, array, chunk), evicted by total bytes."""
 
@@ -265,7 +274,7 @@ class CacheReader:
         meta = self.manifest.index
         if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
             raise CacheCorruptError(f"{self.location.url}/{INDEX_FILE}: checksum or size mismatch (corrupt or truncated)")
-        return pq.read_table(pa.BufferReader(data))
+        return _read_parquet(data)
 
     def _read_partial(self) -> tuple[list[ShardEntry], SignalConfig, pa.Table]:
         """Committed shards of an unfinished build (explicitly requested only)."""
@@ -282,7 +291,7 @@ class CacheReader:
                 meta = entry.files.get(SHARD_INDEX_FILE)
                 if meta is None or len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
                     raise CacheCorruptError(f"{self.location.url}/{entry.path}/{SHARD_INDEX_FILE}: checksum or size mismatch")
-                tables.append(pq.read_table(pa.BufferReader(data)))
+                tables.append(_read_parquet(data))
         from .writer import INDEX_SCHEMA
 
         return entries, signals, pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
