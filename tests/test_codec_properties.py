@@ -160,7 +160,12 @@ def id_samples(draw):
     samples = []
     for i in range(draw(st.integers(1, 4))):
         t = draw(st.integers(1, 6))
-        ids = draw(hnp.arrays(np.int32, (t, k), elements=st.integers(-1, vocab - 1)))
+        rows = []
+        for _ in range(t):  # a row's ids are distinct (writers refuse repeats); -1 pads anywhere
+            n_real = draw(st.integers(0, min(k, vocab)))
+            real = draw(st.lists(st.integers(0, vocab - 1), min_size=n_real, max_size=n_real, unique=True))
+            rows.append(draw(st.permutations(real + [-1] * (k - n_real))))
+        ids = np.array(rows, np.int32)
         lp = draw(hnp.arrays(np.float32, (t, k), elements=st.one_of(st.just(-np.inf), st.floats(-40.0, 0.0, width=32))))
         lp = -np.sort(-lp, axis=1)
         target = draw(hnp.arrays(np.int32, t, elements=st.integers(0, vocab - 1)))
