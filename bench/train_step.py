@@ -36,7 +36,8 @@ Memory: each row alone in a fresh subprocess, from its set-up (student, optimise
 caches, teachers) through ``--warmup`` + ``--memory-steps`` steps, two numbers:
 ``tensors``, the peak of live torch tensors over those live before the row (``tensor_memory.py``:
 exact, from the profiler's allocation events on CPU; ``torch.cuda.max_memory_allocated`` with
-``--device cuda``): the model, optimiser state, activations and teacher targets, what a GPU holds;
+``--device cuda``): the model, optimiser state, activations and the batch (copied, as a GPU run
+copies it; on CPU the loader's batch is mostly numpy memory), what a GPU holds;
 and ``RSS+``, the growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first
 use of every library, the same warm-up for all rows (``_warm_up_framework``: parquet, a scratch
 kd cache, the processor, and every loss kernel kd distill uses, whose code libtorch pages in on
@@ -49,10 +50,10 @@ so the time ratio shrinks as the student grows: demo student (2 x 64, ~34-49 ms/
 machine's load varies) 1.13-1.15x, ``--student medium`` (4 x 256) 1.07x. Of the ~6 ms, ~2 ms are
 the loader's (24 ``CacheReader.get`` per step, alignment checks, collation), the rest the
 objective's forward and backward and the projectors' share of AdamW.
-Memory, demo student: tensors (a) +13.35 MiB, (b) +14.48 MiB = 1.085x: the six hidden-state
-projectors and their AdamW state (0.57 MiB) and the batch's teacher targets and KD graph at the
-step's peak (0.56 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
-+28.2 MiB, (b) +31.3 MiB = 1.11x: the tensors, the decoded-chunk LRU (~0.35 MiB here), the
+Memory, demo student: tensors (a) +13.97 MiB, (b) +15.25 MiB = 1.091x: the six hidden-state
+projectors and their AdamW state (0.57 MiB), the batch's teacher targets and the KD graph at the
+step's peak (~0.7 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
++28.1 MiB, (b) +31.2 MiB = 1.11x: the tensors, the decoded-chunk LRU (~0.35 MiB here), the
 readers' indexes and Python objects. Two RSS effects are not counted: libtorch's kernel code
 paged in on first use (before the warm-up ran the loss kernels it read 1.14x) and pyarrow's
 mimalloc pool keeping the pages of an index read's freed buffers (0.7 MiB per cache opened; the
@@ -146,15 +147,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _to_device(obj, device):
+def _to_device(obj, device, copy: bool = False):
+    """The batch on ``device``; ``copy``: new tensors even on the loader's device (a CPU batch is
+    mostly numpy memory that torch's allocator never sees; a GPU run allocates its copy)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, copy=copy)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, copy) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
+        return [_to_device(v, device, copy) for v in obj]
     return obj
 
 
@@ -378,6 +381,7 @@ class RowRunner:
         from kd.pipeline.distill.train import DistillModule, make_adamw
 
         self.row, self.device = row, device
+        self.copy_batch = False  # True when measuring tensors: count the batch as a GPU run would
         self.cuda = device.type == "cuda"
         torch.manual_seed(0)
         student, processor = load_student(setup["student"])
@@ -442,7 +446,7 @@ class RowRunner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        batch = _to_device(next(self.data), self.device)
+        batch = _to_device(next(self.data), self.device, copy=self.copy_batch)
         t1 = time.perf_counter()
         if self.teachers:
             batch["teachers"] = {role: t.targets(batch) for role, t in self.teachers.items()}
@@ -511,6 +515,7 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     if mode.startswith("tensors-"):
         def run() -> None:
             runner = RowRunner(mode[8:], setup, args, records, device)
+            runner.copy_batch = True
             for _ in range(args.warmup + args.memory_steps):
                 runner.step()
 
