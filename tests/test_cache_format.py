@@ -114,6 +114,47 @@ def test_exact_codings_round_trip_bit_exact(tmp_path, coding):
     assert verify_cache(build.location.path).ok
 
 
+@pytest.mark.parametrize("logits", ["topk", "sampled"])
+def test_get_batch_concatenates_samples_across_shards_and_chunks(tmp_path, monkeypatch, logits):
+    """A batch read (any order, samples of several shards, rows crossing chunk boundaries) holds
+    every sample's rows in request order and its maps flattened; ``sample(b)`` and ``get`` agree."""
+    import kd.cache_schema.zarr_io as zarr_io
+
+    monkeypatch.setattr(zarr_io, "CHUNK_BYTES", 1024)  # 256-row chunks: long samples span several
+    sig = SignalConfig(logits=logits, top_k=8, value_coding="fp32", sampled_draws=8 if logits == "sampled" else 0,
+                       hidden_layers=(1,), hidden_coding="fp32", attention_layers=(0, 2),
+                       attention_kinds=("t2v", "full"), attention_coding="fp32")
+    samples = samples_for(sig, [300, 5, 700, 2, 260, 40])
+    reader = CacheReader(build_cache(str(tmp_path), samples, sig, shard_size=2).location.path)
+    assert len(reader.manifest.shards) == 3
+    order = [4, 0, 3, 2, 5, 1, 2]  # a repeat too
+    batch = reader.get_batch([samples[i].sample_id for i in order])
+    want = [samples[i] for i in order]
+    assert batch.sample_ids == [s.sample_id for s in want] and list(batch.num_tokens) == [s.num_tokens for s in want]
+    assert np.array_equal(batch.ids, np.concatenate([s.ids for s in want]))
+    assert bits_equal(batch.logprobs, np.concatenate([s.logprobs for s in want]))
+    assert bits_equal(batch.tail_logmass, np.concatenate([s.tail_logmass for s in want]))
+    assert np.array_equal(batch.target_ids, np.concatenate([s.target_ids for s in want]))
+    assert bits_equal(batch.hidden[1], np.concatenate([s.hidden[1] for s in want]))
+    if logits == "sampled":
+        assert np.array_equal(batch.counts, np.concatenate([s.counts for s in want]))
+    for layer in (0, 2):
+        assert bits_equal(batch.attention_t2v[layer], np.concatenate([s.attention_t2v[layer].ravel() for s in want]))
+        assert bits_equal(batch.attention_full[layer], np.concatenate([s.attention_full[layer].ravel() for s in want]))
+    for b, s in enumerate(want):
+        one, alone = batch.sample(b), reader.get(s.sample_id)
+        for got in (one, alone):
+            assert got.sample_id == s.sample_id and np.array_equal(got.ids, s.ids)
+            assert bits_equal(got.logprobs, s.logprobs) and bits_equal(got.hidden[1], s.hidden[1])
+            assert bits_equal(got.attention_t2v[2], s.attention_t2v[2]) and bits_equal(got.attention_full[0], s.attention_full[0])
+            assert (got.answer_start, got.seq_len) == (PROMPT, PROMPT + s.num_tokens)
+    with pytest.raises(KeyError, match="nope"):
+        reader.get_batch(["s-0", "nope"])
+    with pytest.raises(ValueError, match="at least one"):
+        reader.get_batch([])
+    assert reader.get_many([]) == []
+
+
 def test_returned_arrays_are_owned_by_the_caller(tmp_path):
     sig = SignalConfig(top_k=4, value_coding="fp32", hidden_layers=(1,), hidden_coding="fp32")
     samples = samples_for(sig, [5, 3])

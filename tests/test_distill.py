@@ -276,6 +276,67 @@ def test_collate_flattens_maps_where_the_student_maps_put_them(setup):
         collate(items)
 
 
+def _assert_same(a, b, where="batch"):
+    """Two collated batches (nested dicts / lists of tensors) hold equal values of equal dtypes."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("student_key", ["student", "student_tok1"])
+def test_a_batch_read_together_equals_its_samples_read_one_by_one(kd_world, student_key):
+    """``__getitems__`` (the DataLoader's path: one cache read per teacher per batch) gives each
+    sample the targets ``__getitem__`` gives it, and ``collate`` the same batch, for top-k, sampled
+    and attention caches, with and without a vocabulary map."""
+    _, processor = load_student(kd_world[student_key])
+    maps = {} if student_key == "student" else {role: str(kd_world["teacher"]) for role in ROLES}
+    dataset = DistillDataset(load_records(kd_world["train"]), processor, open_teachers(kd_world["caches"], maps, processor))
+    order = [5, 0, 7, 3, 8]
+    together = dataset.__getitems__(order)
+    alone = [dataset[i] for i in order]
+    for a, b in zip(together, alone):
+        assert a.sample_id == b.sample_id and a.teachers.keys() == b.teachers.keys() == set(ROLES)
+        for role in ROLES:
+            for name in ("ids", "logprobs", "tail", "counts", "hidden", "attention_t2v", "attention_full"):
+                x, y = getattr(a.teachers[role], name), getattr(b.teachers[role], name)
+                if isinstance(x, dict):
+                    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), (role, name)
+                else:
+                    assert (x is None and y is None) or np.array_equal(x, y), (role, name)
+    _assert_same(collate(together), collate(alone))
+
+
+@pytest.mark.parametrize("tamper", ["answer", "image"])
+def test_a_batch_read_names_the_sample_that_does_not_line_up(kd_world, setup, tamper):
+    """Read-time alignment (past the index's hash check): a batch whose third sample's student
+    tokens no longer match the caches names that sample, not the batch's first."""
+    import dataclasses
+
+    _, processor, sources, _ = setup
+    dataset = DistillDataset(load_records(kd_world["train"]), processor, sources)
+    rec = dataset.records[2]
+    if tamper == "answer":  # past the start-up check: the answer changes after it
+        dataset.records[2] = dataclasses.replace(rec, answer="no" if rec.answer == "yes" else "yes")
+        expected = r"student answer ids \[[\d, ]+\] differ from the cached ones \[[\d, ]+\]"
+    else:  # one image more: more image tokens than the perception cache's t2v maps have keys
+        dataset.records[2] = dataclasses.replace(rec, images=rec.images + rec.images[:1])
+        expected = r"cached t2v maps have \d+ image keys, the student input has \d+ image tokens"
+    assert rec.images
+    dataset.__getitems__([0, 1, 3])  # the untouched samples read fine
+    with pytest.raises(AlignmentError, match=rf"sample '{rec.id}': {expected} \(teacher 'perception'"):
+        dataset.__getitems__([0, 1, 2, 3])
+
+
 def test_mixing_matrix_is_applied_per_capability(kd_world, setup):
     student, _, sources, dataset = setup
     batch = first_scene_batch(dataset)

@@ -16,15 +16,15 @@ from .errors import (
 from .summary import list_caches, manifest_summary
 from .key import cache_dir_name, cache_key, canonical_json, key_inputs
 from .manifest import SCHEMA_VERSION, Manifest, SignalConfig
-from .reader import CachedSample, CacheReader, JoinedReader, open_cache
+from .reader import CachedBatch, CachedSample, CacheReader, JoinedReader, SampleRows, open_cache
 from .storage import Location, checksum_bytes
 from .verify import VerifyReport, verify_cache
 from .writer import BuildPlan, CacheBuild, ShardWriter, hash_ids
 
 __all__ = [
     "BuildPlan", "CacheBuild", "CacheCorruptError", "CacheError", "CacheLockedError", "CachePathError",
-    "CacheReader", "CacheUnsealedError", "CachedSample", "HIDDEN_CODINGS", "JoinedReader", "Location",
-    "Manifest", "SCHEMA_VERSION", "SchemaVersionError", "ShardWriter", "SignalConfig", "VALUE_CODINGS",
+    "CacheReader", "CacheUnsealedError", "CachedBatch", "CachedSample", "HIDDEN_CODINGS", "JoinedReader", "Location",
+    "Manifest", "SCHEMA_VERSION", "SampleRows", "SchemaVersionError", "ShardWriter", "SignalConfig", "VALUE_CODINGS",
     "VerifyReport", "cache_dir_name", "cache_key", "canonical_json", "checksum_bytes", "decode_logprobs",
     "encode_logprobs", "hash_ids", "key_inputs", "kl_topk_buckets", "list_caches", "manifest_summary",
     "open_cache", "verify_cache",

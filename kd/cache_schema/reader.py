@@ -1,4 +1,4 @@
-"""Reading caches: random access by sample id, batched reads, and joins across teachers.
+"""Reading caches: random access by sample id, batched reads (``get_batch``), and joins across teachers.
 
 A reader trusts nothing it has not checked: the manifest must be sealed and of this
 schema version, ``index.parquet`` and each shard's metadata files must match their
@@ -14,7 +14,8 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from functools import cached_property
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +56,83 @@ class CachedSample:
     @property
     def num_tokens(self) -> int:
         return int(self.target_ids.shape[0])
+
+
+@dataclass
+class CachedBatch:
+    """Several samples' cached signals read together, one array per signal: token rows concatenated
+    in request order (sample ``b`` owns rows ``offsets[b]:offsets[b + 1]``), and each attention map
+    flattened row-major after the previous sample's (``attention_offsets``). A training loader
+    reads a batch per teacher this way instead of a dozen small arrays per sample."""
+
+    sample_ids: list[str]
+    capabilities: list[str]
+    num_tokens: np.ndarray  # [B] int64
+    answer_start: np.ndarray  # [B] int64
+    seq_len: np.ndarray  # [B] int64
+    input_ids_hash: list[str]
+    answer_ids_hash: list[str]
+    target_ids: np.ndarray  # [N]
+    ids: np.ndarray  # [N, k]
+    logprobs: np.ndarray  # [N, k] float32
+    tail_logmass: np.ndarray  # [N] float32
+    counts: np.ndarray | None = None
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # [N, H] float32
+    attention_keys: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [B] keys per sample
+    attention_t2v: dict[int, np.ndarray] = field(default_factory=dict)  # flat [sum_b T_b * K_b] float32
+    attention_full: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """[B + 1] first token row of each sample, then the total."""
+        return np.concatenate([[0], np.cumsum(self.num_tokens)])
+
+    def attention_offsets(self, kind: str) -> np.ndarray:
+        """[B + 1] first element of each sample's flattened ``kind`` map, then the total."""
+        return np.concatenate([[0], np.cumsum(self.num_tokens * self.attention_keys[kind])])
+
+    @cached_property
+    def layout(self) -> list[SampleRows]:
+        """Where each sample's rows and map elements lie in this batch's arrays."""
+        tokens = self.offsets.tolist()
+        maps = {kind: self.attention_offsets(kind).tolist() for kind in self.attention_keys}
+        return [SampleRows(slice(tokens[b], tokens[b + 1]),
+                           {kind: (slice(off[b], off[b + 1]), (tokens[b + 1] - tokens[b], int(self.attention_keys[kind][b])))
+                            for kind, off in maps.items()})
+                for b in range(len(self))]
+
+    def sample(self, b: int) -> CachedSample:
+        """Sample ``b`` as a ``CachedSample`` (views into this batch's arrays)."""
+        rows = self.layout[b]
+        t = rows.tokens
+        out = CachedSample(
+            sample_id=self.sample_ids[b], capability=self.capabilities[b], target_ids=self.target_ids[t],
+            ids=self.ids[t], logprobs=self.logprobs[t], tail_logmass=self.tail_logmass[t],
+            answer_start=int(self.answer_start[b]), seq_len=int(self.seq_len[b]),
+            input_ids_hash=self.input_ids_hash[b], answer_ids_hash=self.answer_ids_hash[b],
+            counts=None if self.counts is None else self.counts[t], hidden={layer: h[t] for layer, h in self.hidden.items()})
+        rows.split_maps(self.attention_t2v, "t2v", out.attention_t2v)
+        rows.split_maps(self.attention_full, "full", out.attention_full)
+        return out
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """One sample's part of a ``CachedBatch``: its token rows, and per attention kind its elements
+    of the flattened maps with the ``[T_b, K_b]`` shape they unflatten to."""
+
+    tokens: slice
+    maps: dict[str, tuple[slice, tuple[int, int]]]
+
+    def split_maps(self, flat: dict[int, np.ndarray], kind: str, into: dict[int, np.ndarray]) -> None:
+        """This sample's ``[T_b, K_b]`` map (a view) of each layer's flattened ``kind`` maps, into ``into``."""
+        if flat:
+            elements, shape = self.maps[kind]
+            for layer, values in flat.items():
+                into[layer] = values[elements].reshape(shape)
 
 
 def _read_parquet(data: bytes) -> pa.Table:
@@ -109,48 +187,52 @@ class _Shard:
     def __init__(self, reader: "CacheReader", entry: ShardEntry):
         self.reader = reader
         self.entry = entry
-        self._docs: dict[str, dict] | None = None  # array name -> its zarr.json, checksum verified
-        self._handles: dict[str, _ArrayHandle] = {}
+        self._handles: dict[str, _ArrayHandle] | None = None  # array name -> handle, built on first use
         self._group: zarr.Group | None = None
         self._lock = threading.Lock()
 
     def _array_docs(self) -> dict[str, dict]:
         """Every array's ``zarr.json``, each checked against the manifest's size and checksum first."""
-        with self._lock:
-            if self._docs is None:
-                loc, docs = self.reader.location, {}
-                for rel, meta in self.entry.files.items():
-                    if rel.endswith("zarr.json"):
-                        data = loc.read_bytes(f"{self.entry.path}/{rel}")
-                        if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
-                            raise CacheCorruptError(f"{loc.url}/{self.entry.path}/{rel}: checksum mismatch")
-                        if "/" in rel:
-                            docs[rel.rsplit("/", 1)[0]] = json.loads(data)
-                self._docs = docs
-            return self._docs
+        loc, docs = self.reader.location, {}
+        for rel, meta in self.entry.files.items():
+            if rel.endswith("zarr.json"):
+                data = loc.read_bytes(f"{self.entry.path}/{rel}")
+                if len(data) != meta.size or checksum_bytes(data) != meta.xxh3_128:
+                    raise CacheCorruptError(f"{loc.url}/{self.entry.path}/{rel}: checksum mismatch")
+                if "/" in rel:
+                    docs[rel.rsplit("/", 1)[0]] = json.loads(data)
+        return docs
 
     def _zarr_array(self, name: str) -> zarr.Array:
         """The array through zarr (arrays whose codecs kd does not decode itself)."""
-        with self._lock:
-            if self._group is None:
-                store = zarr_store(self.reader.location.child(self.entry.path), read_only=True)
-                self._group = zarr.open_group(store=store, mode="r")
+        if self._group is None:
+            store = zarr_store(self.reader.location.child(self.entry.path), read_only=True)
+            self._group = zarr.open_group(store=store, mode="r")
         return self._group[name]
 
-    def handle(self, name: str) -> _ArrayHandle:
-        """The array's shape and decoder, its row count checked against the manifest (looked up once)."""
-        h = self._handles.get(name)
-        if h is None:
-            doc = self._array_docs().get(name)
-            if doc is None:
-                raise CacheCorruptError(f"{self.where}: array {name!r} missing")
+    def _build_handles(self) -> dict[str, _ArrayHandle]:
+        """Every array's shape and decoder, row counts checked against the manifest. Built once, from
+        the checked ``zarr.json`` documents, which are not kept (a reader stays small)."""
+        handles = {}
+        for name, doc in self._array_docs().items():
             meta = parse_array_meta(doc)
             arr = None if meta is not None else self._zarr_array(name)
             shape = meta.shape if meta is not None else tuple(arr.shape)
             rows = meta.chunk_rows if meta is not None else arr.chunks[0]
             if not name.startswith("attn_") and name != ID_TABLE and shape[0] != self.entry.tokens:
                 raise CacheCorruptError(f"{self.where}/{name}: {shape[0]} rows, manifest says {self.entry.tokens} tokens")
-            h = self._handles[name] = _ArrayHandle(shape, rows, meta, arr)
+            handles[name] = _ArrayHandle(shape, rows, meta, arr)
+        return handles
+
+    def handle(self, name: str) -> _ArrayHandle:
+        """The array's shape and decoder (all of the shard's arrays are checked on the first call)."""
+        if self._handles is None:
+            with self._lock:
+                if self._handles is None:
+                    self._handles = self._build_handles()
+        h = self._handles.get(name)
+        if h is None:
+            raise CacheCorruptError(f"{self.where}: array {name!r} missing")
         return h
 
     @property
@@ -158,17 +240,8 @@ class _Shard:
         return f"{self.reader.location.url}/{self.entry.path}"
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of an array, assembled from cached decompressed chunks (a new array)."""
-        h = self.handle(name)
-        step = h.chunk_rows
-        first, last = start // step, (stop - 1) // step
-        if stop <= start:
-            return np.zeros((0,) + h.shape[1:], h.meta.dtype if h.meta is not None else h.zarr_array.dtype)
-        if first == last:  # the usual case: a sample's rows inside one chunk
-            # Copy: callers own what they get, and must not write into the LRU.
-            return self._chunk(name, h, first)[start - first * step : stop - first * step].copy()
-        parts = [self._chunk(name, h, c)[max(start - c * step, 0) : stop - c * step] for c in range(first, last + 1)]
-        return np.concatenate(parts)
+        """Rows [start, stop) of an array, a new array (callers must not write into the LRU)."""
+        return _gather(name, [(self, start, stop)])
 
     def _chunk(self, name: str, h: _ArrayHandle, c: int) -> np.ndarray:
         """Chunk ``c`` of an array, decoded (ids: to token ids), from the LRU or read and checked."""
@@ -230,6 +303,29 @@ class _Shard:
         if listed != self.reader.location.exists(f"{self.entry.path}/{rel}"):
             problem = "missing (deleted or truncated shard)" if listed else "not listed in the manifest"
             raise CacheCorruptError(f"{self.where}/{rel}: chunk file {problem}")
+
+
+def _gather(name: str, spans: Sequence[tuple[_Shard, int, int]]) -> np.ndarray:
+    """Rows ``[start, stop)`` of array ``name`` of each ``(shard, start, stop)``, concatenated into one
+    new array (never a view of the LRU). Each chunk is looked up once per call, however many spans
+    it serves: a batch's samples mostly share a few chunks."""
+    parts, chunks = [], {}
+    for shard, start, stop in spans:
+        h = shard.handle(name)
+        if stop > h.shape[0]:
+            raise CacheCorruptError(f"{shard.where}/{name}: the index reads rows up to {stop}, the array has {h.shape[0]}")
+        step = h.chunk_rows
+        for c in range(start // step, (stop - 1) // step + 1):  # none when stop <= start
+            chunk = chunks.get((shard, c))
+            if chunk is None:
+                chunk = chunks[shard, c] = shard._chunk(name, h, c)
+            parts.append(chunk[max(start - c * step, 0) : stop - c * step])
+    if not parts:  # only empty spans: the stored dtype and row shape (ids: the decoded dtype)
+        shard = spans[0][0]
+        h = shard.handle(name)
+        dtype = np.int32 if name == "ids" else (h.meta.dtype if h.meta is not None else h.zarr_array.dtype)
+        return np.zeros((0,) + h.shape[1:], dtype)
+    return np.concatenate(parts)
 
 
 class CacheReader:
@@ -330,42 +426,57 @@ class CacheReader:
             raise KeyError(f"sample {sample_id!r} is not in cache {self.location.url}") from None
 
     def get(self, sample_id: str) -> CachedSample:
-        row = self._row(sample_id)
-        c = self._cols
-        shard = self._shards[int(c["shard"][row])]
-        start, n = int(c["token_start"][row]), int(c["num_tokens"][row])
-        sig = self.signals
-        # Undo the row-wise delta on the sample's rows only: with random reads over a large cache
-        # most chunks serve one sample, so undoing whole chunks would cost ~10x more.
-        codes = undelta_logprobs(shard.rows("logprobs", start, start + n), sig.value_coding)
-        tail = shard.rows("tail_logmass", start, start + n)
-        # schema_version <= 2 u8 caches store each row's top-1; v3 derives it from the codes and the tail
-        ref = shard.rows("logprob_ref", start, start + n) if sig.value_coding == "u8" and self.schema_version <= 2 else None
-        sample = CachedSample(
-            sample_id=sample_id,
-            capability=self._strs["capability"][row],
-            target_ids=shard.rows("target_ids", start, start + n),
-            ids=shard.rows("ids", start, start + n),
-            logprobs=logprobs_from_codes(codes, sig.value_coding, tail=tail, ref=ref),
-            tail_logmass=tail,
-            answer_start=int(c["answer_start"][row]),
-            seq_len=int(c["seq_len"][row]),
-            input_ids_hash=self._strs["input_ids_hash"][row],
-            answer_ids_hash=self._strs["answer_ids_hash"][row],
-            counts=shard.rows("counts", start, start + n) if sig.logits == "sampled" else None,
-        )
-        for layer in sig.hidden_layers:
-            sample.hidden[layer] = decode_hidden(shard.rows(f"hidden_L{layer}", start, start + n), sig.hidden_coding)
-        for kind in sig.attention_kinds:
-            a0, keys = int(c[f"attn_{kind}_start"][row]), int(c[f"attn_{kind}_keys"][row])
-            target = sample.attention_t2v if kind == "t2v" else sample.attention_full
-            for layer in sig.attention_layers:
-                flat = shard.rows(f"attn_{kind}_L{layer}", a0, a0 + n * keys)
-                target[layer] = decode_hidden(flat, sig.attention_coding).reshape(n, keys)
-        return sample
+        return self.get_batch([sample_id]).sample(0)
 
     def get_many(self, sample_ids: Iterable[str]) -> list[CachedSample]:
-        return [self.get(s) for s in sample_ids]
+        ids = list(sample_ids)
+        if not ids:
+            return []
+        batch = self.get_batch(ids)
+        return [batch.sample(b) for b in range(len(batch))]
+
+    def get_batch(self, sample_ids: Sequence[str]) -> CachedBatch:
+        """Several samples' signals in one read: one array per signal, decoded once (``CachedBatch``)."""
+        if not sample_ids:
+            raise ValueError(f"{self.location.url}: get_batch needs at least one sample id")
+        rows = np.array([self._row(s) for s in sample_ids], np.int64)
+        c, sig = self._cols, self.signals
+        shards = [self._shards[int(s)] for s in c["shard"][rows]]
+        starts, n = c["token_start"][rows].astype(np.int64), c["num_tokens"][rows].astype(np.int64)
+        token_spans = list(zip(shards, starts.tolist(), (starts + n).tolist()))
+
+        def tokens(name: str) -> np.ndarray:
+            return _gather(name, token_spans)
+
+        # Undo the row-wise delta on the samples' rows only: with random reads over a large cache
+        # most chunks serve one sample, so undoing whole chunks would cost ~10x more.
+        codes = undelta_logprobs(tokens("logprobs"), sig.value_coding)
+        tail = tokens("tail_logmass")
+        # schema_version <= 2 u8 caches store each row's top-1; v3 derives it from the codes and the tail
+        ref = tokens("logprob_ref") if sig.value_coding == "u8" and self.schema_version <= 2 else None
+        batch = CachedBatch(
+            sample_ids=list(sample_ids),
+            capabilities=[self._strs["capability"][r] for r in rows],
+            num_tokens=n,
+            answer_start=c["answer_start"][rows].astype(np.int64),
+            seq_len=c["seq_len"][rows].astype(np.int64),
+            input_ids_hash=[self._strs["input_ids_hash"][r] for r in rows],
+            answer_ids_hash=[self._strs["answer_ids_hash"][r] for r in rows],
+            target_ids=tokens("target_ids"),
+            ids=tokens("ids"),
+            logprobs=logprobs_from_codes(codes, sig.value_coding, tail=tail, ref=ref),
+            tail_logmass=tail,
+            counts=tokens("counts") if sig.logits == "sampled" else None,
+            hidden={layer: decode_hidden(tokens(f"hidden_L{layer}"), sig.hidden_coding) for layer in sig.hidden_layers},
+        )
+        for kind in sig.attention_kinds:
+            a0, keys = c[f"attn_{kind}_start"][rows].astype(np.int64), c[f"attn_{kind}_keys"][rows].astype(np.int64)
+            spans = list(zip(shards, a0.tolist(), (a0 + n * keys).tolist()))
+            batch.attention_keys[kind] = keys
+            target = batch.attention_t2v if kind == "t2v" else batch.attention_full
+            for layer in sig.attention_layers:
+                target[layer] = decode_hidden(_gather(f"attn_{kind}_L{layer}", spans), sig.attention_coding)
+        return batch
 
     def summary(self) -> dict[str, Any]:
         from .summary import summarize
@@ -387,7 +498,9 @@ class JoinedReader:
         return {role: r.get(sample_id) for role, r in self.readers.items()}
 
     def get_many(self, sample_ids: Iterable[str]) -> list[dict[str, CachedSample]]:
-        return [self.get(s) for s in sample_ids]
+        ids = list(sample_ids)
+        per_role = {role: r.get_many(ids) for role, r in self.readers.items()}
+        return [{role: samples[b] for role, samples in per_role.items()} for b in range(len(ids))]
 
 
 def open_cache(url: str, **kwargs: Any) -> CacheReader:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from kd.cache_schema import CachedSample, CacheReader, hash_ids
+from kd.cache_schema import CachedBatch, CachedSample, CacheReader, SampleRows, hash_ids
 from kd.cache_schema.reader import DEFAULT_CACHE_BYTES
 from kd.pipeline.dataset import Record
 from kd.pipeline.encoding import encode_record, end_of_turn_token
@@ -37,7 +37,7 @@ from kd.pipeline.engines.hf_engine import _stack_model_inputs
 
 __all__ = [
     "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
-    "EpochSampler", "open_teachers", "answer_token_ids", "attention_layout", "check_alignment", "collate",
+    "SampleBatch", "EpochSampler", "open_teachers", "answer_token_ids", "attention_layout", "check_alignment", "collate",
     "flatten_maps", "map_shapes",
 ]
 
@@ -270,7 +270,9 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
 
 @dataclass
 class TeacherTargets:
-    """One teacher's signals for one sample, in student ids (rows = answer tokens)."""
+    """One teacher's signals in student ids (rows = answer tokens): for one sample, attention maps
+    ``[T, K]``; or for a batch read together (``SampleBatch.teachers``), every sample's rows
+    concatenated and its attention maps flattened and concatenated as ``flatten_maps`` does."""
 
     ids: np.ndarray  # [T, k] int64, -1 padding
     logprobs: np.ndarray  # [T, k] float32, -inf padding
@@ -281,8 +283,9 @@ class TeacherTargets:
     attention_full: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def to_student_ids(cached: CachedSample, vmap: VocabMap | None) -> TeacherTargets:
-    """The cached logit signal in student ids; unmapped top-k entries fold into the tail.
+def to_student_ids(cached: CachedSample | CachedBatch, vmap: VocabMap | None) -> TeacherTargets:
+    """The cached logit signal in student ids; unmapped top-k entries fold into the tail (row by
+    row, so a batch read together converts at once).
 
     For a sampled cache, unmapped draws are dropped (their counts set to 0), so the estimate
     covers the mapped part of the teacher distribution.
@@ -304,6 +307,17 @@ def to_student_ids(cached: CachedSample, vmap: VocabMap | None) -> TeacherTarget
         ids = mapped
     return TeacherTargets(ids=ids, logprobs=lp, tail=tail, counts=counts, hidden=dict(cached.hidden),
                           attention_t2v=dict(cached.attention_t2v), attention_full=dict(cached.attention_full))
+
+
+def sample_rows(targets: TeacherTargets, rows: SampleRows) -> TeacherTargets:
+    """One sample's targets (views) out of a batch's (``CachedBatch.layout`` says where it lies)."""
+    t = rows.tokens
+    out = TeacherTargets(ids=targets.ids[t], logprobs=targets.logprobs[t], tail=targets.tail[t],
+                         counts=None if targets.counts is None else targets.counts[t],
+                         hidden={layer: h[t] for layer, h in targets.hidden.items()})
+    rows.split_maps(targets.attention_t2v, "t2v", out.attention_t2v)
+    rows.split_maps(targets.attention_full, "full", out.attention_full)
+    return out
 
 
 @dataclass
@@ -333,17 +347,46 @@ class DistillDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> DistillSample:
-        rec = self.records[i]
-        enc = encode_record(self.processor, rec.as_dict())
-        answer_hash = enc.answer_hash if self.sources else ""  # once per sample, not per teacher
-        teachers = {}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """The samples at ``indices``, each teacher's signals read for all of them at once
+        (``CacheReader.get_batch``). torch's DataLoader calls this with each batch's indices."""
+        recs = [self.records[i] for i in indices]
+        encs = [encode_record(self.processor, rec.as_dict()) for rec in recs]
+        hashes = [enc.answer_hash for enc in encs] if self.sources else []
+        batch_targets: dict[str, TeacherTargets] = {}
+        per_sample: list[dict[str, TeacherTargets]] = [{} for _ in recs]
         for role, src in self.sources.items():
-            cached = src.reader.get(rec.id)
-            self._check(rec.id, enc, answer_hash, cached, src)
-            teachers[role] = to_student_ids(cached, src.vocab_map)
-        return DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
-                             answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
-                             image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers)
+            cached = src.reader.get_batch([rec.id for rec in recs])
+            self._check_batch(recs, encs, hashes, cached, src)
+            targets = batch_targets[role] = to_student_ids(cached, src.vocab_map)
+            for b, rows in enumerate(cached.layout):
+                per_sample[b][role] = sample_rows(targets, rows)
+        samples = [DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
+                                 answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
+                                 image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers)
+                   for rec, enc, teachers in zip(recs, encs, per_sample)]
+        return SampleBatch(samples, batch_targets)
+
+    def _check_batch(self, recs: Sequence[Record], encs: Sequence[Any], hashes: Sequence[str], cached: CachedBatch,
+                     src: TeacherSource) -> None:
+        """Every sample of a batch against one teacher's rows, compared for the whole batch at once;
+        on a difference, sample by sample (``_check``) to name the first one that fails."""
+        answers = np.concatenate([enc.answer_ids for enc in encs])
+        if src.vocab_map is None:
+            ok = cached.answer_ids_hash == list(hashes) and np.array_equal(cached.target_ids, answers)
+        else:
+            ok = np.array_equal(src.vocab_map.map_ids(cached.target_ids), answers)
+        if ok and cached.attention_t2v:
+            ok = np.array_equal(cached.attention_keys["t2v"], [int(enc.image_token_mask.sum()) for enc in encs])
+        if ok and cached.attention_full:
+            ok = (np.array_equal(cached.seq_len, [len(enc.input_ids) for enc in encs])
+                  and np.array_equal(cached.answer_start, [enc.answer_start for enc in encs]))
+        if not ok:
+            for b, (rec, enc) in enumerate(zip(recs, encs)):
+                self._check(rec.id, enc, hashes[b], cached.sample(b), src)
+            raise _mismatch(recs[0].id, src, "the batch's answer ids differ from the cached ones")  # not reached
 
     @staticmethod
     def _check(sid: str, enc, answer_hash: str, cached: CachedSample, src: TeacherSource) -> None:
@@ -367,6 +410,16 @@ class DistillDataset(Dataset):
             raise _mismatch(sid, src, f"cached full attention maps cover {cached.seq_len} tokens with the answer at "
                             f"{cached.answer_start}; the student input has {len(enc.input_ids)} tokens with the "
                             f"answer at {enc.answer_start}")
+
+
+class SampleBatch(list):
+    """A batch's samples as ``DistillDataset.__getitems__`` reads them, plus ``teachers``: each
+    teacher's targets for the whole batch (rows concatenated in sample order, attention maps
+    flattened), which ``collate`` uses as they are. Each sample's own ``teachers`` are views of them."""
+
+    def __init__(self, samples: Sequence[DistillSample], teachers: dict[str, TeacherTargets]) -> None:
+        super().__init__(samples)
+        self.teachers = teachers
 
 
 class EpochSampler(Sampler[int]):
@@ -397,7 +450,9 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
     Row ``n`` of every token-level tensor is one answer token; sample ``b`` owns the
     ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``. Attention maps are
     flattened too (``flatten_maps``: every sample's ``[T_b, K_b]`` map, row-major, concatenated), and
-    ``attention_layout[kind]`` says where each element sits in the student's padded maps.
+    ``attention_layout[kind]`` says where each element sits in the student's padded maps. A
+    ``SampleBatch`` (the DataLoader's batches of a ``DistillDataset``) brings its teachers' targets
+    already in that form; they are used as they are.
     """
     b = len(samples)
     lengths = [len(s.input_ids) for s in samples]
@@ -428,31 +483,58 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
     kinds = [kind for kind in ("t2v", "full") if any(getattr(t, f"attention_{kind}") for t in samples[0].teachers.values())]
     shapes = {kind: map_shapes(batch, kind) for kind in kinds}
     batch["attention_layout"] = {kind: attention_layout(batch, kind) for kind in kinds}
+    read_together = samples.teachers if isinstance(samples, SampleBatch) else None
     for role in samples[0].teachers:
-        ts = [s.teachers[role] for s in samples]
-        k = max(t.ids.shape[1] for t in ts)
-
-        def pad(arrs, value, dtype, k=k):
-            if any(a.shape[1] != k for a in arrs):  # only sampled caches have rows narrower than k
-                arrs = [np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value) for a in arrs]
-            return torch.from_numpy(np.concatenate(arrs).astype(dtype, copy=False))
-
-        entry: dict[str, Any] = {
-            "ids": pad([t.ids for t in ts], -1, np.int64),
-            "logprobs": pad([t.logprobs for t in ts], -np.inf, np.float32),
-            "tail": torch.from_numpy(np.concatenate([t.tail for t in ts]).astype(np.float32)),
-            "hidden": {layer: torch.from_numpy(np.concatenate([t.hidden[layer] for t in ts]).astype(np.float32))
-                       for layer in ts[0].hidden},
-        }
-        for kind in ("t2v", "full"):
-            entry[f"attention_{kind}"] = {
-                layer: flatten_maps([getattr(t, f"attention_{kind}")[layer] for t in ts], shapes[kind],
-                                    batch["sample_ids"], f"teacher {role!r}: cached {kind} map")
-                for layer in getattr(ts[0], f"attention_{kind}")}
-        if ts[0].counts is not None:
-            entry["counts"] = pad([t.counts for t in ts], 0, np.float32)
-        batch["teachers"][role] = entry
+        if read_together is not None:  # rows already concatenated, maps flattened, shapes checked on read
+            targets = read_together[role]
+        else:
+            targets = concat_targets([s.teachers[role] for s in samples], shapes, batch["sample_ids"], role)
+        batch["teachers"][role] = _teacher_entry(targets, shapes, role)
     return batch
+
+
+def concat_targets(ts: Sequence[TeacherTargets], shapes: Mapping[str, Sequence[tuple[int, int]]],
+                   sample_ids: Sequence[str], role: str) -> TeacherTargets:
+    """Several samples' targets as one batch's: rows concatenated (narrower rows padded to the widest
+    with id -1 / log-prob -inf / count 0), maps flattened by ``flatten_maps`` against ``shapes``."""
+    k = max(t.ids.shape[1] for t in ts)
+
+    def entries(arrs: list[np.ndarray], value: float) -> np.ndarray:
+        if any(a.shape[1] != k for a in arrs):  # only sampled caches have rows narrower than k
+            arrs = [np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=value) for a in arrs]
+        return np.concatenate(arrs)
+
+    out = TeacherTargets(ids=entries([t.ids for t in ts], -1), logprobs=entries([t.logprobs for t in ts], -np.inf),
+                         tail=np.concatenate([t.tail for t in ts]),
+                         counts=None if ts[0].counts is None else entries([t.counts for t in ts], 0),
+                         hidden={layer: np.concatenate([t.hidden[layer] for t in ts]) for layer in ts[0].hidden})
+    for kind in ("t2v", "full"):
+        for layer in getattr(ts[0], f"attention_{kind}"):
+            getattr(out, f"attention_{kind}")[layer] = flatten_maps(
+                [getattr(t, f"attention_{kind}")[layer] for t in ts], shapes[kind], sample_ids,
+                f"teacher {role!r}: cached {kind} map")
+    return out
+
+
+def _teacher_entry(t: TeacherTargets, shapes: Mapping[str, Sequence[tuple[int, int]]], role: str) -> dict[str, Any]:
+    """One teacher's part of a collated batch, as tensors of the dtypes the objective reads."""
+    entry: dict[str, Any] = {
+        "ids": torch.as_tensor(t.ids).long(),
+        "logprobs": torch.as_tensor(t.logprobs).float(),
+        "tail": torch.as_tensor(t.tail).float(),
+        "hidden": {layer: torch.as_tensor(h).float() for layer, h in t.hidden.items()},
+    }
+    for kind in ("t2v", "full"):
+        maps = entry[f"attention_{kind}"] = {}
+        for layer, flat in getattr(t, f"attention_{kind}").items():
+            expected = sum(rows * keys for rows, keys in shapes[kind])
+            if flat.shape[0] != expected:
+                raise ValueError(f"teacher {role!r}: cached {kind} maps of layer {layer} have {flat.shape[0]} elements, "
+                                 f"the student's maps {expected}")
+            maps[layer] = torch.as_tensor(flat).float()
+    if t.counts is not None:
+        entry["counts"] = torch.as_tensor(t.counts).float()
+    return entry
 
 
 def map_shapes(batch: Mapping[str, Any], kind: str) -> list[tuple[int, int]]:
