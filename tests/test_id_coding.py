@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +22,6 @@ from kd.cache_schema import (
     CacheCorruptError,
     CacheReader,
     SignalConfig,
-    checksum_bytes,
     verify_cache,
 )
 from kd.cache_schema.id_coding import U16_CODES_MAX, decode_ids, encode_ids, sort_ties, unsort_ties

@@ -38,7 +38,7 @@ from kd.pipeline.engines.hf_engine import _stack_model_inputs
 __all__ = [
     "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
     "SampleBatch", "EpochSampler", "open_teachers", "answer_token_ids", "attention_layout", "check_alignment", "collate",
-    "flatten_maps", "map_shapes",
+    "concat_targets", "flatten_maps", "map_shapes", "sample_rows", "to_student_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -386,7 +386,7 @@ class DistillDataset(Dataset):
         if not ok:
             for b, (rec, enc) in enumerate(zip(recs, encs)):
                 self._check(rec.id, enc, hashes[b], cached.sample(b), src)
-            raise _mismatch(recs[0].id, src, "the batch's answer ids differ from the cached ones")  # not reached
+            raise _mismatch(recs[0].id, src, "the batch does not line up with the cache")  # a guard: _check raised first
 
     @staticmethod
     def _check(sid: str, enc, answer_hash: str, cached: CachedSample, src: TeacherSource) -> None:
