@@ -38,27 +38,33 @@ caches, teachers) through ``--warmup`` + ``--memory-steps`` steps, two numbers:
 exact, from the profiler's allocation events on CPU; ``torch.cuda.max_memory_allocated`` with
 ``--device cuda``): the model, optimiser state, activations and the batch (copied, as a GPU run
 copies it; on CPU the loader's batch is mostly numpy memory), what a GPU holds;
-and ``RSS+``, the growth of peak RSS (``ru_maxrss``) over the RSS after every import and the first
+and ``RSS+``, the growth of peak RSS (``VmHWM``, reset at the baseline) over the RSS after every import and the first
 use of every library, the same warm-up for all rows (``_warm_up_framework``: parquet, a scratch
 kd cache, the processor, and every loss kernel kd distill uses, whose code libtorch pages in on
 first call), median of ``--memory-repeats`` runs. The loader row iterates (b)'s data loader alone
 (no model) and reports its input tokens/s. Targets (issue #5): (b)/(a) <= 1.15 in time and <= 1.1
 in memory. ``--profile`` adds a cProfile of (b)'s timed steps.
 
-What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~6 ms per step over (a),
-so the time ratio shrinks as the student grows: demo student (2 x 64, ~34-49 ms/step as the
-machine's load varies) 1.13-1.15x, ``--student medium`` (4 x 256) 1.07x. Of the ~6 ms, ~2 ms are
-the loader's (24 ``CacheReader.get`` per step, alignment checks, collation), the rest the
-objective's forward and backward and the projectors' share of AdamW.
+What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5-6 ms per step over (a),
+so the time ratio shrinks as the student grows: demo student (2 x 64, ~46-49 ms/step as the
+machine's load varies) 1.12-1.14x, ``--student medium`` (4 x 256) 1.07x. Of those ms, ~1 ms is the
+loader's (one ``CacheReader.get_batch`` per teacher, batch-wide alignment checks; it was ~2 ms
+with a read per sample and teacher), the rest the objective's forward and backward (many small
+ops: the hidden projections, the top-k gathers and the student's tail, the map rows) and the
+projectors' share of grad clipping and AdamW.
 Memory, demo student: tensors (a) +13.97 MiB, (b) +15.25 MiB = 1.091x: the six hidden-state
 projectors and their AdamW state (0.57 MiB), the batch's teacher targets and the KD graph at the
 step's peak (~0.7 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
-+28.1 MiB, (b) +31.2 MiB = 1.11x: the tensors, the decoded-chunk LRU (~0.35 MiB here), the
-readers' indexes and Python objects. Two RSS effects are not counted: libtorch's kernel code
++28.1-28.3 MiB, (b) +31.1-31.2 MiB = 1.100-1.106x, at the target's edge: the tensors, plus a
+fixed ~1.5 MiB that does not grow with the student: the decoded-chunk LRU (~0.3 MiB here), the
+readers' indexes and Python objects, and heap fragmentation from the loader's reads (medium
+student: 1.08x). Two RSS effects are not counted: libtorch's kernel code
 paged in on first use (before the warm-up ran the loss kernels it read 1.14x) and pyarrow's
 mimalloc pool keeping the pages of an index read's freed buffers (0.7 MiB per cache opened; the
 reader now hands them back: 1.19x -> 1.14x). RSS also moved by ~10 MiB between fresh processes
-until the workers fixed glibc's malloc thresholds (``_worker_env``).
+until the workers fixed glibc's malloc thresholds (``_worker_env``), and the first run after a
+fresh set-up read (a) and (b) ~14 MiB higher (ratio 1.00x) until the peak count was restarted at
+the baseline (``_reset_peak_rss``): a transient peak from before the baseline had been counted.
 """
 
 from __future__ import annotations
@@ -143,7 +149,27 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (Linux: ``VmHWM`` after writing 5 to ``/proc/self/clear_refs``), so
+    a row's peak is measured from its baseline on, not the set-up's transients before it (those
+    once made the first run after a fresh set-up read SFT's RSS+ as 42 MiB instead of 28)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_mb() -> float:
+    """Peak RSS since the last ``_reset_peak_rss`` (``VmHWM``), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -496,6 +522,7 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         lib_init = _warm_up_framework(setup["student"], records[0], device, Path(scratch))
     base_rss = _rss_mb()
+    peak_reset = _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
@@ -524,7 +551,7 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     if mode.startswith("mem-"):
         runner = RowRunner(mode[4:], setup, args, records, device)
         steps = [runner.step() for _ in range(args.warmup + args.memory_steps)]
-        result = {"rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(),
+        result = {"rss_base_mb": base_rss, "lib_init_mb": lib_init, "rss_peak_mb": _peak_rss_mb(), "peak_reset": peak_reset,
                   "rss_mb": _peak_rss_mb() - base_rss,
                   "step_s": statistics.median(s["step_s"] for s in steps[args.warmup:])}
         if device.type == "cuda":
@@ -682,7 +709,10 @@ def report(timing: dict, memory: dict[str, dict], loader: dict, args: argparse.N
     lib = statistics.median(m["lib_init_mb"] for m in memory.values())
     print(f"(MiB, each row alone in a fresh process. tensors: {tensors} from the row's set-up to its last step. "
           f"RSS+: peak RSS growth over the baseline after imports and first use of every library (the first "
-          f"parquet/zarr use alone took {lib:.0f} MiB), median of {args.memory_repeats} runs. RSS: whole-process peak)")
+          f"parquet/zarr use alone took {lib:.0f} MiB), median of {args.memory_repeats} runs. RSS: the process's peak "
+          f"over the row, baseline included)")
+    if not all(r.get("peak_reset", True) for r in memory.values()):
+        print("note: /proc/self/clear_refs unavailable: RSS peaks count from process start, set-up transients included")
     print(f"(b) loader alone (no model): {loader['tokens_per_s']:,.0f} input tokens/s, "
           f"{loader['answer_tokens_per_s']:,.0f} answer tokens/s\n")
     for row, tag, target_t, target_m in (("cached", "b", TIME_TARGET, MEMORY_TARGET), ("online", "c", None, None)):
