@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import subprocess
 import sys
 
@@ -233,19 +235,39 @@ def test_vllm_refuses_attention_and_unconfigured_layers(vllm_engine, vlm_samples
 
 
 @pytest.mark.vllm
-def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir):
+def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir, tmp_path):
     """vLLM's start-up scan of sys.modules trips over flask's proxies: kd names the cause (own process: flask stays out of this one)."""
-    pytest.importorskip("flask")
+    if importlib.util.find_spec("flask") is None:  # not importorskip: flask must stay out of this process
+        pytest.skip("flask is not installed")
     code = (
         "import flask, sys\n"
         "from kd.pipeline.engines import SignalSpec, load_engine\n"
-        f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32')\n"
+        f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32', hidden_layers=(1,))\n"
         "try:\n"
         "    e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2))\n"
         "except RuntimeError as err:\n"
         "    print('ERR', err)\n"
         "    sys.exit(3)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
     assert res.returncode == 3, res.stderr[-2000:]
     assert "flask" in res.stdout and "--engine hf" in res.stdout
+    assert not list(tmp_path.glob("kd-vllm-hidden-*")), "the engine that failed to start left its scratch folder"
+
+
+@pytest.mark.vllm
+def test_vllm_hidden_states_scratch_folder_is_removed_at_exit_without_close(tiny_llm_dir, tmp_path):
+    """Build workers keep their engine warm and never close it: the scratch folder goes at exit."""
+    code = (
+        "import glob, sys, tempfile\n"
+        "from kd.pipeline.engines import SignalSpec, load_engine\n"
+        f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32', hidden_layers=(1,))\n"
+        "e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2, hidden_layers=(1,)))\n"
+        "print('SCRATCH', len(glob.glob(tempfile.gettempdir() + '/kd-vllm-hidden-*')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "SCRATCH 1" in res.stdout  # it existed while the engine ran
+    assert not list(tmp_path.glob("kd-vllm-hidden-*"))

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,7 @@ class VLLMEngine:
         self._hidden_layers = None if hidden_layers is None else tuple(sorted(set(hidden_layers)))
         self._llm = None
         self._tmp: str | None = None
+        self._tmp_cleanup: weakref.finalize | None = None
         self._final_norm: tuple[torch.Tensor, float] | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -275,6 +277,9 @@ class VLLMEngine:
                                            "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
                     kwargs["hf_overrides"] = {"architectures": [override]}
                 self._tmp = tempfile.mkdtemp(prefix="kd-vllm-hidden-")
+                # Deleted by close(), else when the engine is collected or the interpreter exits
+                # (build workers keep their engine warm until then).
+                self._tmp_cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
                 kwargs["speculative_config"] = {
                     "method": "extract_hidden_states", "num_speculative_tokens": 1,
                     "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids()}},
@@ -286,8 +291,9 @@ class VLLMEngine:
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
             try:
                 self._llm = LLM(**kwargs)
-            except RuntimeError as e:
-                if "application context" not in str(e):
+            except BaseException as e:
+                self.close()  # no scratch folder left behind by an engine that never started
+                if not isinstance(e, RuntimeError) or "application context" not in str(e):
                     raise
                 # vLLM's start-up scan of every module's globals trips over flask's context-local proxies.
                 raise RuntimeError("vLLM cannot start in a process that has imported flask/werkzeug (its kernel "
@@ -417,9 +423,9 @@ class VLLMEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self._llm = None
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        if self._tmp_cleanup is not None:
+            self._tmp_cleanup()  # rmtree, once
+            self._tmp, self._tmp_cleanup = None, None
 
 
 def tokens_prompts(samples) -> list:
