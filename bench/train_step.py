@@ -55,16 +55,19 @@ projectors' share of grad clipping and AdamW.
 Memory, demo student: tensors (a) +13.97 MiB, (b) +15.25 MiB = 1.091x: the six hidden-state
 projectors and their AdamW state (0.57 MiB), the batch's teacher targets and the KD graph at the
 step's peak (~0.7 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
-+28.1-28.3 MiB, (b) +31.1-31.2 MiB = 1.100-1.106x, at the target's edge: the tensors, plus a
-fixed ~1.5 MiB that does not grow with the student: the decoded-chunk LRU (~0.3 MiB here), the
-readers' indexes and Python objects, and heap fragmentation from the loader's reads (medium
-student: 1.08x). Two RSS effects are not counted: libtorch's kernel code
-paged in on first use (before the warm-up ran the loss kernels it read 1.14x) and pyarrow's
-mimalloc pool keeping the pages of an index read's freed buffers (0.7 MiB per cache opened; the
-reader now hands them back: 1.19x -> 1.14x). RSS also moved by ~10 MiB between fresh processes
-until the workers fixed glibc's malloc thresholds (``_worker_env``), and the first run after a
-fresh set-up read (a) and (b) ~14 MiB higher (ratio 1.00x) until the peak count was restarted at
-the baseline (``_reset_peak_rss``): a transient peak from before the baseline had been counted.
++28.1-28.2 MiB, (b) +30.5-30.9 MiB = 1.096-1.098x: the tensors, plus ~1.3 MiB that does not grow
+with the student: three readers (~0.75 MiB: the decoded-chunk LRU, 0.35 MiB here, their indexes
+and Python objects) and heap fragmentation from the loader's reads (medium student: 1.08x).
+Library set-up is not counted, for any row: libtorch's kernel code paged in on first use
+(before the warm-up ran the loss kernels it read 1.14x), blosc's zstd decoder and pyarrow's
+readers paged in by the first real cache read (~0.3 MiB; the scratch cache was once too small
+for blosc to compress: 1.100-1.106x), pyarrow's mimalloc pool keeping the pages of an index
+read's freed buffers (0.7 MiB per cache opened; the reader now hands them back: 1.19x -> 1.14x),
+and free heap left by the set-up, handed back before the baseline (``_trim_heap``) so that no
+row fills it for free. RSS also moved by ~10 MiB between fresh processes until the workers fixed
+glibc's malloc thresholds (``_worker_env``), and the first run after a fresh set-up read (a) and
+(b) ~14 MiB higher (ratio 1.00x) until the peak count was restarted at the baseline
+(``_reset_peak_rss``): a transient peak from before the baseline had been counted.
 """
 
 from __future__ import annotations
@@ -147,6 +150,20 @@ def _rss_mb() -> float:
     """Current resident set size (Linux ``/proc``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), so the baseline holds no
+    slack left by the set-up that a row could fill for free (rows with many small allocations,
+    like a cache reader's, would profit more than rows of large tensors, which malloc maps apart)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _reset_peak_rss() -> bool:
@@ -280,32 +297,50 @@ class OnlineTeacher:
 
 
 def _read_scratch_cache(root: Path) -> None:
-    """Write a one-sample cache with kd's writer and read it back with kd's reader.
+    """Write a small cache with kd's writer and read it back with kd's reader.
 
     A cache's first open pays library set-up that no later cache pays again: pyarrow's mimalloc pool
     reserves ~2 MiB on its first real parquet read, zarr its event loop and codec pipeline, blosc its
-    contexts. Paying it on a scratch cache in every row leaves in a row's memory what its own caches add.
+    contexts and the code of its zstd decoder. Paying it on a scratch cache in every row leaves in a
+    row's memory what its own caches add. The scratch cache is shaped like a real one (32 samples of
+    3 capabilities, 256 tokens of teacher-like values) so that every code path of a read runs: with
+    one 2-token sample blosc stored the chunks raw, and the first real read paged in ~0.25 MiB of
+    blosc/zstd code that was counted in (b).
     """
     import numpy as np
 
     from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, SignalConfig, key_inputs
     from kd.pipeline.signals import TeacherSignals
 
-    sig = SignalConfig(top_k=4, hidden_layers=(1,), attention_layers=(0,), attention_kinds=("t2v", "full"))
-    sample = TeacherSignals(
-        sample_id="warm-up", target_ids=np.array([5, 6], np.int32), ids=np.arange(8, dtype=np.int32).reshape(2, 4),
-        logprobs=np.full((2, 4), -2.0, np.float32), tail_logmass=np.full(2, -1.0, np.float32),
-        input_ids=np.array([1, 2, 5, 6], np.int32), answer_start=2, hidden={1: np.zeros((2, 8), np.float32)},
-        attention_t2v={0: np.zeros((2, 1), np.float32)}, attention_full={0: np.zeros((2, 4), np.float32)})
+    rng = np.random.default_rng(0)
+    n, t, k, width, keys = 32, 8, 16, 32, 24
+    sig = SignalConfig(top_k=k, hidden_layers=(1,), attention_layers=(0,), attention_kinds=("t2v", "full"))
+
+    def sample(i: int) -> TeacherSignals:
+        probs = rng.dirichlet(np.full(k + 1, 0.3), size=t) + 1e-9  # top-k and the tail's mass
+        maps = rng.dirichlet(np.ones(keys + t), size=t).astype(np.float32)
+        input_ids = rng.integers(0, 500, keys + t, dtype=np.int32)
+        return TeacherSignals(
+            sample_id=f"warm-up-{i}", target_ids=input_ids[keys:].copy(),
+            ids=np.argsort(rng.random((t, 500)), axis=1)[:, :k].astype(np.int32),
+            logprobs=np.ascontiguousarray(np.sort(np.log(probs[:, :k]), axis=1)[:, ::-1], np.float32),
+            tail_logmass=np.log(probs[:, k]).astype(np.float32), input_ids=input_ids, answer_start=keys,
+            hidden={1: rng.standard_normal((t, width)).astype(np.float32)},
+            attention_t2v={0: maps[:, :keys]}, attention_full={0: maps})
+
+    samples = [sample(i) for i in range(n)]
     inputs = key_inputs(teacher={"name": "warm-up"}, tokenizer_hash="-", template_hash="-",
                         dataset_fingerprint="-", signals=sig)
     build = CacheBuild(Location.from_url(str(root)), inputs, {"name": "warm-up"}, sig)
-    build.start(BuildPlan.from_ids([sample.sample_id], 1))
+    build.start(BuildPlan.from_ids([s.sample_id for s in samples], n))
     writer = build.shard_writer(0)
-    writer.add(sample, "warm-up")
+    for i, s in enumerate(samples):
+        writer.add(s, ("perception", "reasoning", "planning")[i % 3])
     writer.commit()
     build.seal("bench")
-    CacheReader(build.location.url).get(sample.sample_id)
+    reader = CacheReader(build.location.url)
+    for i in range(0, n, 8):
+        reader.get_batch(reader.sample_ids[i : i + 8])
 
 
 def _kd_loss_kernels(device):
@@ -521,6 +556,7 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     records = load_records(setup["data"])
     with tempfile.TemporaryDirectory() as scratch:
         lib_init = _warm_up_framework(setup["student"], records[0], device, Path(scratch))
+    _trim_heap()
     base_rss = _rss_mb()
     peak_reset = _reset_peak_rss()
     if device.type == "cuda":

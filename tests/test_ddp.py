@@ -60,7 +60,8 @@ def _distill(prefix: list[str], world: dict, out: Path, grad_accum: int) -> list
             "--set", "train.batch_size=1", "--set", f"train.grad_accum={grad_accum}",
             "--set", f"train.max_steps={STEPS}", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=0",
             "--set", "train.mixed_precision=no", "--set", "train.log_samples=true", "--set", "train.seed=7"]
-    proc = subprocess.run(args, check=False, env=_env(), capture_output=True, text=True, timeout=300)
+    env = {**_env(), "TMPDIR": str(out.parent)}  # torchrun's torchelastic_* folders stay in the test's tmp
+    proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "train"]

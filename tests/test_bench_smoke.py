@@ -1,0 +1,69 @@
+"""The benchmarks in bench/ run end to end at toy sizes and print their ratios.
+
+Nothing here checks a timing (the machine is shared and noisy); what is checked is that each
+script still runs against the current code and reports what its docstring promises, plus the
+orderings that do not depend on timing (exact tensor peaks, losses that must agree).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"bench/{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _ratios(out: str, row: str) -> tuple[float, float, float]:
+    m = re.search(rf"\({row}\)/\(a\) time {NUMBER}x.*memory \(tensors\) {NUMBER}x.*memory \(RSS\+\) {NUMBER}x", out)
+    assert m, f"no ({row})/(a) ratio line in:\n{out[-2000:]}"
+    return tuple(float(g) for g in m.groups())
+
+
+def test_train_step_prints_both_ratio_lines_and_the_loader_rate(tmp_path):
+    out = _run("train_step.py", "--steps", "2", "--warmup", "1", "--memory-steps", "1", "--memory-repeats", "1",
+               "--scenes", "2", "--batch-size", "2", "--workdir", str(tmp_path))
+    cached, online = _ratios(out, "b"), _ratios(out, "c")
+    assert all(r > 0 for r in cached + online)
+    # Exact tensor peaks: the cached row holds projectors + targets, the online row three teacher models.
+    assert 1.0 < cached[1] < online[1], out[-2000:]
+    m = re.search(r"loader alone \(no model\): ([0-9,]+) input tokens/s", out)
+    assert m and int(m.group(1).replace(",", "")) > 0, out[-2000:]
+    assert "[PASS <= 1.15]" in out or "[MISS <= 1.15]" in out
+
+
+def test_kd_loss_rows_agree_and_print_ratios():
+    out = _run("kd_loss.py", "--tokens", "16", "--vocab", "500", "--repeats", "1", timeout=300)
+    assert "same loss: True" in out, out[-2000:]
+    for row in ("(b) CE + kd top-k KD", "(c) CE + direct top-k KD", "(d) CE + dense online KD"):
+        assert re.search(rf"{re.escape(row)} / \(a\): memory {NUMBER}x, time {NUMBER}x", out), row
+
+
+def test_cache_io_reports_sizes_kl_and_throughput_for_every_coding():
+    out = _run("cache_io.py", "--tokens", "2000", "--batches", "2", timeout=300)
+    for coding in ("fp32", "fp16", "bf16", "u8"):
+        m = re.search(rf"{coding}: written and read \({NUMBER} B/token\)", out)
+        assert m and float(m.group(1)) > 0, coding
+        assert re.search(rf"\[(PASS|MISS)\] warm two-cache join >= 1M tokens/s \({coding}\)", out), coding
+    assert "fp32 0.00e+00" in out  # fp32 is exact: zero KL over the vocabulary
+
+
+@pytest.mark.vllm
+def test_capture_prints_the_prefill_ratio():
+    pytest.importorskip("vllm")
+    out = _run("capture.py", "--samples", "4", "--repeats", "1", "--skip", "c,d")
+    assert re.search(rf"\(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median", out), out[-2000:]
