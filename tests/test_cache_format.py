@@ -111,6 +111,11 @@ def test_exact_codings_round_trip_bit_exact(tmp_path, coding):
         assert got.input_ids_hash == hash_ids(s.input_ids) and got.answer_ids_hash == hash_ids(s.target_ids)
         assert got.counts is None and got.hidden == {} and got.attention_t2v == {}
     assert [x.sample_id for x in reader.get_many(["s-3", "s-0"])] == ["s-3", "s-0"]
+    assert reader.rows_of(["s-2", "nope", "s-0"]).tolist() == [2, -1, 0]
+    assert "s-1" in reader and "nope" not in reader and 1 not in reader
+    assert reader.capability("s-4") == "cap-1" and reader.index_column("answer_ids_hash", [3]) == [hash_ids(samples[3].target_ids)]
+    with pytest.raises(KeyError, match="'nope' is not in cache"):
+        reader.get_batch(["s-0", "nope"])
     assert verify_cache(build.location.path).ok
 
 

@@ -26,6 +26,7 @@ from .chunk_codec import ArrayMeta, decode_chunk, parse_array_meta
 from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
 from .id_coding import ID_TABLE, decode_ids, unsort_ties
+from .id_lookup import SampleIdIndex, StringColumn
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .storage import Location, checksum_bytes
 from .writer import SHARD_INDEX_FILE, shard_commit_name
@@ -355,14 +356,19 @@ class CacheReader:
         # v3 u8 shards store each tie group's id codes sorted, as differences (SPEC.md section 5)
         self.ties_sorted = self.signals.value_coding == "u8" and self.schema_version >= 3
         self._shards = {e.shard: _Shard(self, e) for e in entries}
-        ids = self.index.column("sample_id").to_pylist()
-        self._row_of = {sid: i for i, sid in enumerate(ids)}
-        if len(self._row_of) != len(ids):
-            raise CacheCorruptError(f"{self.location.url}: duplicate sample ids in the index")
-        if self.manifest is not None and len(ids) != self.manifest.samples:
-            raise CacheCorruptError(f"{self.location.url}: index has {len(ids)} samples, manifest says {self.manifest.samples}")
+        # Columns stay in Arrow / numpy memory (no Python object per sample): see id_lookup.
+        self._ids = SampleIdIndex(self.index.column("sample_id"))
+        try:
+            duplicates = self._ids.duplicates()
+            self._strings = {name: StringColumn(self.index.column(name), f"index column {name!r}")
+                             for name in ("capability", "input_ids_hash", "answer_ids_hash")}
+        except ValueError as e:
+            raise CacheCorruptError(f"{self.location.url}: {e}") from None
+        if duplicates:
+            raise CacheCorruptError(f"{self.location.url}: duplicate sample ids in the index: {duplicates}")
+        if self.manifest is not None and len(self._ids) != self.manifest.samples:
+            raise CacheCorruptError(f"{self.location.url}: index has {len(self._ids)} samples, manifest says {self.manifest.samples}")
         self._cols = {name: self.index.column(name).to_numpy() for name in ("shard", "token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
-        self._strs = {name: self.index.column(name).to_pylist() for name in ("capability", "input_ids_hash", "answer_ids_hash")}
         self._check_index_against_shards()
 
     def _read_index_file(self) -> pa.Table:
@@ -408,22 +414,31 @@ class CacheReader:
 
     @property
     def sample_ids(self) -> list[str]:
-        return list(self._row_of)
+        """Every sample id, in index order (a new list: for iterating, not for lookups; see ``rows_of``)."""
+        return self._ids.ids.to_pylist()
 
     def __len__(self) -> int:
-        return len(self._row_of)
+        return len(self._ids)
 
     def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._row_of
+        return isinstance(sample_id, str) and self._ids.row(sample_id) >= 0
+
+    def rows_of(self, sample_ids: Sequence[str]) -> np.ndarray:
+        """The index row of each sample id (int64), -1 for one the cache does not hold."""
+        return self._ids.rows(sample_ids)
+
+    def index_column(self, name: str, rows: np.ndarray) -> list:
+        """Values of the index column ``name`` (``INDEX_SCHEMA``) at ``rows``, as Python objects."""
+        return self.index.column(name).take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
     def capability(self, sample_id: str) -> str:
-        return self._strs["capability"][self._row(sample_id)]
+        return self._strings["capability"].take([self._row(sample_id)])[0]
 
     def _row(self, sample_id: str) -> int:
-        try:
-            return self._row_of[sample_id]
-        except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in cache {self.location.url}") from None
+        row = self._ids.row(sample_id)
+        if row < 0:
+            raise KeyError(f"sample {sample_id!r} is not in cache {self.location.url}")
+        return row
 
     def get(self, sample_id: str) -> CachedSample:
         return self.get_batch([sample_id]).sample(0)
@@ -439,7 +454,11 @@ class CacheReader:
         """Several samples' signals in one read: one array per signal, decoded once (``CachedBatch``)."""
         if not sample_ids:
             raise ValueError(f"{self.location.url}: get_batch needs at least one sample id")
-        rows = np.array([self._row(s) for s in sample_ids], np.int64)
+        rows = self._ids.rows(sample_ids)
+        if (rows < 0).any():
+            missing = sample_ids[int(np.flatnonzero(rows < 0)[0])]
+            raise KeyError(f"sample {missing!r} is not in cache {self.location.url}")
+        strings = {name: column.take(rows) for name, column in self._strings.items()}
         c, sig = self._cols, self.signals
         shards = [self._shards[int(s)] for s in c["shard"][rows]]
         starts, n = c["token_start"][rows].astype(np.int64), c["num_tokens"][rows].astype(np.int64)
@@ -456,12 +475,12 @@ class CacheReader:
         ref = tokens("logprob_ref") if sig.value_coding == "u8" and self.schema_version <= 2 else None
         batch = CachedBatch(
             sample_ids=list(sample_ids),
-            capabilities=[self._strs["capability"][r] for r in rows],
+            capabilities=strings["capability"],
             num_tokens=n,
             answer_start=c["answer_start"][rows].astype(np.int64),
             seq_len=c["seq_len"][rows].astype(np.int64),
-            input_ids_hash=[self._strs["input_ids_hash"][r] for r in rows],
-            answer_ids_hash=[self._strs["answer_ids_hash"][r] for r in rows],
+            input_ids_hash=strings["input_ids_hash"],
+            answer_ids_hash=strings["answer_ids_hash"],
             target_ids=tokens("target_ids"),
             ids=tokens("ids"),
             logprobs=logprobs_from_codes(codes, sig.value_coding, tail=tail, ref=ref),
@@ -491,8 +510,11 @@ class JoinedReader:
         if not readers:
             raise ValueError("JoinedReader needs at least one cache")
         self.readers = readers
-        first = next(iter(readers.values()))
-        self.sample_ids = [s for s in first.sample_ids if all(s in r for r in readers.values())]
+        ids = next(iter(readers.values())).sample_ids
+        held = np.ones(len(ids), bool)
+        for r in readers.values():
+            held &= r.rows_of(ids) >= 0
+        self.sample_ids = [s for s, h in zip(ids, held) if h]
 
     def get(self, sample_id: str) -> dict[str, CachedSample]:
         return {role: r.get(sample_id) for role, r in self.readers.items()}

@@ -238,21 +238,22 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
     checked here for teachers without a vocab map (by hash, from the cache index alone); mapped
     teachers are checked when each sample is read.
     """
-    hashes = {}
-    for role, src in sources.items():
-        idx = src.reader.index
-        hashes[role] = dict(zip(idx.column("sample_id").to_pylist(), idx.column("answer_ids_hash").to_pylist()))
+    ids = [rec.id for rec in records]
+    rows = {role: src.reader.rows_of(ids) for role, src in sources.items()}
+    # cached answer hashes in record order (row 0's for a record the cache lacks: never compared)
+    hashes = {role: src.reader.index_column("answer_ids_hash", np.maximum(rows[role], 0)) if len(src.reader) else []
+              for role, src in sources.items()}
     kept, absent = [], {role: [] for role in sources}
-    for rec in records:
-        gone = [role for role in sources if rec.id not in hashes[role]]
+    for i, rec in enumerate(records):
+        gone = [role for role in sources if rows[role][i] < 0]
         for role in gone:
             absent[role].append(rec.id)
         if gone:
             continue
         student_hash = hash_ids(answer_token_ids(processor, rec.answer))
         for role, src in sources.items():
-            if src.vocab_map is None and hashes[role][rec.id] != student_hash:
-                raise _answer_mismatch(rec, src, processor, student_hash, hashes[role][rec.id])
+            if src.vocab_map is None and hashes[role][i] != student_hash:
+                raise _answer_mismatch(rec, src, processor, student_hash, hashes[role][i])
         kept.append(rec)
     for role, ids in absent.items():
         if ids and missing == "error":
