@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -32,6 +33,7 @@ from cache_helpers import (
 )
 from kd.cache_schema import (
     CacheCorruptError,
+    CacheError,
     CachePathError,
     CacheReader,
     CacheUnsealedError,
@@ -358,6 +360,29 @@ def test_unsealed_cache_refused_unless_allowed(tmp_path):
     with pytest.raises(KeyError, match="s-2"):
         partial.get("s-2")
     assert [c["sealed"] for c in list_caches(str(tmp_path))] == [False]
+
+
+def test_a_reader_pickles_as_what_opened_it(tmp_path):
+    """Data-loader workers under spawn / forkserver (Python 3.14's default) get the dataset pickled:
+    a reader travels as its url and options and reopens, checks included, with an empty LRU."""
+    sig = SignalConfig(top_k=4, hidden_layers=(1,))
+    samples = samples_for(sig)
+    sealed = CacheReader(build_cache(str(tmp_path / "sealed"), samples, sig).location.path, cache_bytes=1 << 20)
+    before = sealed.get_batch(["s-5", "s-0", "s-3"])
+    copy = pickle.loads(pickle.dumps(sealed))
+    assert copy._lru.used == 0 and copy._lru.budget == 1 << 20 and copy.key == sealed.key
+    after = copy.get_batch(["s-5", "s-0", "s-3"])
+    assert after.sample_ids == before.sample_ids and np.array_equal(after.ids, before.ids)
+    assert np.array_equal(after.hidden[1], before.hidden[1]) and after.answer_ids_hash == before.answer_ids_hash
+    # An unsealed cache read as it was: a reopening that sees other shards refuses to pass for the same reader.
+    build = build_cache(str(tmp_path / "partial"), samples, sig, commit_shards=[0], seal=False)
+    state = pickle.dumps(CacheReader(build.location.path, allow_unsealed=True))
+    writer = build.shard_writer(1)
+    for s in samples[2:4]:
+        writer.add(s, "cap")
+    writer.commit()
+    with pytest.raises(CacheError, match="reopened with 4 samples"):
+        pickle.loads(state)
 
 
 def test_seal_is_idempotent_and_keeps_the_sealed_shards(tmp_path):

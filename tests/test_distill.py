@@ -316,6 +316,32 @@ def test_a_batch_read_together_equals_its_samples_read_one_by_one(kd_world, stud
     _assert_same(collate(together), collate(alone))
 
 
+def test_the_dataset_reaches_spawned_loader_workers(setup):
+    """Under spawn / forkserver (Python 3.14's default start method) a worker gets the dataset
+    pickled, readers included: its batches equal the main process's."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    *_, dataset = setup
+    make = partial(DataLoader, dataset, batch_size=4, collate_fn=partial(collate, pad_id=0))
+    spawned = list(make(num_workers=1, multiprocessing_context="spawn"))
+    here = list(make())
+    assert len(spawned) == len(here) > 1
+    for a, b in zip(spawned, here):
+        _assert_same(a, b)
+
+
+def test_training_with_loader_workers_equals_training_without(kd_world):
+    losses = {}
+    for workers in (0, 2):
+        cfg = make_config(kd_world, kd_world["root"] / f"run-workers-{workers}",
+                          train={"max_steps": 3, "batch_size": 3, "grad_accum": 1, "num_workers": workers})
+        losses[workers] = _losses(distill(cfg).run_dir)
+    assert sorted(losses[2]) == [1, 2, 3]
+    assert losses[2] == pytest.approx(losses[0], abs=1e-6)
+
+
 @pytest.mark.parametrize("tamper", ["answer", "image"])
 def test_a_batch_read_names_the_sample_that_does_not_line_up(kd_world, setup, tamper):
     """Read-time alignment (past the index's hash check): a batch whose third sample's student

@@ -333,6 +333,8 @@ class CacheReader:
     """Open a cache by path or fsspec URL and read samples by id."""
 
     def __init__(self, url: str, *, allow_unsealed: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None):
+        self._open_args = (str(url), {"allow_unsealed": allow_unsealed, "cache_bytes": cache_bytes,
+                                      "storage_options": storage_options})
         self.location = Location.from_url(str(url), **(storage_options or {}))
         self._lru = _ChunkLRU(cache_bytes)
         if self.location.exists(MANIFEST_FILE):
@@ -370,6 +372,19 @@ class CacheReader:
             raise CacheCorruptError(f"{self.location.url}: index has {len(self._ids)} samples, manifest says {self.manifest.samples}")
         self._cols = {name: self.index.column(name).to_numpy() for name in ("shard", "token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
         self._check_index_against_shards()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A reader pickles as what opened it (data-loader workers under spawn / forkserver, the default
+        start method from Python 3.14 on, get the dataset pickled): the other process opens the cache
+        again, with every check, and an empty LRU."""
+        return {"open_args": self._open_args, "samples": len(self), "key": self.key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        url, kwargs = state["open_args"]
+        self.__init__(url, **kwargs)
+        if (len(self), self.key) != (state["samples"], state["key"]):  # an unsealed cache that moved on
+            raise CacheError(f"{url}: reopened with {len(self)} samples (key {self.key or '-'}), the pickled reader "
+                             f"had {state['samples']} (key {state['key'] or '-'})")
 
     def _read_index_file(self) -> pa.Table:
         data = self.location.read_bytes(INDEX_FILE)

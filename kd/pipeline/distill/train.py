@@ -156,8 +156,10 @@ def distill(config: DistillConfig) -> RunResult:
     module = DistillModule(student, objective)
     tok = getattr(processor, "tokenizer", processor)
     sampler = EpochSampler(len(dataset), seed=tc.seed)
+    # Workers stay up across epochs: each one opens its own readers (and LRU) when it starts.
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=tc.num_workers,
-                        collate_fn=partial(collate, pad_id=tok.pad_token_id or 0))
+                        collate_fn=partial(collate, pad_id=tok.pad_token_id or 0),
+                        persistent_workers=tc.num_workers > 0)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": tc.lr}]
     if list(objective.parameters()):
         groups.append({"params": list(objective.parameters()), "lr": tc.projector_lr or tc.lr})
