@@ -244,3 +244,54 @@ def test_fingerprint_image_order_and_records_directly(ds: Path):
     r2 = Record("x", (Path(b), Path(a)), "p", None, "y", "perception", 1)
     assert dataset_fingerprint([r1]) != dataset_fingerprint([r2])
     assert dataset_fingerprint([r1]) == dataset_fingerprint([Record("x", r1.images, "p", None, "y", "perception", 99)])
+
+
+# ------------------------------------------------------------------------------ RecordTable
+
+
+def test_record_table_gives_back_every_record_exactly(ds: Path, monkeypatch):
+    from kd.pipeline.dataset import RecordTable
+
+    rows = [
+        _rec("a", split="train", extra={"k": 1, "nested": [1.5, None, "x"]}),
+        _rec("b", images=["img/sub/b.png", "img/a.png"], prompt=None,
+             messages=[{"role": "system", "content": "drive"}, {"role": "user", "content": "Go? ünï"}]),
+        _rec("c", images=[], capability="planning"),
+        _rec("d", answer="ünïcode \n answer"),
+    ]
+    records = load_records(_write(ds / "d.jsonl", rows))
+    table = RecordTable(records)
+    assert len(table) == 4 and list(table) == records
+    assert table[1] == records[1] and table[-1] == records[-1] and table[1:3] == records[1:3]
+    assert table.take([3, 0, 3]) == [records[3], records[0], records[3]]
+    assert table[0].meta == {"split": "train", "extra": {"k": 1, "nested": [1.5, None, "x"]}}
+    assert table[1].messages == records[1].messages and table[1].prompt is None
+    assert table[2].images == () and all(isinstance(p, Path) for p in table[1].images)
+    assert table.column("capability") == [r.capability for r in records]
+    with pytest.raises(IndexError, match="out of range"):
+        table[4]
+    monkeypatch.setattr(RecordTable, "_ITER_BATCH", 3)  # iteration crosses batches
+    assert list(table) == records and RecordTable([]).take([]) == [] and list(RecordTable([])) == []
+
+
+def test_record_table_keeps_no_python_object_per_record():
+    """Arrow buffers, not ~0.7 KB of Python objects per record (which loader workers would copy)."""
+    import tracemalloc
+
+    from kd.pipeline.dataset import RecordTable
+
+    n = 20_000
+    records = [Record(id=f"scene-{i:06d}", images=(Path(f"/data/{i:06d}.png"),), prompt="What is ahead?",
+                      messages=None, answer="a car", capability="perception", line=i + 1, meta={"split": "train"})
+               for i in range(n)]
+    for r in records:
+        str(r.images[0])  # a Path caches its string on first use: the records' memory, not the table's
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        table = RecordTable(records)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert table[n - 1] == records[n - 1]
+    assert held < 8 * n, f"{held / n:.0f} bytes of Python objects per record"

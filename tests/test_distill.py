@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from distill_helpers import build_test_cache, kd_world  # noqa: F401
 
 from kd.cache_schema import CachedSample, CacheReader
-from kd.pipeline.dataset import load_records
+from kd.pipeline.dataset import RecordTable, load_records
 from kd.pipeline.distill import AlignmentError, DistillConfig, VocabMap, distill, load_config, open_teachers
 from kd.pipeline.distill.data import DistillDataset, collate, to_student_ids
 from kd.pipeline.distill.objective import build_objective
@@ -350,13 +350,15 @@ def test_a_batch_read_names_the_sample_that_does_not_line_up(kd_world, setup, ta
 
     _, processor, sources, _ = setup
     dataset = DistillDataset(load_records(kd_world["train"]), processor, sources)
-    rec = dataset.records[2]
+    records = list(dataset.records)
+    rec = records[2]
     if tamper == "answer":  # past the start-up check: the answer changes after it
-        dataset.records[2] = dataclasses.replace(rec, answer="no" if rec.answer == "yes" else "yes")
+        records[2] = dataclasses.replace(rec, answer="no" if rec.answer == "yes" else "yes")
         expected = r"student answer ids \[[\d, ]+\] differ from the cached ones \[[\d, ]+\]"
     else:  # one image more: more image tokens than the perception cache's t2v maps have keys
-        dataset.records[2] = dataclasses.replace(rec, images=rec.images + rec.images[:1])
+        records[2] = dataclasses.replace(rec, images=rec.images + rec.images[:1])
         expected = r"cached t2v maps have \d+ image keys, the student input has \d+ image tokens"
+    dataset.records = RecordTable(records)
     assert rec.images
     dataset.__getitems__([0, 1, 3])  # the untouched samples read fine
     with pytest.raises(AlignmentError, match=rf"sample '{rec.id}': {expected} \(teacher 'perception'"):

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
+import pyarrow as pa
 from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -90,6 +91,69 @@ class Record:
         out.update(answer=self.answer, capability=self.capability)
         out.update(self.meta)
         return out
+
+
+class RecordTable(Sequence[Record]):
+    """Records held as Arrow columns; a ``Record`` is built when one is read.
+
+    A list of Records costs ~0.7 KB of Python objects per record (~0.7 GB at 1M), and each
+    data-loader worker ends up with its own copy of those pages, as reference counts touch them
+    (the records of every batch it reads). Arrow buffers have no reference counts: workers keep
+    sharing them. Reads: ``table[i]``, ``table.take(indices)`` (one call per batch), iteration.
+    """
+
+    _ITER_BATCH = 4096
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        rows = list(records)
+        self._table = pa.table({
+            "id": pa.array([r.id for r in rows], pa.string()),
+            "images": pa.array([[str(p) for p in r.images] for r in rows], pa.list_(pa.string())),
+            "prompt": pa.array([r.prompt for r in rows], pa.string()),
+            "messages": pa.array([None if r.messages is None else json.dumps(r.messages) for r in rows], pa.string()),
+            "answer": pa.array([r.answer for r in rows], pa.string()),
+            "capability": pa.array([r.capability for r in rows], pa.string()),
+            "line": pa.array([r.line for r in rows], pa.int64()),
+            "meta": pa.array([json.dumps(dict(r.meta)) if r.meta else None for r in rows], pa.string()),
+        })
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    @overload
+    def __getitem__(self, i: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Record]: ...
+
+    def __getitem__(self, i: int | slice) -> Record | list[Record]:
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range ({n} records)")
+        return self.take([i % n])[0]
+
+    def __iter__(self) -> Iterator[Record]:
+        for start in range(0, len(self), self._ITER_BATCH):
+            yield from self._records(self._table.slice(start, self._ITER_BATCH))
+
+    def take(self, indices: Sequence[int]) -> list[Record]:
+        """The records at ``indices`` (non-negative), in that order."""
+        return self._records(self._table.take(pa.array(indices, pa.int64())))
+
+    def column(self, name: str) -> list[Any]:
+        """One field of every record (``id``, ``capability``, ...), without building the records."""
+        return self._table.column(name).to_pylist()
+
+    @staticmethod
+    def _records(table: pa.Table) -> list[Record]:
+        c = {name: table.column(name).to_pylist() for name in table.column_names}
+        return [Record(id=rid, images=tuple(Path(p) for p in images), prompt=prompt,
+                       messages=None if messages is None else tuple(tuple(t) for t in json.loads(messages)),
+                       answer=answer, capability=capability, line=line, meta=json.loads(meta) if meta else {})
+                for rid, images, prompt, messages, answer, capability, line, meta
+                in zip(c["id"], c["images"], c["prompt"], c["messages"], c["answer"], c["capability"], c["line"], c["meta"])]
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Sampler
 
 from kd.cache_schema import CachedBatch, CachedSample, CacheReader, SampleRows, hash_ids
 from kd.cache_schema.reader import DEFAULT_CACHE_BYTES
-from kd.pipeline.dataset import Record
+from kd.pipeline.dataset import Record, RecordTable
 from kd.pipeline.encoding import encode_record, end_of_turn_token
 
 # The teacher engine's batching of processor outputs; the student batches the same way.
@@ -342,7 +342,8 @@ class DistillDataset(Dataset):
                  *, missing: str = "error") -> None:
         self.processor = processor
         self.sources = dict(sources)
-        self.records = check_alignment(records, processor, self.sources, missing)
+        # Arrow columns, not Record objects: data-loader workers share them instead of copying them.
+        self.records = RecordTable(check_alignment(records, processor, self.sources, missing))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -353,7 +354,7 @@ class DistillDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
         """The samples at ``indices``, each teacher's signals read for all of them at once
         (``CacheReader.get_batch``). torch's DataLoader calls this with each batch's indices."""
-        recs = [self.records[i] for i in indices]
+        recs = self.records.take(indices)
         encs = [encode_record(self.processor, rec.as_dict()) for rec in recs]
         hashes = [enc.answer_hash for enc in encs] if self.sources else []
         batch_targets: dict[str, TeacherTargets] = {}
