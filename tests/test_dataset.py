@@ -249,7 +249,7 @@ def test_fingerprint_image_order_and_records_directly(ds: Path):
 # ------------------------------------------------------------------------------ RecordTable
 
 
-def test_record_table_gives_back_every_record_exactly(ds: Path, monkeypatch):
+def test_record_table_gives_back_every_record_exactly(ds: Path):
     from kd.pipeline.dataset import RecordTable
 
     rows = [
@@ -267,16 +267,19 @@ def test_record_table_gives_back_every_record_exactly(ds: Path, monkeypatch):
     assert table[0].meta == {"split": "train", "extra": {"k": 1, "nested": [1.5, None, "x"]}}
     assert table[1].messages == records[1].messages and table[1].prompt is None
     assert table[2].images == () and all(isinstance(p, Path) for p in table[1].images)
-    assert table.column("capability") == [r.capability for r in records]
+    assert table.capabilities() == [r.capability for r in records]
     with pytest.raises(IndexError, match="out of range"):
         table[4]
-    monkeypatch.setattr(RecordTable, "_ITER_BATCH", 3)  # iteration crosses batches
-    assert list(table) == records and RecordTable([]).take([]) == [] and list(RecordTable([])) == []
+    empty = RecordTable(iter([]))
+    assert len(empty) == 0 and empty.take([]) == [] and list(empty) == [] and empty.capabilities() == []
+    assert list(RecordTable(iter(records))) == records  # any iterable, read once
 
 
 def test_record_table_keeps_no_python_object_per_record():
-    """Arrow buffers, not ~0.7 KB of Python objects per record (which loader workers would copy)."""
+    """One numpy buffer, not ~0.7 KB of Python objects per record (which loader workers would copy)."""
+    import gc
     import tracemalloc
+    import weakref
 
     from kd.pipeline.dataset import RecordTable
 
@@ -288,10 +291,18 @@ def test_record_table_keeps_no_python_object_per_record():
         str(r.images[0])  # a Path caches its string on first use: the records' memory, not the table's
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        before = tracemalloc.take_snapshot()
         table = RecordTable(records)
-        held = tracemalloc.get_traced_memory()[0] - before
+        gc.collect()
+        after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     assert table[n - 1] == records[n - 1]
-    assert held < 8 * n, f"{held / n:.0f} bytes of Python objects per record"
+    blocks = sum(stat.count_diff for stat in after.compare_to(before, "filename"))
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert blocks < 100, f"{blocks} allocations for {n} records: a Python object per record"
+    assert held < 160 * n, f"{held / n:.0f} bytes per record"
+    first = weakref.ref(records[0])
+    del records
+    gc.collect()
+    assert first() is None, "the table keeps the Records it was built from alive"

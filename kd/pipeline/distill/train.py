@@ -143,7 +143,7 @@ def distill(config: DistillConfig) -> RunResult:
     dataset = DistillDataset(records, processor, sources, missing=cfg.missing)
     del records  # the dataset holds them as Arrow columns (RecordTable): no list of Records per process
     objective = build_objective(lc, sources, student)
-    check_capabilities(dataset.records.column("capability"), objective.roles,  # before any step, not at step 1
+    check_capabilities(dataset.records.capabilities(), objective.roles,  # before any step, not at step 1
                        "uniform" if len(objective.roles) == 1 else lc.unknown_capability, source=str(cfg.data))
     if objective.attention_layers:
         use_map_attention(student)  # sdpa, plus the attention weights of the answer rows of the layers read
