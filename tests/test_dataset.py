@@ -263,13 +263,14 @@ def test_record_table_gives_back_every_record_exactly(ds: Path):
     table = RecordTable(records)
     assert len(table) == 4 and list(table) == records
     assert table[1] == records[1] and table[-1] == records[-1] and table[1:3] == records[1:3]
-    assert table.take([3, 0, 3]) == [records[3], records[0], records[3]]
+    assert table.take([3, 0, 3, -4]) == [records[3], records[0], records[3], records[0]]
     assert table[0].meta == {"split": "train", "extra": {"k": 1, "nested": [1.5, None, "x"]}}
     assert table[1].messages == records[1].messages and table[1].prompt is None
     assert table[2].images == () and all(isinstance(p, Path) for p in table[1].images)
     assert table.capabilities() == [r.capability for r in records]
-    with pytest.raises(IndexError, match="out of range"):
-        table[4]
+    for bad in (4, -5):
+        with pytest.raises(IndexError, match="out of range"):
+            table.take([0, bad])
     empty = RecordTable(iter([]))
     assert len(empty) == 0 and empty.take([]) == [] and list(empty) == [] and empty.capabilities() == []
     assert list(RecordTable(iter(records))) == records  # any iterable, read once

@@ -135,8 +135,8 @@ class RecordTable(Sequence[Record]):
         return (self._record(i) for i in range(len(self)))
 
     def take(self, indices: Iterable[int]) -> list[Record]:
-        """The records at ``indices`` (non-negative), in that order."""
-        return [self._record(i) for i in indices]
+        """The records at ``indices``, in that order (a DataLoader batch's read)."""
+        return [self[i] for i in indices]
 
     def capabilities(self) -> list[str]:
         """Every record's capability, in order."""
