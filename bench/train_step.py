@@ -47,7 +47,7 @@ in memory. ``--profile`` adds a cProfile of (b)'s timed steps.
 
 What to expect on CPU (shared 2-core machine): (b) costs a roughly fixed ~5-6 ms per step over (a),
 so the time ratio shrinks as the student grows: demo student (2 x 64, ~46-49 ms/step as the
-machine's load varies) 1.12-1.14x, ``--student medium`` (4 x 256) 1.07x. Priced one signal at a
+machine's load varies) 1.12-1.13x, ``--student medium`` (4 x 256) 1.07x. Priced one signal at a
 time (``--set loss.<signal>=0``, 40 interleaved steps): ~1.3 ms the loader's (one
 ``CacheReader.get_batch`` per teacher, batch-wide alignment checks, the targets' collation; it was
 ~2.2 ms with a read per sample and teacher), ~2.5 ms the attention maps (the answer rows' softmax
@@ -56,7 +56,7 @@ the projectors' share of grad clipping and AdamW), ~1.4 ms the top-k KD terms.
 Memory, demo student: tensors (a) +13.97 MiB, (b) +15.25 MiB = 1.091x: the six hidden-state
 projectors and their AdamW state (0.57 MiB), the batch's teacher targets and the KD graph at the
 step's peak (~0.7 MiB; the KD terms add no [N, V] tensor, see ``bench/kd_loss.py``). RSS+ (a)
-+28.1-28.2 MiB, (b) +30.5-30.9 MiB = 1.096-1.098x: the tensors, plus ~1.3 MiB that does not grow
++28.1-28.4 MiB, (b) +30.5-31.0 MiB = 1.081-1.098x over six runs: the tensors, plus ~1.3 MiB that does not grow
 with the student: three readers (~0.75 MiB: the decoded-chunk LRU, 0.35 MiB here, their indexes
 and Python objects) and heap fragmentation from the loader's reads (medium student: 1.08x).
 Library set-up is not counted, for any row: libtorch's kernel code paged in on first use
