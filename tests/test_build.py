@@ -206,3 +206,15 @@ def test_sampled_logits_build(workdir, tmp_path):
         assert s.counts is not None and s.counts.shape == s.ids.shape
         np.testing.assert_array_equal(s.counts.sum(axis=1), 12)
         assert np.all((s.ids >= 0) == (s.counts > 0))  # padding ids carry no draws
+
+
+def test_build_workers_find_records_by_id_and_name_a_missing_one(workdir):
+    from kd.pipeline.dataset import load_records
+
+    path = workdir / "data" / "train.jsonl"
+    records = load_records(path, check_images=False)
+    by_id = build_mod._RecordsById(records, str(path))
+    order = [records[5].id, records[0].id, records[5].id]
+    assert by_id.get(order) == [records[5], records[0], records[5]]
+    with pytest.raises(KeyError, match=rf"'gone' of the build plan is not in {path}"):
+        by_id.get([records[1].id, "gone"])
