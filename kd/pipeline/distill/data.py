@@ -238,8 +238,8 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
     checked here for teachers without a vocab map (by hash, from the cache index alone); mapped
     teachers are checked when each sample is read.
     """
-    ids = [rec.id for rec in records]
-    rows = {role: src.reader.rows_of(ids) for role, src in sources.items()}
+    record_ids = [rec.id for rec in records]
+    rows = {role: src.reader.rows_of(record_ids) for role, src in sources.items()}
     # cached answer hashes in record order (row 0's for a record the cache lacks: never compared)
     hashes = {role: src.reader.index_column("answer_ids_hash", np.maximum(rows[role], 0)) if len(src.reader) else []
               for role, src in sources.items()}
