@@ -183,8 +183,17 @@ def open_teachers(teachers: Mapping[str, str], vocab_maps: Mapping[str, str] | N
 
 def answer_token_ids(processor: Any, answer: str) -> np.ndarray:
     """The student's answer ids exactly as ``encoding.encode_sample`` makes them (answer + end of turn)."""
-    tok = _tokenizer_of(processor)
-    return np.asarray(tok(answer + end_of_turn_token(processor), add_special_tokens=False)["input_ids"], np.int32)
+    return answer_token_ids_many(processor, [answer])[0]
+
+
+def answer_token_ids_many(processor: Any, answers: Sequence[str]) -> list[np.ndarray]:
+    """``answer_token_ids`` of several answers in one tokenizer call (~2x faster per answer)."""
+    tok, end = _tokenizer_of(processor), end_of_turn_token(processor)
+    encoded = tok([answer + end for answer in answers], add_special_tokens=False)["input_ids"]
+    return [np.asarray(ids, np.int32) for ids in encoded]
+
+
+_ALIGN_BATCH = 4096  # answers tokenized per call by check_alignment
 
 
 def _mismatch(sid: str, src: TeacherSource, what: str) -> AlignmentError:
@@ -243,18 +252,21 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
     # cached answer hashes in record order (row 0's for a record the cache lacks: never compared)
     hashes = {role: src.reader.index_column("answer_ids_hash", np.maximum(rows[role], 0)) if len(src.reader) else []
               for role, src in sources.items()}
-    kept, absent = [], {role: [] for role in sources}
-    for i, rec in enumerate(records):
-        gone = [role for role in sources if rows[role][i] < 0]
-        for role in gone:
-            absent[role].append(rec.id)
-        if gone:
-            continue
-        student_hash = hash_ids(answer_token_ids(processor, rec.answer))
-        for role, src in sources.items():
-            if src.vocab_map is None and hashes[role][i] != student_hash:
-                raise _answer_mismatch(rec, src, processor, student_hash, hashes[role][i])
-        kept.append(rec)
+    absent = {role: [record_ids[i] for i in np.flatnonzero(rows[role] < 0)] for role in sources}
+    held = np.ones(len(records), bool)
+    for role in sources:
+        held &= rows[role] >= 0
+    present = np.flatnonzero(held).tolist()
+    checked = [role for role, src in sources.items() if src.vocab_map is None]
+    for start in range(0, len(present) if checked else 0, _ALIGN_BATCH):  # tokenized a batch at a time
+        part = present[start : start + _ALIGN_BATCH]
+        answer_ids = answer_token_ids_many(processor, [records[i].answer for i in part])
+        for i, ids in zip(part, answer_ids):
+            student_hash = hash_ids(ids)
+            for role in checked:
+                if hashes[role][i] != student_hash:
+                    raise _answer_mismatch(records[i], sources[role], processor, student_hash, hashes[role][i])
+    kept = [records[i] for i in present]
     for role, ids in absent.items():
         if ids and missing == "error":
             raise KeyError(f"{len(ids)} sample(s) missing from cache {sources[role].url} (teacher {role!r}): "
