@@ -7,6 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0+cpu
 STAMP  := $(VENV)/.kd-installed
+# Test-only packages, outside the product's site-packages (tests/conftest.py puts them on the path):
+# PyPI's torchvision is a CUDA build that imports on CPU torch only through tests/shim.
+EXTRAS := $(VENV)/test-extras
+EXTRAS_STAMP := $(EXTRAS)/.installed
 
 .PHONY: setup demo test bench clean
 
@@ -26,7 +30,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: setup
 	$(VENV)/bin/kd demo --quick
 
-test: setup
+$(EXTRAS_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps --target $(EXTRAS) torchvision==0.28.0 num2words==0.5.14 docopt==0.6.2
+	touch $(EXTRAS_STAMP)
+
+test: setup $(EXTRAS_STAMP)
 	$(PY) -m pytest -q
 
 bench: setup

@@ -12,3 +12,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests
+
+# Test environment only: PyPI's CUDA torchvision (installed by `make test` into .venv/test-extras,
+# never into the product's site-packages) made importable on CPU torch by tests/shim/torchvision_shim.py.
+# Qwen2-VL / Qwen2.5-VL / InternVL / SmolVLM processors and vLLM's code for them need torchvision.
+# Subprocesses (the CLI tests) get the same through PYTHONPATH.
+_SHIM = Path(__file__).parent / "shim"
+_EXTRAS = Path(__file__).resolve().parents[1] / ".venv" / "test-extras"
+_TEST_PATHS = [str(_SHIM)] + ([str(_EXTRAS)] if _EXTRAS.is_dir() else [])
+for _p in reversed(_TEST_PATHS):
+    sys.path.insert(0, _p)
+os.environ["PYTHONPATH"] = os.pathsep.join(_TEST_PATHS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+import torchvision_shim  # noqa: E402,F401 - tests/shim; subprocesses load it through shim/sitecustomize.py
