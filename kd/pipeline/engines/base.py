@@ -119,6 +119,23 @@ class EngineLimits:
     where: str = ""
 
     @property
+    def max_sequence(self) -> int | None:
+        """The longest teacher-forced sequence the engine accepts (None = unknown).
+
+        vLLM must generate at least one token after the prompt (kd asks for ``max_tokens=1``) and
+        refuses a prompt with ``len + 1 > max_model_len``, so it takes ``max_positions - 1``; a
+        transformers forward takes all ``max_positions``.
+        """
+        if self.max_positions is None:
+            return None
+        return self.max_positions - self.reserved_positions
+
+    @property
+    def reserved_positions(self) -> int:
+        """Positions the engine keeps for tokens it generates itself (vLLM: the one output token)."""
+        return 1 if self.engine == "vllm" else 0
+
+    @property
     def max_top_k(self) -> int | None:
         caps = [c for c in (self.vocab_size, self.max_logprobs) if c is not None]
         return min(caps) if caps else None
@@ -225,22 +242,25 @@ def check_context(records: Sequence[Any], processor: Any, limits: EngineLimits, 
 
     Named by id (and ``source:line`` when records carry ``line``) with the lengths and the limit,
     before anything is written: a too-long sample would fail, or be silently truncated, hours into
-    a build. ``limits.max_positions`` None (unknown) checks nothing.
+    a build. The limit is ``limits.max_sequence``: vLLM takes one token less than the model's length
+    (it must generate one), transformers all of it. ``limits.max_positions`` None (unknown) checks nothing.
     """
-    if limits.max_positions is None or not records:
+    if limits.max_sequence is None or not records:
         return
     too_long = []
     for r, (prompt, image, answer) in zip(records, sequence_lengths(processor, records)):
         total = prompt + image + answer
-        if total > limits.max_positions:
+        if total > limits.max_sequence:
             line = getattr(r, "line", None)
             at = f" ({source}:{line})" if source and line is not None else ""
             too_long.append(f"{r.id!r}{at}: prompt {prompt} + image {image} + answer {answer} = {total} tokens")
     if too_long:
         more = f" (and {len(too_long) - 3} more)" if len(too_long) > 3 else ""
         where = f" ({limits.where})" if limits.where else ""
+        reserved = (f"; the {limits.engine} engine generates {limits.reserved_positions} token after the sequence, "
+                    f"so a sequence may hold at most {limits.max_sequence} tokens" if limits.reserved_positions else "")
         raise ValueError(f"{len(too_long)} sample(s) longer than the teacher's context of {limits.max_positions} "
-                         f"tokens{where}: {'; '.join(too_long[:3])}{more}")
+                         f"tokens{where}: {'; '.join(too_long[:3])}{more}{reserved}")
 
 
 def check_layers(spec: SignalSpec, num_layers: int) -> None:
