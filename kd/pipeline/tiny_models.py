@@ -85,9 +85,9 @@ def _corpus(seed: int, n_lines: int = 3000) -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer_json(seed: int, vocab_size: int) -> str:
-    """Train a byte-level BPE once per (seed, vocab_size) in this process; return its JSON."""
+@functools.lru_cache(maxsize=16)
+def _tokenizer_json(seed: int, vocab_size: int, special_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)) -> str:
+    """Train a byte-level BPE once per (seed, vocab_size, specials) in this process; return its JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -95,7 +95,7 @@ def _tokenizer_json(seed: int, vocab_size: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
