@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="kd: cache teacher outputs once, distil many students from the caches.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -145,23 +146,28 @@ def _storage_errors(where: str):
 
 
 @cache_app.command("inspect")
-def cache_inspect(path: str = typer.Argument(..., help="Cache directory or URL."),
-                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Show a cache's key, teacher, signals, counts and size."""
-    from kd.cache_schema import CacheError, CacheReader
+def cache_inspect(path: list[str] = typer.Argument(..., help="Cache directory or URL; several to compare them."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON (hashes in full).")) -> None:
+    """Show a cache's identity, signals and size; hashes cut to 16 characters (--json: in full).
 
-    try:
-        with _storage_errors(path):
-            summary = CacheReader(path).summary()
-    except CacheError as e:
-        _fail(str(e))
+    Given several caches, also lists which identity fields (teacher, tokenizer, dataset,
+    signals, ...) differ, with each cache's path.
+    """
+    from kd.cache_schema import CacheError, CacheReader
+    from kd.cache_schema.inspection import inspect_summary
+    from kd.cli_render import render_inspect
+
+    summaries = []
+    for p in path:
+        try:
+            with _storage_errors(p):
+                summaries.append(inspect_summary(CacheReader(p)))
+        except CacheError as e:
+            _fail(str(e))
     if as_json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
         return
-    table = Table(show_header=False, box=None)
-    for k, v in summary.items():
-        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-    out.print(table)
+    render_inspect(summaries, Console())  # a fresh Console reads COLUMNS now, not at import
 
 
 @cache_app.command("verify")
@@ -181,22 +187,39 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory or URL.")
 
 @cache_app.command("ls")
 def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List every cache under ROOT with key, teacher, dataset, samples, size, sealed, created."""
-    from kd.cache_schema import list_caches
+             as_json: bool = typer.Option(False, "--json", help="Print JSON (every field, hashes in full)."),
+             long: bool = typer.Option(False, "--long", "-l", help="One block per cache: every field, full key and dataset fingerprint."),
+             teacher: Optional[str] = typer.Option(None, help="Only caches whose teacher or name contains this (any case)."),
+             role: Optional[str] = typer.Option(None, help="Only caches built for this role (perception, ...)."),
+             dataset: Optional[str] = typer.Option(None, help="Only caches of this dataset: a JSONL file, or a prefix of its fingerprint.")) -> None:
+    """List the caches under ROOT, oldest first (newest last; unsealed ones after them).
 
+    Columns: name (the handle for --teacher, never cut), role, signals, samples, tokens, size,
+    sealed, created (UTC, to the minute). Key and dataset fingerprint: --long or --json.
+    A terminal too narrow for all of them first wraps signals, then drops columns in this
+    order: sealed (an unsealed cache still reads 'unsealed' under created), tokens, size,
+    samples, created, signals, role.
+    """
+    from kd.cache_schema.listing import Filters, by_created, dataset_filter, scan
+    from kd.cli_render import render_long, render_ls
+    from kd.pipeline.dataset import DatasetError
+
+    try:
+        filters = Filters(teacher=teacher, role=role, dataset=dataset_filter(dataset))
+    except (ValueError, DatasetError) as e:
+        _fail(str(e))
     with _storage_errors(root):
-        caches = list_caches(root)
+        found = scan(root)
+    entries = by_created(e for e in found if filters.match(e))
     if as_json:
-        print(json.dumps(caches, indent=1))
+        print(json.dumps([e.to_json() for e in entries], indent=1))
         return
-    table = Table("name", "key", "teacher", "dataset", "samples", "tokens", "MB", "sealed", "created")
-    for c in caches:
-        table.add_row(c["name"], (c.get("key") or "")[:16], str(c.get("teacher", "")), (c.get("dataset") or "")[:12],
-                      str(c.get("samples", "")), str(c.get("tokens", "")),
-                      f"{c['bytes'] / 1e6:.2f}" if "bytes" in c else "", "yes" if c["sealed"] else c.get("error", "no"),
-                      c.get("created", ""))
-    out.print(table)
+    console = Console()  # a fresh Console reads COLUMNS now, not at import
+    if not entries:
+        why = f" matches {filters.describe()} ({len(found)} there)" if found and filters.active() else ""
+        console.print(Text(f"no cache under {root}{why}"), soft_wrap=True)
+        return
+    (render_long if long else render_ls)(entries, console)
 
 
 @data_app.command("synth")
