@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kd.cache_schema.writer import hash_ids  # one definition: the cache's alignment proof
+from kd.pipeline.model_inputs import extend_per_token
 
 IMAGE_PLACEHOLDER = "<image>"
 _END_OF_TURN_CANDIDATES = ("<end_of_utterance>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -38,7 +39,9 @@ class EncodedSample:
         answer_start: index of the first answer token in ``input_ids``.
         answer_ids: ``[T]`` int32, ``input_ids[answer_start:]``.
         image_token_mask: ``[S]`` bool, True at image-token positions (the t2v attention keys).
-        model_inputs: extra HF model inputs from the processor (``pixel_values``, ...), numpy, batch dim 1.
+        model_inputs: extra HF model inputs from the processor (``pixel_values``, ...), numpy, as the
+            processor returns them for one sample; per-token ones (``mm_token_type_ids``, ...) cover
+            all of ``input_ids`` (see ``model_inputs.extend_per_token``).
         images: the PIL images, in placeholder order.
         vllm_prompt_ids: what vLLM takes as prompt ids: the same sequence with each image still one
             unexpanded placeholder (vLLM expands it itself); equals ``input_ids`` for text-only samples.
@@ -162,6 +165,7 @@ def encode_sample(
         prompt_ids = unexpanded
     answer_ids = list(tok(answer + end_of_turn_token(proc), add_special_tokens=False)["input_ids"])
     input_ids = np.asarray(prompt_ids + answer_ids, dtype=np.int32)
+    model_inputs = extend_per_token(model_inputs, len(input_ids))  # the answer's tokens are text
     image_id = tok.convert_tokens_to_ids(image_token) if images else None
     mask = input_ids == image_id if image_id is not None else np.zeros(len(input_ids), dtype=bool)
     return EncodedSample(

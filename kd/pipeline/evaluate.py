@@ -19,7 +19,7 @@ import torch
 
 from kd.pipeline.dataset import Record, load_records
 from kd.pipeline.encoding import EncodedSample, encode_record, end_of_turn_token
-from kd.pipeline.engines.hf_engine import _stack_model_inputs
+from kd.pipeline.model_inputs import batch_model_inputs, truncate_per_token
 from kd.pipeline.synth.questions import exact_match, normalize_answer
 
 __all__ = ["evaluate", "evaluate_model", "greedy_answers", "score"]
@@ -46,12 +46,18 @@ def greedy_answers(model: torch.nn.Module, processor: Any, records: Sequence[Rec
     try:
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
-            groups = [chunk] if _stack_model_inputs(chunk) is not None else [[s] for s in chunk]
+            groups = [chunk] if _prompt_inputs(chunk) is not None else [[s] for s in chunk]
             for group in groups:
                 out.extend(_generate(model, group, tok, stop, pad, device, dtype, max_new_tokens))
     finally:
         model.train(was_training)
     return out
+
+
+def _prompt_inputs(samples: list[EncodedSample]) -> dict[str, np.ndarray] | None:
+    """The prompts' extra processor inputs as one left-padded batch (None: they cannot share one)."""
+    return batch_model_inputs([truncate_per_token(s.model_inputs, s.answer_start) for s in samples],
+                              [s.answer_start for s in samples], padding_side="left")
 
 
 def _generate(model, samples: list[EncodedSample], tok, stop: list[int], pad: int, device, dtype,
@@ -64,7 +70,7 @@ def _generate(model, samples: list[EncodedSample], tok, stop: list[int], pad: in
         ids[b, width - len(p) :] = torch.from_numpy(p)
         mask[b, width - len(p) :] = 1
     extra = {}
-    for name, arr in (_stack_model_inputs(samples) or {}).items():
+    for name, arr in _prompt_inputs(samples).items():
         t = torch.from_numpy(arr)
         extra[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,

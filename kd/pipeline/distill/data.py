@@ -33,7 +33,7 @@ from kd.pipeline.dataset import Record, RecordTable
 from kd.pipeline.encoding import encode_record, end_of_turn_token
 
 # The teacher engine's batching of processor outputs; the student batches the same way.
-from kd.pipeline.engines.hf_engine import _stack_model_inputs
+from kd.pipeline.model_inputs import batch_model_inputs
 
 __all__ = [
     "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
@@ -477,7 +477,7 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
         ids[i, : lengths[i]] = torch.from_numpy(s.input_ids)
         mask[i, : lengths[i]] = 1
         image_mask[i, : lengths[i]] = torch.from_numpy(s.image_token_mask)
-    stacked = _stack_model_inputs(samples)  # type: ignore[arg-type]  (needs only .model_inputs)
+    stacked = batch_model_inputs([s.model_inputs for s in samples], lengths)
     batch: dict[str, Any] = {
         "input_ids": ids,
         "attention_mask": mask,

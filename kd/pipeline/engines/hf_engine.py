@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kd.pipeline.encoding import EncodedSample
+from kd.pipeline.model_inputs import batch_model_inputs
 from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
                                       ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
 from kd.pipeline.signals import TeacherSignals
@@ -22,32 +23,11 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
 
 
-def _stack_model_inputs(samples: list[EncodedSample]) -> dict[str, np.ndarray] | None:
-    """Batch the processors' extra inputs along dim 0, zero-padding image and pixel dims.
-
-    Zero padding is what the Idefics3 processor itself does for batches (all-zero images are
-    dropped by the model, ``pixel_attention_mask`` marks real pixels). ``None`` when the samples
-    cannot share a forward (different keys, or ragged inputs without a pixel mask).
-    """
-    keys = {tuple(sorted(s.model_inputs)) for s in samples}
-    if len(keys) != 1:
-        return None
-    names = keys.pop()
-    if not names:
-        return {}
-    out = {}
-    for name in names:
-        arrs = [s.model_inputs[name] for s in samples]
-        if any(a.shape[0] != 1 for a in arrs) or len({a.ndim for a in arrs}) != 1:
-            return None
-        shape = tuple(max(a.shape[d] for a in arrs) for d in range(arrs[0].ndim))
-        if any(a.shape != shape for a in arrs) and "pixel_attention_mask" not in names:
-            return None
-        padded = np.zeros((len(arrs),) + shape[1:], dtype=arrs[0].dtype)
-        for i, a in enumerate(arrs):
-            padded[(i,) + tuple(slice(0, n) for n in a.shape[1:])] = a[0]
-        out[name] = padded
-    return out
+def stack_model_inputs(samples: list[EncodedSample], padding_side: str = "right") -> dict[str, np.ndarray] | None:
+    """The samples' extra processor inputs as one batch (``model_inputs.batch_model_inputs``);
+    ``None`` when they cannot share a forward."""
+    return batch_model_inputs([s.model_inputs for s in samples], [len(s.input_ids) for s in samples],
+                              padding_side=padding_side)
 
 
 class HFEngine:
@@ -99,7 +79,7 @@ class HFEngine:
         out: list[TeacherSignals] = []
         for i in range(0, len(samples), self.batch_size):
             chunk = samples[i : i + self.batch_size]
-            if _stack_model_inputs(chunk) is None:
+            if stack_model_inputs(chunk) is None:
                 for s in chunk:
                     out.extend(self._forward([s], spec))
             else:
@@ -129,8 +109,11 @@ class HFEngine:
         for b, s in enumerate(samples):
             ids[b, : lengths[b]] = torch.from_numpy(s.input_ids.astype(np.int64))
             mask[b, : lengths[b]] = 1
+        stacked = stack_model_inputs(samples)
+        if stacked is None:  # capture() groups samples that can share a forward; never drop their inputs
+            raise ValueError(f"samples {[s.sample_id for s in samples]}: processor inputs cannot share one forward")
         extra = {}
-        for name, arr in (_stack_model_inputs(samples) or {}).items():
+        for name, arr in stacked.items():
             t = torch.from_numpy(arr)
             extra[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         # Only the answer-predicting positions go through the LM head.
