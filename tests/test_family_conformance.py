@@ -14,16 +14,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from family_archs import VLM_ARCHS
 from fixtures_models import assert_same_topk, make_image
 
 from kd.pipeline.encoding import encode_sample, end_of_turn_token
 from kd.pipeline.engines import SignalSpec, load_engine
-from kd.pipeline.tiny_families import ARCHS, build_tiny
+from kd.pipeline.tiny_families import build_tiny
 from kd.pipeline.tiny_models import TinyPreset
 
 TOL = 1e-5
-VLM_ARCHS = [a for a in ("qwen2_5_vl", "qwen2_vl", "internvl", "llava", "llava_onevision", "idefics3", "smolvlm",
-                         "gemma3", "qwen3_vl") if a in ARCHS]
 TEACHER = TinyPreset(hidden_size=64, num_layers=3, num_heads=2, intermediate_size=128)
 SPEC = SignalSpec(top_k=16, hidden_layers=(0, 2, 3), attention_layers=(0, 2), attention_kind="both")
 
