@@ -70,6 +70,7 @@ def cache_build(
     config: Optional[Path] = typer.Option(None, help="Build config (YAML/TOML) listing several teachers with roles and signals."),
     force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher directory (off by default)."),
+    self_check: bool = typer.Option(True, "--self-check/--no-self-check", help="Before the first shard, recompute a few samples one at a time, unpadded, through a plain transformers forward and stop if the batched capture differs (catches an architecture kd batches wrongly; costs a few forwards)."),
     lease_timeout: Optional[float] = typer.Option(None, help="Seconds to wait while another builder holds this cache's lease (default: until it finishes or its lease goes stale)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
@@ -85,11 +86,13 @@ def cache_build(
         hidden_layers=_layers(hidden_layers), hidden_coding=hidden_coding, attention_layers=_layers(attention_layers),
         attention_kind=attention_kind, shard_size=shard_size, batch_size=batch_size, device=device, dtype=dtype,
         teacher_name=teacher_name, teacher_revision=revision, role=role, workers=workers, scheduler=scheduler,
-        force=force, trust_remote_code=trust_remote_code,
+        force=force, trust_remote_code=trust_remote_code, self_check=self_check,
     )
     try:
         if config:
             explicit = {k: cli[k] for k in ("data", "out", "workers", "scheduler", "force") if cli[k]}
+            if not self_check:
+                explicit["self_check"] = False
             raw = build_requests_from_config(load_config(config), config.parent, explicit)
             known = {f.name for f in dataclasses.fields(BuildRequest)}
             requests = []
@@ -112,7 +115,10 @@ def cache_build(
             results.append(res)
             if not as_json:
                 state = "reused sealed cache" if res.reused else f"built {res.shards_built}/{res.shards_total} shards"
-                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s")
+                checked = (f" (self-check {res.self_check_s:.1f}s, max diff {max(res.self_check_diff.values()):.1e})"
+                           if res.self_check_s is not None and res.self_check_diff else "")
+                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s"
+                          f"{checked}", highlight=False)
                 print(res.path)
     except DatasetError as e:
         _fail(str(e))
@@ -150,8 +156,7 @@ def cache_inspect(path: list[str] = typer.Argument(..., help="Cache directory or
                   as_json: bool = typer.Option(False, "--json", help="Print JSON (hashes in full).")) -> None:
     """Show a cache's identity, signals and size; hashes cut to 16 characters (--json: in full).
 
-    Given several caches, also lists which identity fields (teacher, tokenizer, dataset,
-    signals, ...) differ, with each cache's path.
+    Given several caches, also lists which identity fields (teacher, tokenizer, dataset, signals, ...) differ, with each cache's path.
     """
     from kd.cache_schema import CacheError, CacheReader
     from kd.cache_schema.inspection import inspect_summary
@@ -167,7 +172,7 @@ def cache_inspect(path: list[str] = typer.Argument(..., help="Cache directory or
     if as_json:
         print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
         return
-    render_inspect(summaries, Console())  # a fresh Console reads COLUMNS now, not at import
+    render_inspect(summaries, out)
 
 
 @cache_app.command("verify")
@@ -185,21 +190,24 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory or URL.")
     raise typer.Exit(1)
 
 
-@cache_app.command("ls")
+_LS_HELP = (  # paragraphs as single lines: typer keeps line breaks after the first paragraph
+    "List the caches under ROOT, oldest first (newest last; unsealed ones after them).\n\n"
+    "Columns: name (the handle for --teacher, never cut), role, signals, samples, tokens, size, sealed, "
+    "created (UTC, to the minute). Key and dataset fingerprint: --long or --json.\n\n"
+    "A terminal too narrow for every column first puts one space between columns and wraps signals, then "
+    "drops columns in this order: sealed, tokens, size, samples, created, signals, role. An unsealed cache "
+    "still reads 'unsealed' under created once sealed is gone; the name is never dropped or cut."
+)
+
+
+@cache_app.command("ls", help=_LS_HELP)
 def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON (every field, hashes in full)."),
              long: bool = typer.Option(False, "--long", "-l", help="One block per cache: every field, full key and dataset fingerprint."),
              teacher: Optional[str] = typer.Option(None, help="Only caches whose teacher or name contains this (any case)."),
              role: Optional[str] = typer.Option(None, help="Only caches built for this role (perception, ...)."),
              dataset: Optional[str] = typer.Option(None, help="Only caches of this dataset: a JSONL file, or a prefix of its fingerprint.")) -> None:
-    """List the caches under ROOT, oldest first (newest last; unsealed ones after them).
-
-    Columns: name (the handle for --teacher, never cut), role, signals, samples, tokens, size,
-    sealed, created (UTC, to the minute). Key and dataset fingerprint: --long or --json.
-    A terminal too narrow for all of them first wraps signals, then drops columns in this
-    order: sealed (an unsealed cache still reads 'unsealed' under created), tokens, size,
-    samples, created, signals, role.
-    """
+    """List caches (help: _LS_HELP; tests/test_cache_listing.py checks it against listing.DROP_ORDER)."""
     from kd.cache_schema.listing import Filters, by_created, dataset_filter, scan
     from kd.cli_render import render_long, render_ls
     from kd.pipeline.dataset import DatasetError
@@ -214,7 +222,7 @@ def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."
     if as_json:
         print(json.dumps([e.to_json() for e in entries], indent=1))
         return
-    console = Console()  # a fresh Console reads COLUMNS now, not at import
+    console = out  # rich reads COLUMNS (or the terminal size) at each print
     if not entries:
         why = f" matches {filters.describe()} ({len(found)} there)" if found and filters.active() else ""
         console.print(Text(f"no cache under {root}{why}"), soft_wrap=True)

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kd.cache_schema.inspection import Block, blocks, compare
-from kd.cache_schema.listing import GAP, HEADERS, RIGHT_ALIGNED, CacheEntry, fit_columns, long_block, table_rows
+from kd.cache_schema.listing import HEADERS, RIGHT_ALIGNED, CacheEntry, fit_columns, long_block, table_rows
 
 
 def render_ls(entries: Sequence[CacheEntry], console: Console) -> None:
@@ -26,7 +26,7 @@ def render_ls(entries: Sequence[CacheEntry], console: Console) -> None:
         for e in entries:  # too narrow for a table: whole names, one per line, wrapped by the terminal
             console.print(Text(e.name), soft_wrap=True)
         return
-    table = Table(box=None, padding=(0, GAP // 2), pad_edge=False, show_edge=False, header_style="bold")
+    table = Table(box=None, padding=(0, 0, 0, layout.gap), pad_edge=False, show_edge=False, header_style="bold")
     for col in layout.columns:
         table.add_column(HEADERS[col], justify="right" if col in RIGHT_ALIGNED else "left", no_wrap=True,
                          width=layout.widths[col], overflow="ignore" if col == "name" else "ellipsis")

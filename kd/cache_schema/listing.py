@@ -19,7 +19,7 @@ from .storage import Location
 from .summary import manifest_summary
 
 SHORT_HASH = 16  # hex characters of a hash shown in a table; --json always has the full hash
-GAP = 2  # characters between two table columns (rich: padding (0, 1), no edge padding)
+GAPS = (2, 1)  # spaces between two table columns: two, or one where that keeps a column in
 
 # Columns of the `kd cache ls` table, left to right.
 COLUMNS: tuple[str, ...] = ("name", "role", "signals", "samples", "tokens", "size", "sealed", "created")
@@ -261,6 +261,7 @@ class Layout:
 
     columns: tuple[str, ...]
     widths: dict[str, int] = field(default_factory=dict)
+    gap: int = GAPS[0]  # spaces between columns
 
     def dropped(self) -> tuple[str, ...]:
         return tuple(c for c in DROP_ORDER if c not in self.columns)
@@ -269,26 +270,33 @@ class Layout:
 def fit_columns(entries: Sequence[CacheEntry], width: int) -> Layout:
     """Drop columns in ``DROP_ORDER`` until the table fits ``width`` characters.
 
-    Signals may wrap (at `` · ``, never inside a part) before any column is dropped, down to
-    their longest part. The name is always kept whole; if it alone is wider than ``width``
-    the layout is just the name and the terminal wraps it.
+    Before a column is dropped, columns move from two spaces apart to one, and then signals
+    wrap (at `` · ``, never inside a part, down to their longest part): the first of these
+    that fits wins. The name is always kept whole; if it alone is wider than ``width`` the
+    layout is just the name.
     """
     rows = [cells(e) for e in entries]
     natural = {c: max([len(HEADERS[c])] + [len(r[c]) for r in rows]) for c in COLUMNS}
     parts = [p for e in entries for p in signal_parts(e.signals)]
     minimum = dict(natural, signals=max([len(HEADERS["signals"])] + [len(p) for p in parts]))
-    kept = list(COLUMNS)
+
+    def need(kept: list[str], sizes: dict[str, int], gap: int) -> int:
+        return sum(sizes[c] for c in kept) + gap * (len(kept) - 1)
+
+    kept, gap = list(COLUMNS), GAPS[-1]
     for victim in (None,) + DROP_ORDER:
         if victim is not None:
             kept.remove(victim)
-        need = sum(minimum[c] for c in kept) + GAP * (len(kept) - 1)
-        if need <= width:
+        tries = [(g, sizes) for sizes in (natural, minimum) for g in GAPS]
+        fit = next(((g, sizes) for g, sizes in tries if need(kept, sizes, g) <= width), None)
+        if fit is not None:
+            gap = fit[0]
             break
     widths = {c: natural[c] for c in kept}
     if "signals" in kept:
-        others = sum(natural[c] for c in kept if c != "signals") + GAP * (len(kept) - 1)
+        others = need([c for c in kept if c != "signals"], natural, gap) + gap
         widths["signals"] = max(minimum["signals"], min(natural["signals"], width - others))
-    return Layout(tuple(kept), widths)
+    return Layout(tuple(kept), widths, gap)
 
 
 def table_rows(entries: Sequence[CacheEntry], layout: Layout) -> list[list[str]]:
