@@ -33,6 +33,9 @@ def render_ls(entries: Sequence[CacheEntry], console: Console) -> None:
     for row in table_rows(entries, layout):
         table.add_row(*(Text(cell) for cell in row))
     console.print(table)
+    for e in entries:
+        if e.broken:
+            console.print(Text(f"{e.name}: {e.status}", style="red"), soft_wrap=True)
     dropped = layout.dropped()
     if dropped:
         console.print(Text(f"(not shown at {console.width} columns: {', '.join(dropped)}; see --long)", style="dim"),

@@ -238,3 +238,17 @@ def test_help_documents_the_drop_order_in_use():
     assert res.exit_code == 0 and f"drops columns in this order: {', '.join(DROP_ORDER)}." in text
     for option in ("--long", "--json", "--teacher", "--role", "--dataset"):
         assert option in text
+
+
+def test_an_unreadable_manifest_is_listed_with_its_error(world, tmp_path):
+    import shutil
+
+    c = world["caches"]["planning"]
+    broken = tmp_path / "root" / c["name"]
+    shutil.copytree(c["path"], broken)
+    (broken / "manifest.json").write_text('{"format": "something else"}')
+    out = kd("cache", "ls", str(tmp_path / "root"))
+    assert re.search(rf"^{re.escape(c['name'])}\s+-\s+unreadable$", out, re.M), out
+    assert f"{c['name']}: {broken}/manifest.json: not a kd cache manifest" in out
+    listed = json.loads(kd("cache", "ls", str(tmp_path / "root"), "--json"))
+    assert listed[0]["sealed"] is False and "not a kd cache manifest" in listed[0]["error"]

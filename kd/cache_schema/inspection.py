@@ -64,16 +64,16 @@ def _engine(engine: Any) -> str:
 
 
 def _teacher_identity(ident: Any) -> str:
-    """The teacher's identity in the key: name@revision, or a content hash, shortened."""
+    """The teacher's identity in the key on one line (for comparisons): name, then each hash, shortened."""
+    rows = _identity_rows(ident)
+    return " · ".join(v for _, v in rows)
+
+
+def _identity_rows(ident: Any) -> list[tuple[str, str]]:
+    """The teacher's identity in the key, one row per part: ``weights_sha256`` reads ``weights``."""
     if not isinstance(ident, Mapping):
-        return short_hash(str(ident or ""))
-    parts = [str(ident.get("name", ""))]
-    if ident.get("revision"):
-        parts.append(f"@ {short_hash(str(ident['revision']))}")
-    for k, v in ident.items():
-        if k not in ("name", "revision") and v:
-            parts.append(f"{k} {short_hash(str(v))}")
-    return " ".join(p for p in parts if p)
+        return [("weights", short_hash(str(ident or "")))]
+    return [(k.removesuffix("_sha256"), short_hash(str(v))) for k, v in ident.items() if k != "name" and v]
 
 
 def blocks(s: Mapping[str, Any]) -> list[Block]:
@@ -86,7 +86,7 @@ def blocks(s: Mapping[str, Any]) -> list[Block]:
     identity = [("key", short_hash(s.get("key"))),
                 ("teacher", str(s.get("teacher") or "")),
                 ("role", str(s.get("role") or "-")),
-                ("weights", _teacher_identity(s.get("teacher_identity"))),
+                *_identity_rows(s.get("teacher_identity")),
                 ("engine", _engine(s.get("engine"))),
                 ("tokenizer", short_hash(s.get("tokenizer_hash"))),
                 ("template", short_hash(s.get("template_hash"))),

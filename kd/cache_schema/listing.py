@@ -51,6 +51,11 @@ class CacheEntry:
     bytes: int | None = None
     created: str | None = None  # ISO 8601, UTC, as the manifest holds it
 
+    @property
+    def broken(self) -> bool:
+        """A manifest that could not be read (``status`` says why), as opposed to a build in progress."""
+        return not self.sealed and not self.status.startswith("unfinished build")
+
     def to_json(self) -> dict[str, Any]:
         """The `--json` record: full hashes, raw numbers, the fields of the older `list_caches` rows."""
         d: dict[str, Any] = {"path": self.path, "name": self.name, "sealed": self.sealed}
@@ -251,7 +256,7 @@ def cells(e: CacheEntry) -> dict[str, str]:
         "size": human_bytes(e.bytes),
         "sealed": "yes" if e.sealed else "no",
         # An unsealed cache has no creation time; saying so here keeps it visible once `sealed` is dropped.
-        "created": created_minute(e.created) if e.sealed else "unsealed",
+        "created": created_minute(e.created) if e.sealed else ("unreadable" if e.broken else "unsealed"),
     }
 
 
