@@ -9,6 +9,7 @@ functions that tests can check without a terminal, and other front ends can reus
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -77,8 +78,6 @@ def _entry_from_manifest(m: Manifest, name: str, url: str) -> CacheEntry:
 
 def _entry_from_plan(loc: Location, name: str) -> CacheEntry:
     """An unfinished build: its plan still says which teacher, dataset and signals it is for."""
-    import json
-
     try:
         doc = json.loads(loc.read_bytes(PLAN_FILE))
         inputs = doc.get("key_inputs") or {}
@@ -113,8 +112,8 @@ def scan(root_url: str) -> list[CacheEntry]:
 def by_created(entries: Iterable[CacheEntry]) -> list[CacheEntry]:
     """Oldest first, newest last (the one just built is next to the prompt); unsealed caches,
     which have no creation time yet, come after every sealed one, by name."""
-    return sorted(entries, key=lambda e: (e.created is None, _parse_time(e.created) or _dt.datetime.min.replace(
-        tzinfo=_dt.timezone.utc), e.name))
+    earliest = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+    return sorted(entries, key=lambda e: (e.created is None, _parse_time(e.created) or earliest, e.name))
 
 
 def _parse_time(iso: str | None) -> _dt.datetime | None:
