@@ -70,6 +70,7 @@ def cache_build(
     config: Optional[Path] = typer.Option(None, help="Build config (YAML/TOML) listing several teachers with roles and signals."),
     force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher directory (off by default)."),
+    self_check: bool = typer.Option(True, "--self-check/--no-self-check", help="Before the first shard, recompute a few samples one at a time, unpadded, through a plain transformers forward and stop if the batched capture differs (catches an architecture kd batches wrongly; costs a few forwards)."),
     lease_timeout: Optional[float] = typer.Option(None, help="Seconds to wait while another builder holds this cache's lease (default: until it finishes or its lease goes stale)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
 ) -> None:
@@ -85,11 +86,13 @@ def cache_build(
         hidden_layers=_layers(hidden_layers), hidden_coding=hidden_coding, attention_layers=_layers(attention_layers),
         attention_kind=attention_kind, shard_size=shard_size, batch_size=batch_size, device=device, dtype=dtype,
         teacher_name=teacher_name, teacher_revision=revision, role=role, workers=workers, scheduler=scheduler,
-        force=force, trust_remote_code=trust_remote_code,
+        force=force, trust_remote_code=trust_remote_code, self_check=self_check,
     )
     try:
         if config:
             explicit = {k: cli[k] for k in ("data", "out", "workers", "scheduler", "force") if cli[k]}
+            if not self_check:
+                explicit["self_check"] = False
             raw = build_requests_from_config(load_config(config), config.parent, explicit)
             known = {f.name for f in dataclasses.fields(BuildRequest)}
             requests = []
@@ -112,7 +115,10 @@ def cache_build(
             results.append(res)
             if not as_json:
                 state = "reused sealed cache" if res.reused else f"built {res.shards_built}/{res.shards_total} shards"
-                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s")
+                checked = (f" (self-check {res.self_check_s:.1f}s, max diff {max(res.self_check_diff.values()):.1e})"
+                           if res.self_check_s is not None and res.self_check_diff else "")
+                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s"
+                          f"{checked}", highlight=False)
                 print(res.path)
     except DatasetError as e:
         _fail(str(e))

@@ -50,6 +50,7 @@ class BuildRequest:
     workers: int = 0  # 0: in-process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
     force: bool = False
+    self_check: bool = True  # before the first shard, compare a batched capture with a plain forward
     engine_options: dict[str, Any] = field(default_factory=dict)
 
     def signal_config(self) -> SignalConfig:
@@ -91,6 +92,8 @@ class BuildResult:
     reused: bool
     shards_built: int
     shards_total: int
+    self_check_s: float | None = None  # seconds the self-check took (None: not run)
+    self_check_diff: dict[str, float] | None = None  # its largest differences per signal
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,6 +315,9 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
             return reused()
         if request.force:
             build.clear(keep=[LEASE_FILE])
+        check = None
+        if request.self_check and not build.committed():
+            check = self_check(request, engine, records)  # raises before anything is written
         plan = BuildPlan.from_ids([r.id for r in records], request.shard_size)
         build.start(plan)
         done = build.committed()
@@ -328,7 +334,34 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
     if progress:
         progress.finish()
     return BuildResult(build.location.url, build.key, build.teacher["name"], manifest.samples, manifest.tokens,
-                       time.perf_counter() - t0, False, sum(1 for s in stats if not s["skipped"]), len(plan.shards))
+                       time.perf_counter() - t0, False, sum(1 for s in stats if not s["skipped"]), len(plan.shards),
+                       check.seconds if check else None, check.max_diff if check else None)
+
+
+def self_check(request: BuildRequest, engine: str, records: list[Record]):
+    """``self_check.run_self_check`` on the build's first batch, with the engine the shards will use.
+
+    In-process builds keep that engine warm for the shards; a distributed build's driver closes
+    it again (its workers start their own).
+    """
+    from .self_check import reference_model, run_self_check
+
+    teacher = _engine_for(request, engine)
+    try:
+        model = reference_model(teacher, request.teacher, device=request.device, dtype=request.dtype,
+                                trust_remote_code=request.trust_remote_code)
+        family = json.loads((Path(request.teacher) / "config.json").read_text()).get("architectures", ["?"])[0]
+        return run_self_check(teacher, model, [r.as_dict() for r in records[: request.batch_size]],
+                              request.signal_spec(), family=family, dtype=request.dtype)
+    finally:
+        if request.workers or request.scheduler:
+            close_warm_engines()
+
+
+def close_warm_engines() -> None:
+    """Close every engine this process keeps warm (frees a vLLM engine's device memory)."""
+    while _WARM_ENGINES:
+        _WARM_ENGINES.popitem()[1].close()
 
 
 def asdict_request(request: BuildRequest) -> dict[str, Any]:

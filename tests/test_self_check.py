@@ -1,0 +1,65 @@
+"""The build-time self-check: on by default, reports its cost, stops a wrong capture before any write."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kd.pipeline import self_check as sc
+from kd.pipeline.build import BuildRequest, build_cache, close_warm_engines
+from kd.pipeline.engines import hf_engine
+from kd.pipeline.synth import synthesize
+from kd.pipeline.tiny_families import build_tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("self_check")
+    teacher = build_tiny("qwen2_5_vl", root / "teacher", seed=1)
+    data = synthesize(root / "data", 2, seed=0, splits=(1.0, 0.0, 0.0))["train"]
+    return root, teacher, data
+
+
+def _request(root, teacher, data, out: str, **kw) -> BuildRequest:
+    return BuildRequest(teacher=str(teacher), data=str(data), out=str(root / out), engine="hf", top_k=8,
+                        hidden_layers=(1,), attention_layers=(0,), attention_kind="both", shard_size=4, **kw)
+
+
+def test_a_build_runs_the_self_check_by_default_and_reports_its_cost(setup):
+    root, teacher, data = setup
+    result = build_cache(_request(root, teacher, data, "ok"))
+    close_warm_engines()
+    assert result.self_check_s is not None and result.self_check_s > 0
+    assert set(result.self_check_diff) == {"logprobs", "hidden[1]", "attention[0]"}
+    assert max(result.self_check_diff.values()) < sc.TOLERANCE["float32"]
+    skipped = build_cache(_request(root, teacher, data, "skipped", self_check=False))
+    assert skipped.self_check_s is None
+
+
+def test_a_capture_that_drops_image_inputs_stops_the_build_before_any_write(setup, monkeypatch):
+    """The bug the check exists for: a batch forward without the pixel values still runs."""
+    root, teacher, data = setup
+    real = hf_engine.stack_model_inputs
+
+    def without_pixels(samples, padding_side="right"):
+        stacked = real(samples, padding_side)
+        return None if stacked is None else {k: v for k, v in stacked.items() if not k.startswith("pixel")}
+
+    monkeypatch.setattr(hf_engine, "stack_model_inputs", without_pixels)
+    close_warm_engines()
+    request = _request(root, teacher, data, "wrong")
+    with pytest.raises(sc.SelfCheckError, match=r"Qwen2_5_VLForConditionalGeneration: sample '[^']+', logprobs"):
+        build_cache(request)
+    close_warm_engines()
+    assert not [p for p in (root / "wrong").rglob("*") if p.is_file()], "a file was written"
+
+
+def test_pick_samples_prefers_the_extremes():
+    class S:
+        def __init__(self, n, img):
+            self.input_ids = np.zeros(n)
+            self.image_token_mask = np.arange(n) < img
+
+    batch = [S(10, 0), S(30, 2), S(5, 0), S(20, 9)]
+    assert sc.pick_samples(batch) == [1, 2, 3]
+    assert sc.pick_samples(batch[:1]) == [0]
