@@ -1,10 +1,22 @@
-"""The vLLM teacher engine: prompt log-probs of the teacher-forced sequence through ``vllm.LLM``.
+"""The vLLM teacher engine: the teacher-forced sequence through ``vllm.LLM``, scored at the answer rows.
 
-One ``generate`` call with ``max_tokens=1`` and ``prompt_logprobs=k`` scores every prompt position;
-the answer-predicting rows are kept. Hidden states come from the same call through vLLM's
-``extract_hidden_states`` speculative method, whose KV connector writes one safetensors file per
-request; vLLM's own connector needs CUDA streams, so a CPU-safe subclass (synchronous copy) is
-defined here. vLLM never materialises attention maps: those need the transformers engine.
+Two ways to get the answer rows' log-probs, chosen per model (``VLLMEngine.head_choice``, decided by
+``vllm_head.choose_head_path`` from the config and weight names; ``head=`` forces one):
+
+* **answer_only** (Llama / Mistral / Qwen2 / Qwen3 text models, alone or inside a VLM): one
+  ``generate`` call with ``max_tokens=1`` and no prompt log-probs, i.e. a plain prefill, that also
+  captures the residual stream before the final norm (aux layer ``num_layers``) at the
+  answer-predicting positions; kd then applies the final RMSNorm, the LM head and log-softmax /
+  top-k in float32 (``vllm_head.AnswerHead``), on those ~1% of rows only.
+* **prompt_logprobs** (every other head: Gemma's soft-capping, Cohere's logit scale, unknown norms,
+  ...): ``prompt_logprobs=k`` makes vLLM score every prompt position (log-softmax and top-k over the
+  whole vocabulary each time, ~500x a prefill at a 152k vocabulary); the answer rows are kept.
+
+Hidden states (and the answer-only residuals) come through vLLM's ``extract_hidden_states``
+speculative method, whose KV connector writes one safetensors file per request; vLLM's own
+connector needs CUDA streams, so a subclass defined here copies synchronously and writes only the
+positions the request names (``kv_transfer_params[_POSITIONS_KEY]``: the answer-predicting ones),
+not the whole prompt. vLLM never materialises attention maps: those need the transformers engine.
 
 vLLM turns prompt log-probs into Python lists for every prompt position (k+1 entries each), although
 only the answer rows are kept; on a small model that costs more than the forward pass. Our requests
@@ -30,6 +42,7 @@ import torch
 from kd.pipeline.encoding import EncodedSample
 from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
                                       ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
 from kd.pipeline.signals import TeacherSignals
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
@@ -37,6 +50,7 @@ from kd.pipeline.signals import TeacherSignals
 _ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 _CONNECTOR = "CpuHiddenStatesConnector"
 _ARRAY_TAG = "kd_array_prompt_logprobs"  # SamplingParams.extra_args key marking our requests
+_POSITIONS_KEY = "kd_positions"  # kv_transfer_params key: the positions whose hidden states the connector keeps
 
 
 class ArrayPromptLogprobs:
@@ -126,14 +140,30 @@ def _make_connector_class() -> type:
             pass
 
     class CpuHiddenStatesConnector(ExampleHiddenStatesConnector):
+        def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+            # Remember which positions the request wants (the answer-predicting ones): writing only
+            # those keeps the file at [answer tokens, layers, H] instead of [prompt tokens, layers, H].
+            delay, params = super().request_finished(request, block_ids)
+            pending = self._pending_saves.get(request.request_id)
+            positions = (request.kv_transfer_params or {}).get(_POSITIONS_KEY)
+            if pending is not None and positions is not None:
+                pending.positions = list(positions)
+            return delay, params
+
         def _submit_async_write(self, pending: Any) -> None:
             if not self._is_tp_rank_zero:
                 return
             blocks = torch.tensor(pending.block_ids, dtype=torch.long)
             slots = (torch.arange(self._block_size)[None, :] + blocks[:, None] * self._block_size).flatten()
             n = pending.token_ids.shape[0]
+            positions = getattr(pending, "positions", None)
+            tensors = {"token_ids": pending.token_ids.clone()}
+            if positions is not None:
+                pos = torch.tensor(positions, dtype=torch.long)
+                slots, n = slots[pos], len(positions)
+                tensors["positions"] = pos
             hidden = extract_from_kv_cache(self._kv_cache, slots.to(self._kv_cache.device), n)
-            tensors = {"hidden_states": hidden.to("cpu").contiguous().clone(), "token_ids": pending.token_ids.clone()}
+            tensors["hidden_states"] = hidden.to("cpu").contiguous().clone()
             os.makedirs(os.path.dirname(pending.filename), exist_ok=True)
             lock_fd = self._lock_fds.pop(pending.req_id, None)
             try:
@@ -206,7 +236,9 @@ class VLLMEngine:
     informational, vLLM picks its own platform. ``max_logprobs=-1`` lets each capture choose its k;
     ``logits="sampled"`` asks vLLM for the full vocabulary at every prompt position (slow for big vocabularies).
     ``array_prompt_logprobs`` (default on) reads prompt log-probs as arrays (see the module docstring);
-    off, vLLM's per-position lists are read.
+    off, vLLM's per-position lists are read. ``head``: "auto" (answer-only scoring where the model's
+    head allows it, see ``head_choice``), "answer_only" (an error where it does not) or
+    "prompt_logprobs" (vLLM scores every prompt position: the old path, kept for comparison).
     """
 
     name = "vllm"
@@ -215,7 +247,7 @@ class VLLMEngine:
                  trust_remote_code: bool = False, hidden_layers: tuple[int, ...] | None = None,
                  max_model_len: int | None = None, max_images_per_prompt: int = 4,
                  base_dir: str | Path | None = None, array_prompt_logprobs: bool = True,
-                 **llm_kwargs: Any) -> None:
+                 head: str = "auto", **llm_kwargs: Any) -> None:
         for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -238,11 +270,19 @@ class VLLMEngine:
         self._tmp: str | None = None
         self._tmp_cleanup: weakref.finalize | None = None
         self._final_norm: tuple[torch.Tensor, float] | None = None
+        self.head_choice: HeadChoice = choose_for_model(self.model_dir, head)
+        self._head: AnswerHead | None = None
+
+    @property
+    def head_path(self) -> str:
+        """"answer_only" (kd applies the head to the answer rows) or "prompt_logprobs" (vLLM scores all rows)."""
+        return self.head_choice.path
 
     def identity(self) -> dict[str, Any]:
         import vllm
 
-        return {"engine": self.name, "vllm": vllm.__version__, "dtype": self.dtype, **engine_identity(self.model_dir)}
+        return {"engine": self.name, "vllm": vllm.__version__, "dtype": self.dtype, "head_path": self.head_path,
+                "head_reason": self.head_choice.reason, **engine_identity(self.model_dir)}
 
     def encode(self, batch: Batch) -> list[EncodedSample]:
         return ensure_encoded(self.processor, batch, self.base_dir)
@@ -250,7 +290,11 @@ class VLLMEngine:
     def _aux_ids(self) -> list[int]:
         # vLLM aux id i == transformers hidden_states[i] for i < L; id L is the residual stream
         # *before* the final norm, which transformers' hidden_states[L] is after (applied here).
-        return list(self._hidden_layers or ())
+        # The answer-only head needs id L whatever the hidden layers.
+        ids = set(self._hidden_layers or ())
+        if self.head_path == "answer_only":
+            ids.add(self.num_layers)
+        return sorted(ids)
 
     def _architecture(self) -> str:
         return json.loads((self.model_dir / "config.json").read_text())["architectures"][0]
@@ -268,7 +312,7 @@ class VLLMEngine:
             kwargs = dict(model=str(self.model_dir), dtype=self.dtype, max_logprobs=-1,
                           logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False,
                           trust_remote_code=self.trust_remote_code, seed=0)
-            if self._hidden_layers:
+            if self._aux_ids():
                 arch = self._architecture()
                 override = _aux_hidden_arch(arch)
                 if override is not None:
@@ -310,31 +354,84 @@ class VLLMEngine:
         check_top_k(spec, self.limits)
         samples = self.encode(batch)
         llm = self._ensure_llm(spec)
-        from vllm import SamplingParams
-
-        k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
-        extra = {_ARRAY_TAG: True} if self.array_prompt_logprobs and _install_array_prompt_logprobs() else None
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
-                                extra_args=extra)
-        outputs = llm.generate(tokens_prompts(samples), params, use_tqdm=False)
-        # With hidden layers configured, vLLM writes a file for every request: read what the spec
-        # asks for, then delete them all.
+        outputs = llm.generate(tokens_prompts(samples), self._sampling_params(samples, spec), use_tqdm=False)
+        # With aux layers configured, vLLM writes a file for every request: read what the spec asks
+        # for, then delete them all.
         paths = self._drain(llm, outputs) if self._tmp else [None] * len(outputs)
         try:
-            return [self._signals(s, o, spec, path) for s, o, path in zip(samples, outputs, paths)]
+            for s, o in zip(samples, outputs):
+                self._check_prompt(s, o)
+            hidden = [self._read_hidden(s, p) if p else None for s, p in zip(samples, paths)]
+            if self.head_path == "answer_only":
+                scored = self._score_answers(samples, hidden, spec)
+            else:
+                scored = [self._prompt_logprob_rows(s, o) for s, o in zip(samples, outputs)]
+            return [self._signals(s, rows, spec, h) for s, rows, h in zip(samples, scored, hidden)]
         finally:
             for path in paths:
                 for f in (path, f"{path}.lock") if path else ():
                     if os.path.exists(f):
                         os.remove(f)
 
-    def _signals(self, s: EncodedSample, out: Any, spec: SignalSpec, hidden_path: str | None) -> TeacherSignals:
+    def _sampling_params(self, samples: list[EncodedSample], spec: SignalSpec) -> list[Any]:
+        """One ``SamplingParams`` per request: prompt log-probs only on the prompt_logprobs path, and
+        (with aux layers) the positions whose hidden states the connector should keep."""
+        from vllm import SamplingParams
+
+        extra: dict[str, Any] = {}
+        if self.head_path == "answer_only":
+            k = None  # a plain prefill: kd scores the answer rows itself
+        else:
+            k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
+            if self.array_prompt_logprobs and _install_array_prompt_logprobs():
+                extra[_ARRAY_TAG] = True
+        params = []
+        for s in samples:
+            args = dict(extra)
+            if self._tmp:
+                args["kv_transfer_params"] = {_POSITIONS_KEY: s.target_positions.tolist()}
+            params.append(SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
+                                         extra_args=args or None))
+        return params
+
+    @staticmethod
+    def _check_prompt(s: EncodedSample, out: Any) -> None:
         used = np.asarray(out.prompt_token_ids, dtype=np.int32)
         if not np.array_equal(used, s.input_ids):
             raise RuntimeError(f"sample {s.sample_id!r}: vLLM expanded the prompt to {len(used)} ids that differ "
                                f"from ours ({len(s.input_ids)}); image placeholders are not handled identically")
-        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
-                      answer_start=s.answer_start)
+
+    def _answer_head(self) -> AnswerHead:
+        if self._head is None:
+            device = self.device if self.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+            self._head = AnswerHead.from_model(self.model_dir, self.head_choice, device)
+        return self._head
+
+    def _score_answers(self, samples: list[EncodedSample], hidden: list[torch.Tensor | None],
+                       spec: SignalSpec) -> list[Any]:
+        """Answer-only path: the head on every sample's pre-norm residual rows, batched over the samples.
+
+        Returns per sample ``(ids [T, k], logprobs [T, k])`` for top-k, or dense ``[T, V]`` log-probs
+        for sampling (which draws from the whole distribution).
+        """
+        head = self._answer_head()
+        col = self._aux_ids().index(self.num_layers)
+        rows = []
+        for s, h in zip(samples, hidden):
+            if h is None:
+                raise RuntimeError(f"sample {s.sample_id!r}: vLLM wrote no hidden states file for the answer rows")
+            rows.append(h[:, col])
+        if spec.logits == "sampled":
+            return [head.logprobs(r) for r in rows]
+        vals, ids = head.topk(torch.cat(rows), spec.top_k)
+        out, start = [], 0
+        for r in rows:
+            out.append((ids[start : start + len(r)].numpy(), vals[start : start + len(r)].numpy()))
+            start += len(r)
+        return out
+
+    def _prompt_logprob_rows(self, s: EncodedSample, out: Any) -> tuple[np.ndarray, np.ndarray]:
+        """prompt_logprobs path: the answer rows' ``(ids, logprobs)`` sorted by log-prob, from vLLM's output."""
         pl = out.prompt_logprobs
         if isinstance(pl, ArrayPromptLogprobs):
             # Row r predicts token r + 1; column 0 is the actual token, then the top-k in order.
@@ -344,26 +441,34 @@ class VLLMEngine:
                 raise RuntimeError(f"sample {s.sample_id!r}: vLLM's prompt log-prob rows do not line up with the "
                                    f"answer tokens (layout changed?); "
                                    "array_prompt_logprobs=False makes the engine read vLLM's lists instead")
-            row_ids, row_lps = all_ids[sel, 1:], all_lps[sel, 1:]
-        else:
-            # Entry i holds the distribution that predicts token i (entry 0 is empty).
-            rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
-            width = min(len(r[0]) for r in rows)
-            row_ids = np.asarray([r[0][:width] for r in rows], dtype=np.int64)
-            row_lps = np.asarray([r[1][:width] for r in rows], dtype=np.float32)
+            return all_ids[sel, 1:], all_lps[sel, 1:]
+        # Entry i holds the distribution that predicts token i (entry 0 is empty).
+        rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
+        width = min(len(r[0]) for r in rows)
+        return (np.asarray([r[0][:width] for r in rows], dtype=np.int64),
+                np.asarray([r[1][:width] for r in rows], dtype=np.float32))
+
+    def _signals(self, s: EncodedSample, scored: Any, spec: SignalSpec, hidden: torch.Tensor | None) -> TeacherSignals:
+        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
+                      answer_start=s.answer_start)
         if spec.logits == "sampled":
-            vocab = int(row_ids.max()) + 1
-            dense = torch.full((len(row_ids), vocab), -torch.inf, dtype=torch.float64)
-            dense.scatter_(1, torch.from_numpy(row_ids.astype(np.int64)), torch.from_numpy(row_lps).double())
+            if isinstance(scored, torch.Tensor):
+                dense = scored.double()
+            else:  # the full vocabulary from vLLM, as sparse rows
+                row_ids, row_lps = scored
+                vocab = int(row_ids.max()) + 1
+                dense = torch.full((len(row_ids), vocab), -torch.inf, dtype=torch.float64)
+                dense.scatter_(1, torch.from_numpy(row_ids.astype(np.int64)), torch.from_numpy(row_lps).double())
             ids, vals, counts = sample_sparse(dense, spec.sampled_draws, sample_seed(spec.seed, s))
             signals = TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail_logmass(torch.from_numpy(vals)).numpy(),
                                      counts=counts, **common)
         else:
+            row_ids, row_lps = scored
             ids = np.ascontiguousarray(row_ids[:, : spec.top_k], dtype=np.int32)
             vals = torch.from_numpy(np.ascontiguousarray(row_lps[:, : spec.top_k], dtype=np.float32))
             signals = TeacherSignals(ids=ids, logprobs=vals.numpy(), tail_logmass=tail_logmass(vals).numpy(), **common)
         if spec.hidden_layers:
-            signals.hidden = self._hidden(s, hidden_path, spec.hidden_layers)
+            signals.hidden = self._hidden(s, hidden, spec.hidden_layers)
         return signals
 
     @staticmethod
@@ -394,20 +499,31 @@ class VLLMEngine:
         order = sorted(range(len(ids)), key=lambda i: -lps[i])
         return [ids[i] for i in order], [lps[i] for i in order]
 
-    def _hidden(self, s: EncodedSample, path: str | None, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
+    def _read_hidden(self, s: EncodedSample, path: str) -> torch.Tensor:
+        """The aux hidden states at the answer-predicting positions, ``[T, n_aux, H]``, from vLLM's file."""
         from safetensors.torch import load_file
 
-        if not path or not os.path.exists(path):
+        if not os.path.exists(path):
             raise RuntimeError(f"sample {s.sample_id!r}: vLLM wrote no hidden states file ({path!r})")
         data = load_file(path)
-        hs = data["hidden_states"]  # [S, n_aux_layers, H]
-        if hs.shape[0] != len(s.input_ids) or not torch.equal(data["token_ids"].long(), torch.from_numpy(s.input_ids).long()):
+        if not torch.equal(data["token_ids"].long(), torch.from_numpy(s.input_ids).long()):
             raise RuntimeError(f"sample {s.sample_id!r}: hidden states file does not match the prompt")
-        pos = torch.from_numpy(s.target_positions)
+        hs, pos = data["hidden_states"], torch.from_numpy(s.target_positions)
+        if "positions" in data:  # our connector kept only the positions the request named
+            if not torch.equal(data["positions"].long(), pos) or hs.shape[0] != len(pos):
+                raise RuntimeError(f"sample {s.sample_id!r}: hidden states file holds other positions")
+            return hs
+        if hs.shape[0] != len(s.input_ids):
+            raise RuntimeError(f"sample {s.sample_id!r}: hidden states file does not match the prompt")
+        return hs[pos]
+
+    def _hidden(self, s: EncodedSample, hs: torch.Tensor | None, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
+        if hs is None:
+            raise RuntimeError(f"sample {s.sample_id!r}: vLLM wrote no hidden states file")
         aux = self._aux_ids()
         result = {}
         for layer in layers:
-            h = hs[pos, aux.index(layer)].float()
+            h = hs[:, aux.index(layer)].float()
             if layer == self.num_layers:
                 if self._final_norm is None:
                     self._final_norm = _rms_norm_params(self.model_dir)
