@@ -242,15 +242,55 @@ def data_synth(out_dir: Path = typer.Option(..., "--out", help="Output directory
         print(f"{split}\t{path}")
 
 
-@models_app.command("tiny")
-def models_tiny(out_dir: Path = typer.Option(..., "--out", help="Where to save the model."),
-                kind: str = typer.Option("vlm", help="vlm (Idefics3) | llm (Llama)."),
-                preset: str = typer.Option("teacher", help="teacher | student."),
-                seed: int = typer.Option(0, help="Weight-init seed.")) -> None:
-    """Build a tiny random-weight model + local tokenizer/processor (no hub needed)."""
-    from kd.pipeline.tiny_models import build_preset
+_TINY_HELP = (
+    "Build a tiny random-weight model of a VLM / LLM family, in the standard transformers layout.\n\n"
+    "The directory holds config, safetensors weights, a locally trained tokenizer with the family's special tokens, "
+    "the family's real processor class and a chat template shaped like the real checkpoint's. It loads with "
+    "AutoProcessor / AutoModelForImageTextToText (text families: AutoTokenizer / AutoModelForCausalLM) and in vLLM; "
+    "no model hub is needed. Without --arch and --kind it builds idefics3. 'kd models tiny --arch list' prints "
+    "the families."
+)
 
-    print(build_preset(kind, preset, out_dir, seed=seed))
+
+@models_app.command("tiny", help=_TINY_HELP)
+def models_tiny(out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to save the model."),
+                arch: Optional[str] = typer.Option(
+                    None, "--arch", help="Family to build (idefics3, smolvlm, qwen2_vl, qwen2_5_vl, qwen3_vl, internvl, "
+                                         "llava, llava_onevision, gemma3, text llama / qwen2); 'list' prints them."),
+                kind: Optional[str] = typer.Option(None, help="Older alias: vlm (= --arch idefics3) | llm (= --arch llama)."),
+                preset: str = typer.Option("teacher", help="teacher (4 layers x 128) | student (2 layers x 64)."),
+                seed: int = typer.Option(0, help="Weight-init seed (same arguments, same bytes)."),
+                tokenizer_seed: int = typer.Option(0, help="Tokenizer seed; families of one base vocabulary share "
+                                                         "token ids at equal tokenizer seeds.")) -> None:
+    """Build a tiny model of one family (see ``_TINY_HELP``); ``--kind`` stays for older scripts."""
+    from kd.pipeline.tiny_families import ARCHS, KIND_ALIASES, build_tiny
+    from kd.pipeline.tiny_models import PRESETS
+
+    if arch == "list":
+        for name, family in ARCHS.items():
+            print(f"{name}\t{family.summary}")
+        return
+    name = _tiny_arch(arch, kind, ARCHS, KIND_ALIASES)
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}", param_hint="--preset")
+    if out_dir is None:
+        raise typer.BadParameter("required (where to save the model)", param_hint="--out")
+    print(build_tiny(name, out_dir, preset=PRESETS[preset], seed=seed, tokenizer_seed=tokenizer_seed))
+
+
+def _tiny_arch(arch: Optional[str], kind: Optional[str], archs: dict, aliases: dict[str, str]) -> str:
+    """The family ``--arch`` / ``--kind`` name; an unknown or contradictory one lists the choices."""
+    choices = ", ".join(archs)
+    if kind is not None and kind not in aliases:
+        raise typer.BadParameter(f"unknown kind {kind!r}: expected vlm or llm (or use --arch: {choices})",
+                                 param_hint="--kind")
+    if arch is not None and arch not in archs:
+        raise typer.BadParameter(f"unknown arch {arch!r}: expected one of {choices}, or 'list'", param_hint="--arch")
+    from_kind = aliases[kind] if kind is not None else None
+    if arch is not None and from_kind is not None and arch != from_kind:
+        raise typer.BadParameter(f"--kind {kind} means --arch {from_kind}, which contradicts --arch {arch}",
+                                 param_hint="--kind")
+    return arch or from_kind or aliases["vlm"]
 
 
 @app.command("distill")

@@ -500,26 +500,32 @@ Builder = Callable[[Path, TinyPreset, int, int, int], None]
 
 @dataclass(frozen=True)
 class Arch:
-    """One family: its builder, whether it is text-only, and its default ``max_position``
-    (kd's older Idefics3 / Llama builders use 1024, so ``--kind vlm|llm`` keeps its bytes)."""
+    """One family: its builder, a one-line summary (``kd models tiny --arch list``), whether it is
+    text-only, and its default ``max_position`` (kd's older Idefics3 / Llama builders use 1024, so
+    ``--kind vlm|llm`` keeps its bytes)."""
 
     build: Builder
+    summary: str
     text_only: bool = False
     max_position: int = 4096
 
 
 ARCHS: dict[str, Arch] = {
-    "idefics3": Arch(_idefics3, max_position=1024),
-    "smolvlm": Arch(_smolvlm),
-    "qwen2_vl": Arch(lambda out, p, s, ts, mp: _qwen_vl(out, p, s, ts, mp, v25=False)),
-    "qwen2_5_vl": Arch(lambda out, p, s, ts, mp: _qwen_vl(out, p, s, ts, mp, v25=True)),
-    "qwen3_vl": Arch(_qwen3_vl),
-    "internvl": Arch(_internvl),
-    "llava": Arch(_llava),
-    "llava_onevision": Arch(_llava_onevision),
-    "gemma3": Arch(_gemma3),
-    "llama": Arch(_llama, text_only=True, max_position=1024),
-    "qwen2": Arch(_qwen2, text_only=True),
+    "idefics3": Arch(_idefics3, "Idefics3 (SigLIP-style tower + Llama), kd's demo VLM: 64 px images, 16 tokens each",
+                     max_position=1024),
+    "smolvlm": Arch(_smolvlm, "SmolVLM: 64 px crops + a global view, 16 tokens per crop (aspect ratio sets the count)"),
+    "qwen2_vl": Arch(lambda out, p, s, ts, mp: _qwen_vl(out, p, s, ts, mp, v25=False),
+                     "Qwen2-VL: dynamic grid, 28 px per token, M-RoPE"),
+    "qwen2_5_vl": Arch(lambda out, p, s, ts, mp: _qwen_vl(out, p, s, ts, mp, v25=True),
+                       "Qwen2.5-VL: dynamic grid, 28 px per token, window attention in the tower"),
+    "qwen3_vl": Arch(_qwen3_vl, "Qwen3-VL: dynamic grid, 32 px per token, interleaved M-RoPE, DeepStack"),
+    "internvl": Arch(_internvl, "InternVL3 (HF layout, Qwen2 text): 64 px tiles + thumbnail, 16 tokens per tile"),
+    "llava": Arch(_llava, "LLaVA-1.5 (CLIP + Llama): 32 px images, 16 tokens each"),
+    "llava_onevision": Arch(_llava_onevision, "LLaVA-OneVision (SigLIP + Qwen2): anyres grids of 32 px crops"),
+    "gemma3": Arch(_gemma3, "Gemma 3 (SigLIP + Gemma3 text): 64 px images pooled to 16 soft tokens"),
+    "llama": Arch(_llama, "text-only Llama student, Idefics3's / SmolVLM's tokenizer", text_only=True,
+                  max_position=1024),
+    "qwen2": Arch(_qwen2, "text-only Qwen2 student, the Qwen-VL tokenizer", text_only=True),
 }
 # ``kd models tiny --kind`` (before ``--arch`` existed) names these.
 KIND_ALIASES = {"vlm": "idefics3", "llm": "llama"}
