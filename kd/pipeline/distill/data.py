@@ -239,6 +239,26 @@ def _answer_mismatch(rec: Record, src: TeacherSource, processor: Any, student_ha
     return _mismatch(rec.id, src, what)
 
 
+def require_same_vocab(src: TeacherSource, processor: Any) -> None:
+    """Refuse a teacher without a vocab map whose token-id files differ from the student's.
+
+    Answers can align token for token while the vocabularies differ elsewhere (InternVL3 and
+    Qwen2.5-VL share Qwen2.5's base vocabulary, not their special tokens): a cached top-k id of a
+    token the student lacks, or holds under another id, would be trained on as the student's
+    token of that id. A vocab map translates ids by token string and folds the rest into the tail.
+    """
+    cache_tok = cache_tokenizer_hash(src)
+    if cache_tok is None or cache_tok[0] != "vocab_sha256":
+        return
+    path, student_hash = student_tokenizer_hash(processor, "vocab_sha256")
+    if student_hash is not None and student_hash != cache_tok[1]:
+        raise AlignmentError(
+            f"teacher {src.role!r} (cache {src.url}) was built with another vocabulary than the student's ({path}: "
+            f"vocab_sha256 {student_hash[:16]} vs {cache_tok[1][:16]}): its top-k ids would be read as the student's "
+            f"ids of other tokens. Set vocab_maps.{src.role}=auto (the teacher dir the cache records), a tokenizer "
+            "dir or a JSON map: ids are matched by token string and the rest folds into the tail")
+
+
 def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[str, TeacherSource],
                     missing: str = "error") -> list[Record]:
     """Check every record against every cache before training; return the records to train on.
@@ -266,6 +286,8 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
             for role in checked:
                 if hashes[role][i] != student_hash:
                     raise _answer_mismatch(records[i], sources[role], processor, student_hash, hashes[role][i])
+    for role in checked:  # answers that align do not prove the rest of the vocabulary does
+        require_same_vocab(sources[role], processor)
     kept = [records[i] for i in present]
     for role, ids in absent.items():
         if ids and missing == "error":
