@@ -154,3 +154,32 @@ def test_six_cameras_in_one_sample(family, reference):
         logits = model(**inputs, use_cache=False).logits[0]
     ref = torch.log_softmax(logits.double(), -1)[torch.from_numpy(enc.target_positions)]
     np.testing.assert_allclose(sig.logprobs, torch.topk(ref, 8, dim=-1).values.numpy(), atol=TOL)
+
+
+# ---------------------------------------------------------------- vLLM (CPU build), where it runs the family
+
+# Families whose vLLM CPU path is tested here; the others and why: README "Model families".
+VLLM_ARCHS = ("qwen2_5_vl", "qwen2_vl", "internvl", "idefics3", "smolvlm", "llava", "llava_onevision", "qwen3_vl")
+VLLM_SPEC = SignalSpec(top_k=16, hidden_layers=(0, 2, 3))
+
+
+@pytest.mark.vllm
+def test_vllm_topk_and_hidden_match_the_reference(family, reference):
+    arch, model_dir, _, _, encoded = family
+    if arch not in VLLM_ARCHS:
+        pytest.skip(f"{arch}: vLLM's CPU build is not tested for this family (README, Model families)")
+    pytest.importorskip("vllm")
+    engine = load_engine("vllm", model_dir, dtype="float32", hidden_layers=VLLM_SPEC.hidden_layers,
+                         max_images_per_prompt=6)
+    try:
+        captured = engine.capture(encoded, VLLM_SPEC)
+    finally:
+        engine.close()
+    for s, sig in zip(encoded, captured):
+        ref = reference[s.sample_id]
+        vals, ids = torch.topk(ref["logprobs"], VLLM_SPEC.top_k, dim=-1)
+        np.testing.assert_allclose(sig.logprobs, vals.numpy(), atol=TOL, err_msg=f"{arch}/{s.sample_id} vllm")
+        assert_same_topk(sig.ids, sig.logprobs, ids.numpy(), vals.numpy(), TOL)
+        for layer in VLLM_SPEC.hidden_layers:
+            np.testing.assert_allclose(sig.hidden[layer], ref["hidden"][layer], atol=TOL,
+                                       err_msg=f"{arch}/{s.sample_id} vllm hidden[{layer}]")

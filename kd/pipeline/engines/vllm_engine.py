@@ -42,6 +42,7 @@ import torch
 from kd.pipeline.encoding import EncodedSample
 from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
                                       ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
+from kd.pipeline.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
 from kd.pipeline.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
 from kd.pipeline.signals import TeacherSignals
 
@@ -209,7 +210,6 @@ def __getattr__(name: str) -> Any:
 
 _FINAL_NORM_KEYS = ("model.norm.weight", "model.text_model.norm.weight", "model.language_model.norm.weight",
                     "language_model.model.norm.weight")
-_PLAIN_RMSNORM_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # y = x / rms(x) * w (not Gemma's 1 + w)
 
 
 def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:

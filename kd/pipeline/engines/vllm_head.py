@@ -36,7 +36,8 @@ HeadPath = Literal["answer_only", "prompt_logprobs"]
 
 # Text model types whose final norm is y = x / rms(x) * w (not Gemma's 1 + w) and whose logits are
 # lm_head(y) with nothing after it (vLLM's Llama applies config.logit_scale: checked separately).
-PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text",
+                    "qwen3_vl", "qwen3_vl_text")
 # Config keys that change the logits after the linear head, with the value that leaves them alone.
 HEAD_MODIFIERS: dict[str, Any] = {"final_logit_softcapping": None, "logit_softcapping": None, "logit_scale": 1.0,
                                   "logits_scaling": 1.0, "scale_emb": 1.0, "dim_model_base": None,
