@@ -307,7 +307,7 @@ def _llava_onevision(out: Path, p: TinyPreset, seed: int, tokenizer_seed: int, m
                           extra=(("image_token", "<image>"), ("video_token", "<video>")))
     tok = family_tokenizer(tokens, LLAVA_ONEVISION_TEMPLATE, seed=tokenizer_seed)
     crop, patch = 32, 8
-    vision = SiglipVisionConfig(**_tiny_vision(p, image_size=crop, patch_size=patch))
+    vision = SiglipVisionConfig(**_tiny_vision(p, image_size=crop, patch_size=patch, vision_use_head=False))
     config = LlavaOnevisionConfig(vision_config=vision.to_dict(),
                                   text_config=_qwen2_text(tok, p, max_position).to_dict(),
                                   image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
@@ -430,6 +430,7 @@ GEMMA3_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
+GEMMA3_NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 GEMMA3_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
 
 
@@ -445,6 +446,9 @@ def _gemma3(out: Path, p: TinyPreset, seed: int, tokenizer_seed: int, max_positi
                           extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                                  ("image_token", "<image_soft_token>")))
     tok = family_tokenizer(tokens, GEMMA3_TEMPLATE, seed=tokenizer_seed)
+    # Gemma's vocabulary holds runs of 1-4 newlines as single tokens; the processor wraps each image in
+    # "\n\n" and vLLM's Gemma 3 code looks these tokens up by their text.
+    tok.add_tokens(list(GEMMA3_NEWLINES))
     _check_heads(p.hidden_size, p.num_heads, "text model")
     head_dim = p.hidden_size // p.num_heads
     layer_types = ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(p.num_layers)]
@@ -456,7 +460,7 @@ def _gemma3(out: Path, p: TinyPreset, seed: int, tokenizer_seed: int, max_positi
                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                             bos_token_id=tok.bos_token_id)
     image, patch, tokens_per_image = 64, 8, 16
-    vision = SiglipVisionConfig(**_tiny_vision(p, image_size=image, patch_size=patch))
+    vision = SiglipVisionConfig(**_tiny_vision(p, image_size=image, patch_size=patch, vision_use_head=False))
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                           mm_tokens_per_image=tokens_per_image, boi_token_index=tok.boi_token_id,
                           eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id,
