@@ -95,12 +95,26 @@ def test_non_utf8_line(ds: Path):
     _assert_names(_errors(path), path, 2, "line", "UTF-8")
 
 
-@pytest.mark.parametrize("fld", ["id", "images", "answer", "capability"])
+@pytest.mark.parametrize("fld", ["id", "answer", "capability"])
 def test_missing_field(ds: Path, fld: str):
     bad = _rec("b")
     del bad[fld]
     path = _write(ds / "d.jsonl", [_rec("a"), bad])
     _assert_names(_errors(path), path, 2, fld, "missing")
+
+
+@pytest.mark.parametrize("absent", ["missing", None])
+def test_images_are_optional_for_text_only_records(ds: Path, absent):
+    text = _rec("b")
+    if absent == "missing":
+        del text["images"]
+    else:
+        text["images"] = None
+    path = _write(ds / "d.jsonl", [_rec("a"), text])
+    rec = load_records(path)[1]
+    assert rec.images == ()
+    same = _write(ds / "e.jsonl", [_rec("a"), {**text, "images": []}])
+    assert dataset_fingerprint(load_records(path)) == dataset_fingerprint(load_records(same))
 
 
 @pytest.mark.parametrize("fld,value,text", [

@@ -6,8 +6,9 @@ One JSON object per line::
      "answer": "red", "capability": "perception", "split": "train"}
 
 * ``id``: unique, non-empty string (the cache key of the sample).
-* ``images``: list of paths, zero or more; relative paths resolve against the JSONL's folder
-  (subfolders and ``..`` allowed), absolute paths are taken as they are.
+* ``images``: list of paths, zero or more (absent or ``null``: a text-only record, the same as
+  ``[]``); relative paths resolve against the JSONL's folder (subfolders and ``..`` allowed),
+  absolute paths are taken as they are.
 * exactly one of ``prompt`` (non-empty string) or ``messages`` (the turns *before* the answer:
   ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system only first, last turn
   ``user``, because the answer is the next assistant turn). ``null`` counts as absent.
@@ -236,7 +237,7 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
     if not isinstance(obj, dict):
         add("record", f"must be a JSON object, got {_type_name(obj)}")
         return None
-    for key in ("id", "images", "answer", "capability"):
+    for key in ("id", "answer", "capability"):
         if key not in obj:
             add(key, "missing required field")
     rid = obj.get("id")
@@ -258,7 +259,7 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
 
     images: list[Path] = []
     raw_images = obj.get("images")
-    if "images" in obj and not isinstance(raw_images, list):
+    if raw_images is not None and not isinstance(raw_images, list):
         add("images", f"must be a list of paths, got {_type_name(raw_images)}")
     elif isinstance(raw_images, list):
         for i, s in enumerate(raw_images):
