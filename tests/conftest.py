@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# kd's own scratch (renamed vLLM checkpoints): one folder per test run, not the user's ~/.cache/kd.
+os.environ.setdefault("KD_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="kd-test-cache-"))
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests
 

@@ -44,6 +44,7 @@ from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top
                                       ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
 from kd.pipeline.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
 from kd.pipeline.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
+from kd.pipeline.engines.weight_names import vllm_model_dir
 from kd.pipeline.signals import TeacherSignals
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
@@ -229,6 +230,11 @@ def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
     raise ValueError(f"no final norm weight ({' / '.join(_FINAL_NORM_KEYS)}) in {model_dir}")
 
 
+def default_weights_dir() -> Path:
+    """Where renamed vLLM checkpoints go by default: ``$KD_CACHE_DIR`` or ``~/.cache/kd``."""
+    return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd") / "vllm-checkpoints"
+
+
 class VLLMEngine:
     """Teacher capture through the offline ``vllm.LLM`` API (top-k or sampled log-probs, hidden states).
 
@@ -239,6 +245,9 @@ class VLLMEngine:
     off, vLLM's per-position lists are read. ``head``: "auto" (answer-only scoring where the model's
     head allows it, see ``head_choice``), "answer_only" (an error where it does not) or
     "prompt_logprobs" (vLLM scores every prompt position: the old path, kept for comparison).
+    ``weights_dir``: where a renamed copy of a checkpoint whose weight names vLLM cannot load goes
+    (LLaVA-style towers saved by transformers 5, see ``weight_names``); default
+    ``$KD_CACHE_DIR`` or ``~/.cache/kd``, ``/vllm-checkpoints``, reused while the model is unchanged.
     """
 
     name = "vllm"
@@ -247,7 +256,7 @@ class VLLMEngine:
                  trust_remote_code: bool = False, hidden_layers: tuple[int, ...] | None = None,
                  max_model_len: int | None = None, max_images_per_prompt: int = 4,
                  base_dir: str | Path | None = None, array_prompt_logprobs: bool = True,
-                 head: str = "auto", **llm_kwargs: Any) -> None:
+                 head: str = "auto", weights_dir: str | Path | None = None, **llm_kwargs: Any) -> None:
         for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -271,6 +280,7 @@ class VLLMEngine:
         self._tmp_cleanup: weakref.finalize | None = None
         self._final_norm: tuple[torch.Tensor, float] | None = None
         self.head_choice: HeadChoice = choose_for_model(self.model_dir, head)
+        self.weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
         self._head: AnswerHead | None = None
 
     @property
@@ -309,7 +319,8 @@ class VLLMEngine:
         if self._llm is None:
             from vllm import LLM
 
-            kwargs = dict(model=str(self.model_dir), dtype=self.dtype, max_logprobs=-1,
+            load_dir = vllm_model_dir(self.model_dir, self.weights_dir)  # the model's own unless renamed
+            kwargs = dict(model=str(load_dir), dtype=self.dtype, max_logprobs=-1,
                           logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False,
                           trust_remote_code=self.trust_remote_code, seed=0)
             if self._aux_ids():
@@ -399,7 +410,8 @@ class VLLMEngine:
         used = np.asarray(out.prompt_token_ids, dtype=np.int32)
         if not np.array_equal(used, s.input_ids):
             raise RuntimeError(f"sample {s.sample_id!r}: vLLM expanded the prompt to {len(used)} ids that differ "
-                               f"from ours ({len(s.input_ids)}); image placeholders are not handled identically")
+                               f"from ours ({len(s.input_ids)}); image placeholders are not handled identically (vLLM and "
+                               f"transformers expand this sample's images differently): use --engine hf")
 
     def _answer_head(self) -> AnswerHead:
         if self._head is None:
