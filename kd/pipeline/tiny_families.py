@@ -8,7 +8,14 @@ would. Sizes are tiny (hidden 64, 2 layers, head_dim 32, a vision tower of width
 conformance tests run each family on two CPU cores in seconds.
 
 Families: see ``ARCHS``. Each builder is one function: config, model class, processor. What the
-families share (tokenizer training, saving) lives in ``tiny_models``.
+families share (tokenizer training, saving) lives in ``tiny_models``. Tokenizers come in groups that
+share every base id at one ``tokenizer_seed`` (the Qwen group: Qwen2/2.5/3-VL, InternVL,
+LLaVA-OneVision, text qwen2; the Idefics group: Idefics3, SmolVLM, text llama), as the real
+checkpoints extend one base vocabulary.
+
+Weights are saved as transformers 5 saves them, so LLaVA / LLaVA-OneVision / Gemma 3 keep a flat
+``vision_tower.*`` that vLLM refuses: ``kd.pipeline.engines.weight_names.vllm_model_dir`` gives vLLM
+a renamed copy.
 """
 
 from __future__ import annotations
