@@ -1,25 +1,37 @@
-"""Stage-one capture benchmark: vLLM prefill vs kd capture (top-k, + hidden states) vs the hf engine.
+"""Stage-one capture benchmark: vLLM prefill vs kd capture (top-k, + hidden states), and hf capture vs an hf forward.
 
-    python bench/capture.py [--samples N] [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-lists]
+    python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--samples N] [--model llm|vlm] [--k 64]
+                            [--threads 1] [--profile] [--compare-old]
 
-Everything runs on a tiny random-weight teacher built locally (``kd.pipeline.tiny_models``):
+Everything runs on a tiny random-weight teacher built locally:
 
-* ``--model llm`` (default): a text-only Llama (the "teacher" preset: 4 layers x 128) and a stage-one
-  JSONL of long prompts (random driving words) with multi-token answers, ~256 tokens per sequence.
+* ``--model llm`` (default): a text-only Llama of the "teacher" preset's shape (4 layers x 128) with an
+  LM head of ``--vocab`` ids (0: the tokenizer's ~1k; 151936: Qwen2.5 / InternVL3's), and a stage-one
+  JSONL of long prompts (random driving words) with multi-token answers. ``--shape toy``: ~256-token
+  sequences, answers of ~10-26 tokens. ``--shape real``: a driving VLM's shape as text: prompts of
+  ~1,600 tokens (as many as a prompt with ~1,000+ image tokens) and answers of 20-40 tokens.
 * ``--model vlm``: the Idefics3 teacher preset on the synthetic driving data (``kd.pipeline.synth``);
   sequences are short there (16 image tokens + a question), so fixed per-request costs weigh more.
+
+``--vocab 0,151936`` runs the whole benchmark once per vocabulary (each in its own process: vLLM's
+KV-transfer state is per process) and prints every run's ratio lines together at the end.
 
 Rows:
 
 (a) vLLM prefill, no log-probs: ``LLM.generate(max_tokens=1, prompt_logprobs=None)`` over the same
-    token prompts, on the *same* ``LLM`` instance kd uses for (b) (same engine settings), all
-    prompts in one call. Pre-tokenized: this is the ceiling of what vLLM can do.
+    token prompts, all in one call, on a plain ``LLM`` (kd's engine settings, no hidden-states
+    connector). Pre-tokenized: this is the ceiling of what vLLM can do.
 (b) kd capture, top-k: ``build_cache(BuildRequest(engine="vllm", top_k=k))`` writing a sealed cache
-    (validate, key, tokenize, generate, convert, zarr write, seal): the real stage-one path.
-(c) as (b) plus hidden states of 2 layers (vLLM's ``extract_hidden_states`` route; a second engine).
-(d) as (b) with ``engine="hf"`` (transformers forward, batch ``--hf-batch-size``).
-(b0) with ``--compare-lists``: as (b) with the engine's ``array_prompt_logprobs`` off, i.e. reading
-    vLLM's per-position Python lists of prompt log-probs (the engine's fallback path).
+    (validate, key, tokenize, generate, score, zarr write, seal): the real stage-one path. For a
+    plain-head model (this one) the engine scores only the answer rows (``head_path`` answer_only:
+    a plain prefill that also captures the pre-norm residual at the answer positions, then kd's
+    norm + LM head + top-k).
+(b0) with ``--compare-old``: as (b) with ``head="prompt_logprobs"``: vLLM scores every prompt position
+    (the path other heads take; ~500x slower than (a) at vocab 151,936 and ~1,600-token prompts).
+(c) as (b) plus hidden states of 2 layers (same route; a second engine).
+(d) as (b) with ``engine="hf"`` (transformers forward, batch ``--hf-batch-size``, ``logits_to_keep``).
+(e) a plain transformers forward of the same batches as (d) (same padding, ``logits_to_keep=1``),
+    on the model of (d)'s engine: the ceiling of what (d) can do.
 
 Rates are prompt tokens/s (the whole teacher-forced sequence, image tokens included: what the
 teacher prefills); answer tokens/s (what the cache stores) are shown beside them. By default
@@ -28,15 +40,16 @@ spin-waiting OpenMP threads) a second busy process on the machine makes timings 
 Engine start-up is excluded: each build row first runs a warm-up build on 8 samples (which starts
 the engine, kept warm in ``build._WARM_ENGINES``), then times full builds with ``force=True``.
 
-The machine may be shared, so rows are timed round-robin (each round times every row once, so a
-burst of load hits all rows of the round); each row's best of ``--repeats`` rounds is reported, and
-beside its ratio to (a) the median of the per-round ratios, on which the PASS/MISS verdict for
-(b)/(a) rests (a short row like (a) is likelier to catch a quiet moment, which biases best-of
-ratios downwards on a busy machine). (c) runs in a second phase after the plain engine is
-closed: vLLM's KV-transfer group (which the hidden-states route needs) is process-global, so a
-plain and a hidden-states engine cannot run in one process together. ``--profile`` adds a cProfile
-of the timed (b) builds; the "where the time goes" table comes from timers wrapped around
-``VLLMEngine.capture/encode/_signals``, ``LLM.generate`` and ``ShardWriter.add/commit``.
+The machine may be shared, so rows are timed round-robin within a phase (each round times every
+row once, so a burst of load hits all rows of the round); each row's best of ``--repeats`` rounds
+is reported, and beside its ratio the median of the per-round ratios, on which the PASS/MISS
+verdicts for (b)/(a) and (d)/(e) rest (target >= 0.8 for both on CPU). vLLM's KV-transfer group
+(which the hidden-states route needs) is process-global, so engines with the connector ((b), (c))
+cannot run beside the plain one of (a): each round runs phase 1 ((a), (b0), (d), (e)), phase 2
+((b)) and phase 3 ((c)), restarting the engines (not timed). The build's self-check (a one-off per
+build, not per shard) runs in the first warm-up build and is reported apart; timed builds skip it. ``--profile`` adds a cProfile of the timed (b) builds; the "where the time
+goes" table (teacher / encode / commit) comes from timers wrapped around the engines' methods,
+``LLM.generate`` and ``ShardWriter.add/commit``.
 """
 
 from __future__ import annotations
@@ -62,25 +75,29 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU-backend warnings
 from kd.pipeline import build as build_mod  # noqa: E402
 from kd.pipeline.build import BuildRequest, build_cache  # noqa: E402
 from kd.pipeline.dataset import load_records  # noqa: E402
-from kd.pipeline.tiny_models import DRIVING_WORDS, build_preset  # noqa: E402
+from kd.pipeline.tiny_models import DRIVING_WORDS, TEACHER, build_preset, build_tokenizer  # noqa: E402
 
-TARGET_RATIO = 0.5  # (b)/(a) on CPU
+TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
+# --shape: (sequence tokens, answer tokens min, max) for --model llm.
+SHAPES = {"toy": (256, 10, 26), "real": (1600, 20, 40)}
 
 
 # ----------------------------------------------------------------------------------------- data
 
 
-def write_llm_data(path: Path, n: int, seq_tokens: int, seed: int) -> Path:
+def write_llm_data(path: Path, n: int, seq_tokens: int, seed: int,
+                   answer_tokens: tuple[int, int] = SHAPES["toy"][1:]) -> Path:
     """Stage-one JSONL of ``n`` text-only records whose encoded sequences are ~``seq_tokens`` long.
 
-    Every driving word is a single BPE token (with its leading space), and the chat template adds
-    ~6 tokens around the prompt, so the word counts below set the token counts.
+    Every driving word is a single BPE token (with its leading space), the answer adds ~2 tokens
+    ("." and the end-of-turn token) and the chat template ~6 around the prompt, so the word counts
+    below set the token counts: answers of ``answer_tokens`` (min, max) tokens.
     """
     rng = random.Random(seed)
     words = [w for w in DRIVING_WORDS if w.isalpha()]
     lines = []
     for i in range(n):
-        answer_words = rng.randint(8, 24)
+        answer_words = rng.randint(answer_tokens[0] - 2, answer_tokens[1] - 2)
         prompt_words = max(8, seq_tokens - 8 - answer_words + rng.randint(-16, 16))
         prompt = " ".join(rng.choices(words, k=prompt_words)) + "?"
         answer = " ".join(rng.choices(words, k=answer_words)) + "."
@@ -108,6 +125,28 @@ def write_vlm_data(root: Path, n: int, seed: int) -> Path:
 def head_jsonl(src: Path, dst: Path, n: int) -> Path:
     dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
     return dst
+
+
+def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int) -> Path:
+    """The teacher preset's Llama (4 x 128) with an LM head of ``vocab`` ids (0: the tokenizer's size,
+    rounded up to 64) and ``max_position`` positions; the tokenizer is the tiny models' (~1k ids used)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=TEACHER.hidden_size,
+                         intermediate_size=TEACHER.intermediate_size, num_hidden_layers=TEACHER.num_layers,
+                         num_attention_heads=TEACHER.num_heads, num_key_value_heads=TEACHER.num_heads,
+                         max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -188,24 +227,61 @@ def prefill_prompts(engine, records) -> list:
     return prompts
 
 
+def hf_batches(engine, records, batch_size: int) -> list[dict]:
+    """The batches the hf engine forwards for these records (right-padded ids, mask, extra inputs)."""
+    import numpy as np
+    import torch
+
+    from kd.pipeline.engines import hf_engine
+
+    stack = getattr(hf_engine, "stack_model_inputs", None) or hf_engine._stack_model_inputs  # renamed upstream
+    samples = engine.encode([r.as_dict() for r in records])
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        smax = max(len(s.input_ids) for s in chunk)
+        ids = torch.full((len(chunk), smax), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), smax), dtype=torch.long)
+        for b, s in enumerate(chunk):
+            ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
+            mask[b, : len(s.input_ids)] = 1
+        extra = {k: torch.from_numpy(v) for k, v in (stack(chunk) or {}).items()}
+        extra = {k: v.to(engine.dtype) if v.is_floating_point() else v for k, v in extra.items()}
+        batches.append(dict(input_ids=ids, attention_mask=mask, **extra))
+    return batches
+
+
+def hf_forward(engine, batches: list[dict]) -> None:
+    """A plain transformers forward of each batch: no hidden states, logits of the last position only."""
+    import torch
+
+    with torch.inference_mode():
+        for b in batches:
+            engine.model(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False, logits_to_keep=1)
+
+
 # --------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=128, help="records captured per timed build")
     ap.add_argument("--model", choices=("llm", "vlm"), default="llm")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="toy",
+                    help="--model llm: toy (~256-token sequences) or real (~1,600-token prompts, 20-40-token answers)")
+    ap.add_argument("--vocab", default="0",
+                    help="LM head size(s) of the llm teacher, comma-separated (0: the tokenizer's ~1k; e.g. 0,151936)")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
-    ap.add_argument("--seq-tokens", type=int, default=256, help="target sequence length (--model llm)")
+    ap.add_argument("--seq-tokens", type=int, default=0, help="target sequence length (--model llm; default: --shape's)")
     ap.add_argument("--batch-size", type=int, default=0,
                     help="samples per engine.capture call for vLLM (default 0: the whole shard = --samples)")
     ap.add_argument("--hf-batch-size", type=int, default=8, help="batch size of the hf engine")
     ap.add_argument("--hidden", default="", help="hidden layers for (c), comma-separated (default: middle,last)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each times every row once (best is reported)")
-    ap.add_argument("--skip", default="", help="rows to skip among c,d, e.g. 'c,d'")
+    ap.add_argument("--skip", default="", help="rows to skip among c,d,e, e.g. 'c,d'")
     ap.add_argument("--profile", action="store_true", help="cProfile the (b) builds and print the top functions")
-    ap.add_argument("--compare-lists", action="store_true",
-                    help="add row (b0): (b) with array_prompt_logprobs=False (vLLM's per-position lists, the old path)")
+    ap.add_argument("--compare-old", action="store_true",
+                    help="add row (b0): (b) with head='prompt_logprobs' (vLLM scores every prompt position)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for vLLM and torch, bound to the first N allowed cores (default 1: steady "
                          "numbers on a shared machine; 0: vLLM's own binding and torch's default)")
@@ -213,6 +289,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
     args = ap.parse_args(argv)
+    args.vocabs = [int(v) for v in args.vocab.replace(" ", "").split(",") if v]
+    if args.model == "vlm" and any(args.vocabs):
+        ap.error("--vocab is for --model llm (the VLM preset keeps its tokenizer-sized head)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if len(args.vocabs) > 1:
+        return run_each_vocab(argv if argv is not None else sys.argv[1:], args.vocabs)
+    return run(args, args.vocabs[0] if args.vocabs else 0)
+
+
+def run_each_vocab(argv: list[str], vocabs: list[int]) -> int:
+    """One process per vocabulary (vLLM's KV-transfer state is per process); the ratio lines of all at the end."""
+    import subprocess
+
+    base = [a for i, a in enumerate(argv) if a != "--vocab" and (i == 0 or argv[i - 1] != "--vocab")
+            and not a.startswith("--vocab=")]
+    summary = []
+    for vocab in vocabs:
+        proc = subprocess.run([sys.executable, __file__, *base, "--vocab", str(vocab)], stdout=subprocess.PIPE, text=True)
+        print(proc.stdout, end="", flush=True)
+        if proc.returncode:
+            return proc.returncode
+        summary += [f"  vocab {vocab or 'tokenizer'}: {ln.strip()}" for ln in proc.stdout.splitlines()
+                    if ln.startswith("  (") and ")/(" in ln]
+    print("\nratio lines of every vocabulary:")
+    print("\n".join(summary))
+    return 0
+
+
+def run(args: argparse.Namespace, vocab: int) -> int:
     skip = set(args.skip.replace(" ", "").split(",")) - {""}
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.threads:
@@ -229,106 +338,135 @@ def main(argv: list[str] | None = None) -> int:
         print("vLLM is not installed: rows (a)-(c) need it (pip install -e '.[cpu]')", file=sys.stderr)
         return 2
     from kd.cache_schema.writer import ShardWriter
+    from kd.pipeline.engines.base import SignalSpec
+    from kd.pipeline.engines.hf_engine import HFEngine
     from kd.pipeline.engines.vllm_engine import VLLMEngine
 
+    seq_tokens, answer_min, answer_max = SHAPES[args.shape]
+    seq_tokens = args.seq_tokens or seq_tokens
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kd-bench-capture-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        teacher = build_preset(args.model, "teacher", work / "teacher", seed=args.seed)
         if args.model == "llm":
-            data = write_llm_data(work / "bench.jsonl", args.samples, args.seq_tokens, args.seed)
+            teacher = build_llm_teacher(work / "teacher", vocab, max(1024, 2 * seq_tokens), args.seed)
+            data = write_llm_data(work / "bench.jsonl", args.samples, seq_tokens, args.seed, (answer_min, answer_max))
         else:
+            teacher = build_preset(args.model, "teacher", work / "teacher", seed=args.seed)
             data = write_vlm_data(work / "data", args.samples, args.seed)
         warm = head_jsonl(data, data.with_name("warm.jsonl"), 8)
         records = load_records(data)
         setup = time.perf_counter() - t0
 
         config = json.loads((teacher / "config.json").read_text())
-        num_layers = config.get("text_config", config)["num_hidden_layers"]
+        text = config.get("text_config", config)
+        num_layers = text["num_hidden_layers"]
         hidden = tuple(int(x) for x in args.hidden.split(",")) if args.hidden else (num_layers // 2, num_layers)
         batch = args.batch_size or len(records)
         base = dict(teacher=str(teacher), data=str(data), top_k=args.k, value_coding="fp16", hidden_coding="fp16",
                     shard_size=len(records), batch_size=batch)
-        requests = {"b": BuildRequest(engine="vllm", out=str(work / "cache-b"), **base)}
+        # (b0)'s engine (the old path, no connector) also serves (a): its LLM is a plain one.
+        requests = {"b": BuildRequest(engine="vllm", out=str(work / "cache-b"), **base),
+                    "b0": BuildRequest(engine="vllm", out=str(work / "cache-b0"),
+                                       engine_options={"head": "prompt_logprobs"}, **base)}
         if "c" not in skip:
             requests["c"] = BuildRequest(engine="vllm", out=str(work / "cache-c"), hidden_layers=hidden, **base)
-        if "d" not in skip:
+        if not {"d", "e"} <= skip:
             requests["d"] = BuildRequest(engine="hf", out=str(work / "cache-d"),
                                          **{**base, "batch_size": args.hf_batch_size})
-        if args.compare_lists:
-            requests["b0"] = BuildRequest(engine="vllm", out=str(work / "cache-b0"), **base)
-        notes = {"a": "same LLM as (b), pre-tokenized, 1 call", "b": f"batch {batch}, sealed cache",
-                 "b0": "as (b), prompt log-probs via vLLM's lists",
-                 "c": f"hidden layers {list(hidden)}", "d": f"batch {args.hf_batch_size}"}
+        timed_rows = ["a"] + ["b0"] * args.compare_old + [k for k in ("d", "e") if k not in skip] + ["b"] \
+            + ["c"] * ("c" in requests)
+        notes = {"a": "plain LLM, pre-tokenized, 1 call", "b": f"batch {batch}, sealed cache",
+                 "b0": "as (b), head='prompt_logprobs' (old path)",
+                 "c": f"hidden layers {list(hidden)}", "d": f"batch {args.hf_batch_size}, sealed cache",
+                 "e": f"batch {args.hf_batch_size}, pre-tokenized, logits_to_keep=1"}
 
-        timers = Timers([(VLLMEngine, "capture", "engine.capture"), (VLLMEngine, "encode", "  tokenize (encode)"),
-                         (LLM, "generate", "  LLM.generate"), (VLLMEngine, "_drain", "  hidden: drain steps"),
-                         (VLLMEngine, "_signals", "  to TeacherSignals"), (ShardWriter, "add", "writer.add"),
-                         (ShardWriter, "commit", "writer.commit (zarr)")])
+        timers = Timers([(VLLMEngine, "capture", "teacher: engine.capture (vllm)"),
+                         (VLLMEngine, "encode", "  tokenize (encode)"),
+                         (LLM, "generate", "  LLM.generate"), (VLLMEngine, "_drain", "  hidden-states files: drain"),
+                         (VLLMEngine, "_read_hidden", "  hidden-states files: read"),
+                         (VLLMEngine, "_score_answers", "  answer head (kd: norm, lm_head, top-k)"),
+                         (VLLMEngine, "_signals", "  to TeacherSignals"),
+                         (HFEngine, "capture", "teacher: engine.capture (hf)"),
+                         (ShardWriter, "add", "encode: writer.add"), (ShardWriter, "commit", "commit: writer.commit")])
         profile = cProfile.Profile() if args.profile else None
-        times: dict[str, list[float]] = {k: [] for k in ROW_LABELS if k == "a" or k in requests}
+        times: dict[str, list[float]] = {k: [] for k in timed_rows}
         splits: dict[str, dict[str, float]] = {}
         tokens: dict[str, int] = {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=None, detokenize=False)
 
-        # Two vLLM engines cannot live in one process when one has a KV connector (hidden states):
-        # vLLM's KV-transfer group is process-global. So phase 1 times (a), (b), (d) round-robin on
-        # the plain engine, phase 2 times (c) after closing it. Round-robin: each round times every
-        # row once, so load from other users of the machine hits the rows of a phase alike.
-        phases = [[k for k in ("a", "b", "b0", "d") if k == "a" or k in requests], [k for k in ("c",) if k in requests]]
+        # Phase 1: the plain vLLM engine ((a), (b0)) and hf ((d), (e)); phase 2: (b), whose engine has
+        # the hidden-states connector (process-global KV-transfer state: it cannot run beside (a)'s);
+        # phase 3: (c). Round-robin within a phase: load from other users hits its rows alike.
+        phases = [p for p in ([k for k in timed_rows if k in ("a", "b0", "d", "e")], ["b"],
+                              [k for k in timed_rows if k == "c"]) if p]
         load = [os.getloadavg()[0]]
-        for phase in phases:
-            if not phase:
-                continue
-            drop_engines()
-            for key in phase:  # start engines: a warm-up build on a few samples (kept warm in build)
-                if key in ("a", "b0"):  # (a) and (b0) use (b)'s engine
-                    continue
-                req = requests[key]
-                t0 = time.perf_counter()
-                build_cache(forced(req, data=str(warm), out=req.out + "-warm"))
-                splits[key] = {"warm-up build (engine start, not counted)": time.perf_counter() - t0}
-                log(f"  ({key}) warm-up build (engine start) {splits[key]['warm-up build (engine start, not counted)']:.1f}s")
-            if "a" in phase:
-                engine = build_mod._engine_for(requests["b"], "vllm")
-                prompts = prefill_prompts(engine, records)
-                engine._llm.generate(prompts[:8], params, use_tqdm=False)
-            for rnd in range(args.repeats):
+        self_check: dict[str, float] = {}
+        for rnd in range(args.repeats):
+            round_times = []
+            for phase in phases:
+                # Engines restart every round (phases cannot share a process's vLLM), so that
+                # round r of (a) and of (b) run minutes apart at most: their ratio is paired too.
+                drop_engines()
+                for key in phase:  # start engines: a warm-up build on a few samples (kept warm in build)
+                    if key in ("a", "e"):
+                        continue
+                    req = requests[key]
+                    t0 = time.perf_counter()
+                    # The build's self-check runs once per build, not per shard: on in the first
+                    # warm-up (its time is reported), off in the timed builds.
+                    res = build_cache(forced(req, data=str(warm), out=req.out + "-warm", self_check=rnd == 0))
+                    if rnd == 0:
+                        self_check[key] = res.self_check_s or 0.0
+                        log(f"  ({key}) warm-up build (engine start) {time.perf_counter() - t0:.1f}s")
+                if "a" in phase:
+                    plain = build_mod._engine_for(requests["b0"], "vllm")
+                    llm = plain._ensure_llm(SignalSpec(top_k=args.k))
+                    prompts = prefill_prompts(plain, records)
+                    llm.generate(prompts[:8], params, use_tqdm=False)
+                if "e" in phase:
+                    hf = build_mod._engine_for(requests["d"], "hf")
+                    batches = hf_batches(hf, records, args.hf_batch_size)
+                    hf_forward(hf, batches[:1])
                 for key in phase:
                     if key == "a":
                         t0 = time.perf_counter()
-                        outs = engine._llm.generate(prompts, params, use_tqdm=False)
+                        outs = llm.generate(prompts, params, use_tqdm=False)
                         times["a"].append(time.perf_counter() - t0)
                         tokens["prompt"] = sum(len(o.prompt_token_ids) for o in outs)
                         continue
-                    vllm_engine = build_mod._engine_for(requests["b"], "vllm") if key == "b0" else None
-                    if vllm_engine is not None:
-                        vllm_engine.array_prompt_logprobs = False
-                    if key != "d":
-                        timers.install()
+                    if key == "e":
+                        t0 = time.perf_counter()
+                        hf_forward(hf, batches)
+                        times["e"].append(time.perf_counter() - t0)
+                        continue
+                    timers.install()
                     timers.reset()
                     if profile and key == "b":
                         profile.enable()
                     t0 = time.perf_counter()
-                    res = build_cache(forced(requests[key]))
+                    res = build_cache(forced(requests[key], self_check=False))
                     dt = time.perf_counter() - t0
                     if profile:
                         profile.disable()
                     timers.remove()
-                    if vllm_engine is not None:
-                        vllm_engine.array_prompt_logprobs = True
                     if not times[key] or dt < min(times[key]):
-                        warm_up = {k: v for k, v in splits.get(key, {}).items() if "warm" in k}
-                        splits[key] = {**dict(timers.total), **warm_up}
+                        splits[key] = dict(timers.total)
                     times[key].append(dt)
                     tokens["answer"] = res.tokens
-                log(f"  round {rnd + 1}: " + "  ".join(f"({k}) {times[k][-1]:.2f}s" for k in phase))
-            load.append(os.getloadavg()[0])
+                round_times += [f"({k}) {times[k][-1]:.2f}s" for k in phase]
+                load.append(os.getloadavg()[0])
+            log(f"  round {rnd + 1}: " + "  ".join(round_times))
+        for key, sec in self_check.items():
+            splits.setdefault(key, {})["self-check (once a build; not timed)"] = sec
         drop_engines()
 
+        from kd.pipeline.engines.vllm_head import choose_for_model
+
+        head_path = choose_for_model(teacher)
         rows = [Row(ROW_LABELS[k], min(v), tokens["prompt"], tokens["answer"], notes[k]) for k, v in times.items()]
-        report(args, records, rows, {ROW_LABELS[k]: v for k, v in splits.items()}, setup, times, load)
+        report(args, vocab, text["vocab_size"], records, rows, {ROW_LABELS[k]: v for k, v in splits.items()}, setup,
+               times, load, head_path)
         if profile:
             print("\ncProfile of the timed (b) builds, all rounds (cumulative time, top 40):")
             s = io.StringIO()
@@ -346,51 +484,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ROW_LABELS = {"a": "(a) vLLM prefill, no logprobs", "b": "(b) kd capture top-k (vllm)",
-              "b0": "(b0) kd capture, vLLM lists", "c": "(c) kd capture top-k + hidden",
-              "d": "(d) kd capture top-k (hf)"}
+              "b0": "(b0) kd capture, prompt_logprobs", "c": "(c) kd capture top-k + hidden",
+              "d": "(d) kd capture top-k (hf)", "e": "(e) hf forward, no logits"}
 
 
-def report(args, records, rows: list[Row], splits, setup: float, times: dict[str, list[float]],
-           load: list[float]) -> None:
+def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, setup: float,
+           times: dict[str, list[float]], load: list[float], head_choice) -> None:
     import statistics
 
     import torch
     import vllm
 
-    a = rows[0]
+    by_key = dict(zip(times, rows))
+    a = by_key["a"]
     n = len(records)
-    print(f"\ncapture benchmark: model={args.model} (tiny teacher preset), {n} samples, "
+    print(f"\ncapture benchmark: model={args.model} (tiny teacher preset), vocab {vocab_size:,}"
+          f"{' (the tokenizer' + chr(39) + 's)' if not vocab else ''}, shape {args.shape}: {n} samples, "
           f"{a.prompt_tokens / n:.0f} prompt tokens/sample (answer {a.answer_tokens / n:.1f}), k={args.k}, "
           f"best of {args.repeats} rounds; vllm {vllm.__version__}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'vLLM default'}, setup {setup:.1f}s")
+    print(f"vLLM engine head path: {head_choice.path} ({head_choice.reason})")
     busy = max(load) > (os.cpu_count() or 1)  # the benchmark itself accounts for up to one per core
-    print(f"1-min load average at start / after each phase: {' / '.join(f'{x:.1f}' for x in load)}"
+    print(f"1-min load average at start / max after a phase: {load[0]:.1f} / {max(load):.1f}"
           + ("  (machine busy: numbers are noisy" + ("; --threads 1 steadies them)" if args.threads != 1 else ")")
              if busy else ""))
-    print(f"{'row':31} {'seconds':>8} {'prompt tok/s':>13} {'answer tok/s':>13} {'vs (a)':>7}  note")
+    print(f"{'row':34} {'seconds':>8} {'prompt tok/s':>13} {'answer tok/s':>13} {'vs (a)':>7}  note")
     for r in rows:
-        print(f"{r.label:31} {r.seconds:8.2f} {r.prompt_tps:13,.0f} {r.answer_tps:13,.0f} "
+        print(f"{r.label:34} {r.seconds:8.2f} {r.prompt_tps:13,.0f} {r.answer_tps:13,.0f} "
               f"{r.prompt_tps / a.prompt_tps:7.2f}  {r.note}")
-    print("\nwhere the build time goes (best timed run; indented = inside engine.capture; "
-          "rest = validate, key, plan, seal):")
+    print("\nwhere the build time goes (best timed run; teacher = engine.capture, indented = inside it; "
+          "encode / commit = the shard writer; rest = validate, key, plan, seal):")
     for r in rows:
         if r.label not in splits:
             continue
         print(f"  {r.label}: {r.seconds:.2f}s")
         for name, sec in splits[r.label].items():
             print(f"    {name:42} {sec:7.2f}s")
-    print("\nratios of prompt tok/s to (a): best-of-rounds, and the median of the per-round ratios (each round"
-          "\ntimes (a) next to the row, so it is the steadier one on a busy machine; (c) runs in its own phase):")
-    for key, r in zip(list(times)[1:], rows[1:]):
-        best = r.prompt_tps / a.prompt_tps
-        line = f"  ({key})/(a) = {best:.2f} best-of"
-        paired = statistics.median(x / y for x, y in zip(times["a"], times[key])) if key != "c" else None
-        if paired is not None:
-            line += f", {paired:.2f} paired median"
-        if key == "b":
-            verdict = "PASS" if paired >= TARGET_RATIO else "MISS"
-            line += f"   target >= {TARGET_RATIO} on CPU (paired median): {verdict}"
-        print(line)
+    print("\nratios of prompt tok/s: best-of-rounds, and the median of the per-round ratios (each round times"
+          "\nevery row once, so a burst of load from other users hits the rows of one round alike):")
+
+    def line(key: str, ref: str, target: bool) -> str:
+        best = by_key[ref].seconds / by_key[key].seconds
+        med = statistics.median(x / y for x, y in zip(times[ref], times[key]))
+        out = f"  ({key})/({ref}) = {best:.2f} best-of, {med:.2f} paired median"
+        if target:
+            out += f"   target >= {TARGET_RATIO} on CPU: {'PASS' if med >= TARGET_RATIO else 'MISS'}"
+        return out
+
+    for key in times:
+        if key != "a" and key != "e":
+            print(line(key, "a", key == "b"))
+    if "d" in times and "e" in times:
+        print(line("d", "e", True))
 
 
 if __name__ == "__main__":

@@ -66,4 +66,27 @@ def test_cache_io_reports_sizes_kl_and_throughput_for_every_coding():
 def test_capture_prints_the_prefill_ratio():
     pytest.importorskip("vllm")
     out = _run("capture.py", "--samples", "4", "--repeats", "1", "--skip", "c,d")
-    assert re.search(rf"\(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median", out), out[-2000:]
+    assert re.search(rf"\(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median   target >= 0.8 on CPU: (PASS|MISS)", out), \
+        out[-2000:]
+    assert "vLLM engine head path: answer_only" in out, out[-2000:]
+
+
+@pytest.mark.vllm
+def test_capture_at_a_real_shape_prints_every_vocabulary_and_the_split():
+    """--shape real (~1,600-token prompts, 20-40-token answers) at two vocabularies, one process each."""
+    pytest.importorskip("vllm")
+    out = _run("capture.py", "--shape", "real", "--vocab", "0,4096", "--samples", "2", "--repeats", "1",
+               "--skip", "c", "--compare-old")
+    prompt_tokens = [float(m) for m in re.findall(rf"samples, {NUMBER} prompt tokens/sample", out)]
+    answers = [float(m) for m in re.findall(rf"\(answer {NUMBER}\)", out)]
+    assert len(prompt_tokens) == 2 and min(prompt_tokens) >= 1500, out[-3000:]
+    assert answers and all(20 <= a <= 40 for a in answers), out[-3000:]
+    assert "vocab 832 (the tokenizer's)" in out and "vocab 4,096," in out, out[-3000:]
+    summary = out[out.index("ratio lines of every vocabulary:"):]
+    for vocab in ("tokenizer", "4096"):
+        assert re.search(rf"vocab {vocab}: \(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median", summary), summary
+        assert re.search(rf"vocab {vocab}: \(d\)/\(e\) = {NUMBER} best-of, {NUMBER} paired median", summary), summary
+        assert re.search(rf"vocab {vocab}: \(b0\)/\(a\) = {NUMBER} best-of", summary), summary
+    for part in ("teacher: engine.capture (vllm)", "answer head (kd: norm, lm_head, top-k)", "encode: writer.add",
+                 "commit: writer.commit", "teacher: engine.capture (hf)"):
+        assert part in out, part
