@@ -200,6 +200,16 @@ _LS_HELP = (  # paragraphs as single lines: typer keeps line breaks after the fi
 )
 
 
+def _dataset_filter(value: Optional[str]) -> Optional[str]:
+    """``--dataset`` as a fingerprint prefix: a JSONL file is fingerprinted as `kd cache build` does
+    (images included; a ``DatasetError`` names a bad file), anything else is taken as hex."""
+    if value is None or not Path(value).is_file():
+        return value
+    from kd.pipeline.dataset import dataset_fingerprint, load_records
+
+    return dataset_fingerprint(load_records(value))
+
+
 @cache_app.command("ls", help=_LS_HELP)
 def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON (every field, hashes in full)."),
@@ -208,12 +218,12 @@ def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."
              role: Optional[str] = typer.Option(None, help="Only caches built for this role (perception, ...)."),
              dataset: Optional[str] = typer.Option(None, help="Only caches of this dataset: a JSONL file, or a prefix of its fingerprint.")) -> None:
     """List caches (help: _LS_HELP; tests/test_cache_listing.py checks it against listing.DROP_ORDER)."""
-    from kd.cache_schema.listing import Filters, by_created, dataset_filter, scan
+    from kd.cache_schema.listing import Filters, by_created, scan
     from kd.cli_render import render_long, render_ls
     from kd.pipeline.dataset import DatasetError
 
     try:
-        filters = Filters(teacher=teacher, role=role, dataset=dataset_filter(dataset))
+        filters = Filters(teacher=teacher, role=role, dataset=_dataset_filter(dataset))
     except (ValueError, DatasetError) as e:
         _fail(str(e))
     with _storage_errors(root):

@@ -161,20 +161,6 @@ class Filters:
         return True
 
 
-def dataset_filter(value: str | None) -> str | None:
-    """``--dataset`` as a fingerprint prefix: a JSONL file is fingerprinted (as `kd cache build`
-    does, images included), anything else must be hex; a ``DatasetError`` names a bad file."""
-    if value is None:
-        return None
-    from pathlib import Path
-
-    if Path(value).is_file():
-        from kd.pipeline.dataset import dataset_fingerprint, load_records
-
-        return dataset_fingerprint(load_records(value))
-    return value
-
-
 def signal_parts(signals: Mapping[str, Any] | None) -> list[str]:
     """The signals a cache holds, one short part each: ``top16 fp16``, ``h[2]``, ``attn full[1,2]``.
 

@@ -29,6 +29,7 @@ from .id_coding import ID_TABLE, decode_ids, unsort_ties
 from .id_lookup import SampleIdIndex, StringColumn
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .storage import Location, checksum_bytes
+from .summary import manifest_summary
 from .writer import SHARD_INDEX_FILE, shard_commit_name
 from .zarr_io import zarr_store
 
@@ -513,9 +514,10 @@ class CacheReader:
         return batch
 
     def summary(self) -> dict[str, Any]:
-        from .summary import summarize
-
-        return summarize(self)
+        """What `kd cache inspect` shows (``summary.manifest_summary``); a sealed cache only."""
+        if self.manifest is None:
+            raise CacheError(f"{self.location.url}: unsealed caches have no summary")
+        return manifest_summary(self.manifest, self.location.url)
 
 
 class JoinedReader:

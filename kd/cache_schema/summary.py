@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import CacheError
 from .manifest import MANIFEST_FILE, PLAN_FILE, Manifest
 from .storage import Location
-
-if TYPE_CHECKING:
-    from .reader import CacheReader
-
-
-def summarize(reader: "CacheReader") -> dict[str, Any]:
-    m = reader.manifest
-    if m is None:
-        raise CacheError(f"{reader.location.url}: unsealed caches have no summary")
-    return manifest_summary(m, reader.location.url)
-
 
 def manifest_summary(m: Manifest, url: str) -> dict[str, Any]:
     ki = m.key_inputs
