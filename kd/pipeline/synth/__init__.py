@@ -15,9 +15,10 @@ from .questions import (
     ego_action,
     exact_match,
     normalize_answer,
+    sample_scene,
 )
 from .render import render
-from .scene import Pedestrian, Scene, Vehicle, sample_scene
+from .scene import Pedestrian, Scene, Vehicle
 from .writer import scene_records, split_sizes, synthesize
 
 __all__ = [

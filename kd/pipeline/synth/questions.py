@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .scene import COLOURS, LIGHTS, MAX_VEHICLES, Scene
+import numpy as np
+
+from .scene import COLOURS, LIGHTS, MAX_VEHICLES, Scene, sample_raw_scene
 
 ACTIONS = ("stop", "slow down", "change left", "change right", "keep lane")
 HAZARDS = ("pedestrian", "traffic light", "vehicle ahead", "none")
@@ -137,3 +139,16 @@ def answer(question: str, scene: Scene) -> str:
     a = q.truth(scene)
     assert a in q.answers, (question, a)
     return a
+
+
+def sample_scene(rng: np.random.Generator, action: str | None = None, max_tries: int = 10_000) -> Scene:
+    """Draw a scene; with ``action``, redraw until the rule-based ego action equals it.
+
+    Rejection keeps the scene distribution natural within each action while letting the caller
+    balance the planning answers (the raw draws make some actions much rarer than others).
+    """
+    for _ in range(max_tries):
+        scene = sample_raw_scene(rng)
+        if action is None or ego_action(scene) == action:
+            return scene
+    raise RuntimeError(f"no scene with action {action!r} in {max_tries} draws")

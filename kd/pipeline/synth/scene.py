@@ -90,11 +90,11 @@ P: dict = dict(
     blocked=0.6,                 # P(first vehicle right ahead of the ego | any vehicle)
     far_weight=4.0,              # far-ahead cells are drawn 4x as often (they block nothing)
 )
-# Target frequencies of the ego action (sample_scene's ``action``): see ``synthesize``.
+# Target frequencies of the ego action (``questions.sample_scene``'s ``action``): see ``synthesize``.
 ACTION_WEIGHTS = {"stop": 0.28, "slow down": 0.2, "change left": 0.14, "change right": 0.14, "keep lane": 0.24}
 
 
-def _sample_raw(rng: np.random.Generator) -> Scene:
+def sample_raw_scene(rng: np.random.Generator) -> Scene:
     """Independent draws; the priors are tuned so each question's answers come out balanced-ish."""
     n_lanes = 3 if rng.random() < P["three_lanes"] else 2
     ego = int(rng.choice(3, p=P["ego3"])) if n_lanes == 3 else int(rng.choice(2, p=P["ego2"]))
@@ -124,18 +124,3 @@ def _sample_raw(rng: np.random.Generator) -> Scene:
     )
     return Scene(n_lanes=n_lanes, ego_lane=ego, light=light, crosswalk=crosswalk,
                  vehicles=vehicles, pedestrians=tuple(peds))
-
-
-def sample_scene(rng: np.random.Generator, action: str | None = None, max_tries: int = 10_000) -> Scene:
-    """Draw a scene; with ``action``, redraw until the rule-based ego action equals it.
-
-    Rejection keeps the scene distribution natural within each action while letting the caller
-    balance the planning answers (the raw draws make some actions much rarer than others).
-    """
-    from .questions import ego_action  # the rules live with the questions
-
-    for _ in range(max_tries):
-        scene = _sample_raw(rng)
-        if action is None or ego_action(scene) == action:
-            return scene
-    raise RuntimeError(f"no scene with action {action!r} in {max_tries} draws")

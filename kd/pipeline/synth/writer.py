@@ -19,7 +19,8 @@ import numpy as np
 
 from .questions import ACTIONS, BY_CAPABILITY, QUESTIONS, answer
 from .render import render
-from .scene import ACTION_WEIGHTS, sample_scene
+from .questions import sample_scene
+from .scene import ACTION_WEIGHTS
 
 SPLIT_NAMES = ("train", "val", "test")
 FORMAT_VERSION = 1
