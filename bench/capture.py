@@ -10,7 +10,7 @@ Everything runs on a tiny random-weight teacher built locally:
   JSONL of long prompts (random driving words) with multi-token answers. ``--shape toy``: ~256-token
   sequences, answers of ~10-26 tokens. ``--shape real``: a driving VLM's shape as text: prompts of
   ~1,600 tokens (as many as a prompt with ~1,000+ image tokens) and answers of 20-40 tokens.
-* ``--model vlm``: the Idefics3 teacher preset on the synthetic driving data (``kd.pipeline.synth``);
+* ``--model vlm``: the Idefics3 teacher preset on the synthetic driving data (``kd.pipeline.demo.synth``);
   sequences are short there (16 image tokens + a question), so fixed per-request costs weigh more.
 
 ``--vocab 0,151936`` runs the whole benchmark once per vocabulary (each in its own process: vLLM's
@@ -38,7 +38,7 @@ teacher prefills); answer tokens/s (what the cache stores) are shown beside them
 everything runs on one pinned CPU thread (``--threads``): with vLLM's own binding (all cores,
 spin-waiting OpenMP threads) a second busy process on the machine makes timings swing several-fold.
 Engine start-up is excluded: each build row first runs a warm-up build on 8 samples (which starts
-the engine, kept warm in ``build._WARM_ENGINES``), then times full builds with ``force=True``.
+the engine, kept warm in ``build.shard._WARM_ENGINES``), then times full builds with ``force=True``.
 
 The machine may be shared, so rows are timed round-robin within a phase (each round times every
 row once, so a burst of load hits all rows of the round); each row's best of ``--repeats`` rounds
@@ -72,10 +72,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU-backend warnings would bury the table
 
-from kd.pipeline import build as build_mod  # noqa: E402
+from kd.pipeline.build import shard as build_mod  # noqa: E402
 from kd.pipeline.build import BuildRequest, build_cache  # noqa: E402
-from kd.pipeline.dataset import load_records  # noqa: E402
-from kd.pipeline.tiny_models import DRIVING_WORDS, TEACHER, build_preset, build_tokenizer  # noqa: E402
+from kd.pipeline.common.dataset import load_records  # noqa: E402
+from kd.pipeline.demo.tiny_models import DRIVING_WORDS, TEACHER, build_preset, build_tokenizer  # noqa: E402
 
 TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
 # --shape: (sequence tokens, answer tokens min, max) for --model llm.
@@ -109,7 +109,7 @@ def write_llm_data(path: Path, n: int, seq_tokens: int, seed: int,
 
 def write_vlm_data(root: Path, n: int, seed: int) -> Path:
     """The first ``n`` records of the synthetic driving data (images relative to ``root``)."""
-    from kd.pipeline.synth import synthesize
+    from kd.pipeline.demo.synth import synthesize
 
     scenes = max(1, math.ceil(n / 3))  # 3 records per scene; all splits are pooled below
     paths = synthesize(root, scenes, seed=seed)
@@ -232,7 +232,7 @@ def hf_batches(engine, records, batch_size: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from kd.pipeline.engines import hf_engine
+    from kd.pipeline.build.engines import hf_engine
 
     stack = getattr(hf_engine, "stack_model_inputs", None) or hf_engine._stack_model_inputs  # renamed upstream
     samples = engine.encode([r.as_dict() for r in records])
@@ -338,9 +338,9 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         print("vLLM is not installed: rows (a)-(c) need it (pip install -e '.[cpu]')", file=sys.stderr)
         return 2
     from kd.cache_schema.writer import ShardWriter
-    from kd.pipeline.engines.base import SignalSpec
-    from kd.pipeline.engines.hf_engine import HFEngine
-    from kd.pipeline.engines.vllm_engine import VLLMEngine
+    from kd.pipeline.build.engines.base import SignalSpec
+    from kd.pipeline.build.engines.hf_engine import HFEngine
+    from kd.pipeline.build.engines.vllm_engine import VLLMEngine
 
     seq_tokens, answer_min, answer_max = SHAPES[args.shape]
     seq_tokens = args.seq_tokens or seq_tokens
@@ -420,12 +420,12 @@ def run(args: argparse.Namespace, vocab: int) -> int:
                         self_check[key] = res.self_check_s or 0.0
                         log(f"  ({key}) warm-up build (engine start) {time.perf_counter() - t0:.1f}s")
                 if "a" in phase:
-                    plain = build_mod._engine_for(requests["b0"], "vllm")
+                    plain = build_mod.warm_engine(requests["b0"], "vllm")
                     llm = plain._ensure_llm(SignalSpec(top_k=args.k))
                     prompts = prefill_prompts(plain, records)
                     llm.generate(prompts[:8], params, use_tqdm=False)
                 if "e" in phase:
-                    hf = build_mod._engine_for(requests["d"], "hf")
+                    hf = build_mod.warm_engine(requests["d"], "hf")
                     batches = hf_batches(hf, records, args.hf_batch_size)
                     hf_forward(hf, batches[:1])
                 for key in phase:
@@ -461,7 +461,7 @@ def run(args: argparse.Namespace, vocab: int) -> int:
             splits.setdefault(key, {})["self-check (once a build; not timed)"] = sec
         drop_engines()
 
-        from kd.pipeline.engines.vllm_head import choose_for_model
+        from kd.pipeline.build.engines.vllm_head import choose_for_model
 
         head_path = choose_for_model(teacher)
         rows = [Row(ROW_LABELS[k], min(v), tokens["prompt"], tokens["answer"], notes[k]) for k, v in times.items()]

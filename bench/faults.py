@@ -64,8 +64,8 @@ ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_O
 
 def setup(workdir: Path, n_scenes: int = 4) -> None:
     """Tiny teacher + data under ``workdir`` (9 train samples for 4 scenes)."""
-    from kd.pipeline.synth import synthesize
-    from kd.pipeline.tiny_models import build_preset
+    from kd.pipeline.demo.synth import synthesize
+    from kd.pipeline.demo.tiny_models import build_preset
 
     synthesize(workdir / "data", n_scenes, seed=3)
     build_preset("vlm", "student", workdir / "teacher", seed=1)

@@ -4,7 +4,7 @@
 
 Runs as is on a machine with the repo and ``pip install .[gpu]`` (or the docker GPU image): it
 downloads nothing (HF_HUB_OFFLINE), builds a random-weight text teacher locally with
-``kd.pipeline.tiny_models`` (the "teacher" preset, or ``--hidden-size/--layers`` for a bigger one,
+``kd.pipeline.demo.tiny_models`` (the "teacher" preset, or ``--hidden-size/--layers`` for a bigger one,
 or ``--model-dir`` for a local model) and a stage-one JSONL of long prompts (~``--seq-tokens``).
 
 1. Fidelity (``--fidelity-dtype``, float32 by default): both engines capture top-k (the largest k
@@ -49,9 +49,9 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_ENABLE_
 import numpy as np
 from capture import write_llm_data  # bench/capture.py
 
-from kd.pipeline.dataset import load_records
-from kd.pipeline.engines import SignalSpec, load_engine
-from kd.pipeline.tiny_models import PRESETS, TinyPreset, build_preset
+from kd.pipeline.common.dataset import load_records
+from kd.pipeline.build.engines import SignalSpec, load_engine
+from kd.pipeline.demo.tiny_models import PRESETS, TinyPreset, build_preset
 
 EXIT_FIDELITY, EXIT_SETUP = 1, 2
 
@@ -141,7 +141,7 @@ def vllm_prefill_hidden(engine, batch: list[dict], layers: tuple[int, ...]) -> l
     """k = 0: vLLM prefill with hidden-state extraction and no log-probs (what capture costs without top-k)."""
     from vllm import SamplingParams
 
-    from kd.pipeline.engines.vllm_engine import tokens_prompts
+    from kd.pipeline.build.engines.vllm_engine import tokens_prompts
 
     samples = engine.encode(batch)
     llm = engine._ensure_llm(SignalSpec(top_k=1, hidden_layers=layers))

@@ -50,7 +50,7 @@ def _masked_tail(s_lsm, ids, valid):
 
 @contextmanager
 def _direct_tail():
-    import kd.pipeline.losses as losses
+    import kd.pipeline.distill.losses as losses
 
     saved = losses.student_tail_logmass
     losses.student_tail_logmass = _masked_tail
@@ -78,7 +78,7 @@ def _losses(row: str, z, targets, cache, dense):
     """Forward of one row's total loss from leaf logits ``z`` (``dense``: teachers' [N, V] log-probs)."""
     import torch.nn.functional as F
 
-    from kd.pipeline.losses import answer_ce_loss, student_log_probs, topk_kd_loss
+    from kd.pipeline.distill.losses import answer_ce_loss, student_log_probs, topk_kd_loss
 
     if row == "ce":
         return answer_ce_loss(z, targets)

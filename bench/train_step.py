@@ -5,7 +5,7 @@
                                [--set loss.FIELD=VALUE ...] [--profile]
 
 One tiny VLM student (the demo's ``student`` preset, 2 layers x 64; ``--student medium`` is 4 x 256),
-synthetic driving data (``kd.pipeline.synth``: 3 records per scene, one per capability) and three
+synthetic driving data (``kd.pipeline.demo.synth``: 3 records per scene, one per capability) and three
 tiny teachers (``teacher`` preset, 4 x 128, different weight seeds, the student's tokenizer) with
 Drive-KD's signals per capability: top-k ``--k`` log-probs + hidden states of layers 2 and 4 for
 every teacher, plus text-to-vision maps of layer 0 (perception), full maps of layers 0..2
@@ -104,7 +104,7 @@ ROWS = {"sft": "(a) plain SFT", "cached": "(b) cached KD, 3 teachers", "online":
 
 
 def _student_preset(name: str):
-    from kd.pipeline.tiny_models import STUDENT, TinyPreset
+    from kd.pipeline.demo.tiny_models import STUDENT, TinyPreset
 
     if name == "student":
         return STUDENT
@@ -117,8 +117,8 @@ def _student_preset(name: str):
 def prepare(workdir: Path, args: argparse.Namespace) -> dict:
     """Data, student, teachers and their caches under ``workdir``; reused when already there."""
     from kd.pipeline.build import BuildRequest, build_cache
-    from kd.pipeline.synth import synthesize
-    from kd.pipeline.tiny_models import build_preset
+    from kd.pipeline.demo.synth import synthesize
+    from kd.pipeline.demo.tiny_models import build_preset
 
     setup_file = workdir / f"setup-{args.scenes}-{args.student}-k{args.k}.json"
     if setup_file.exists():
@@ -222,7 +222,7 @@ class SFTDataset:
         import numpy as np
 
         from kd.pipeline.distill.data import DistillSample
-        from kd.pipeline.encoding import encode_record
+        from kd.pipeline.common.encoding import encode_record
 
         rec = self.records[i]
         enc = encode_record(self.processor, rec.as_dict())
@@ -254,7 +254,7 @@ class OnlineTeacher:
         import torch
 
         from kd.pipeline.distill.data import flatten_maps, map_shapes
-        from kd.pipeline.engines.base import tail_logmass
+        from kd.pipeline.build.engines.base import tail_logmass
 
         device = batch["input_ids"].device
         positions = [torch.arange(int(a) - 1, int(a) - 1 + int(t), device=device)
@@ -315,7 +315,7 @@ def _read_scratch_cache(root: Path) -> None:
     import numpy as np
 
     from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, SignalConfig, key_inputs
-    from kd.pipeline.signals import TeacherSignals
+    from kd.pipeline.build.signals import TeacherSignals
 
     rng = np.random.default_rng(0)
     n, t, k, width, keys = 32, 8, 16, 32, 24
@@ -355,14 +355,14 @@ def _kd_loss_kernels(device):
     kernel, shared and the same for any model size), which is library set-up, not what a row adds."""
     import torch
 
-    from kd.pipeline.losses import (
+    from kd.pipeline.distill.losses import (
         answer_ce_loss,
         segment_attention_map_loss,
         stacked_hidden_state_rows,
         student_log_probs,
         topk_kd_loss,
     )
-    from kd.pipeline.mixing import lookup_teacher_weights, mixing_matrix, teacher_weight_rows
+    from kd.pipeline.distill.mixing import lookup_teacher_weights, mixing_matrix, teacher_weight_rows
 
     z = torch.randn(6, 10, device=device, requires_grad=True)
     s = student_log_probs(z)
@@ -397,7 +397,7 @@ def _warm_up_framework(student_dir: str, record, device, scratch: Path) -> float
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoProcessor
 
-    from kd.pipeline.encoding import encode_record
+    from kd.pipeline.common.encoding import encode_record
 
     encode_record(AutoProcessor.from_pretrained(student_dir), record.as_dict())
     lin = torch.nn.Linear(64, 64).to(device)
@@ -507,7 +507,7 @@ class RowRunner:
 
         from kd.pipeline.distill.data import attention_layout
         from kd.pipeline.distill.student import student_forward
-        from kd.pipeline.losses import answer_ce_loss
+        from kd.pipeline.distill.losses import answer_ce_loss
 
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -543,7 +543,7 @@ def _import_everything() -> None:
 
     import kd.cache_schema
     import kd.pipeline.distill.train
-    import kd.pipeline.engines.base  # noqa: F401
+    import kd.pipeline.build.engines.base  # noqa: F401
 
 
 def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
@@ -554,7 +554,7 @@ def worker(mode: str, setup: dict, args: argparse.Namespace) -> dict:
     _import_everything()
     import torch
 
-    from kd.pipeline.dataset import load_records
+    from kd.pipeline.common.dataset import load_records
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -78,7 +78,7 @@ def cache_build(
     from kd.cache_schema import CacheError
     from kd.config_files import build_requests_from_config, load_config
     from kd.pipeline.build import BuildProgress, BuildRequest, build_cache
-    from kd.pipeline.dataset import DatasetError
+    from kd.pipeline.common.dataset import DatasetError
 
     cli = dict(
         teacher=str(teacher) if teacher else None, data=str(data) if data else None, out=out_root, engine=engine,
@@ -205,7 +205,7 @@ def _dataset_filter(value: Optional[str]) -> Optional[str]:
     (images included; a ``DatasetError`` names a bad file), anything else is taken as hex."""
     if value is None or not Path(value).is_file():
         return value
-    from kd.pipeline.dataset import dataset_fingerprint, load_records
+    from kd.pipeline.common.dataset import dataset_fingerprint, load_records
 
     return dataset_fingerprint(load_records(value))
 
@@ -220,7 +220,7 @@ def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."
     """List caches (help: _LS_HELP; tests/test_cache_listing.py checks it against listing.DROP_ORDER)."""
     from kd.cache_schema.listing import Filters, by_created, scan
     from kd.cli_render import render_long, render_ls
-    from kd.pipeline.dataset import DatasetError
+    from kd.pipeline.common.dataset import DatasetError
 
     try:
         filters = Filters(teacher=teacher, role=role, dataset=_dataset_filter(dataset))
@@ -245,7 +245,7 @@ def data_synth(out_dir: Path = typer.Option(..., "--out", help="Output directory
                n: int = typer.Option(1000, help="Number of scenes (3 records each: one per capability)."),
                seed: int = typer.Option(0, help="Random seed (same seed, byte-identical files).")) -> None:
     """Generate synthetic driving scenes with perception / reasoning / planning questions."""
-    from kd.pipeline.synth import synthesize
+    from kd.pipeline.demo.synth import synthesize
 
     paths = synthesize(out_dir, n, seed)
     for split, path in paths.items():
@@ -273,8 +273,8 @@ def models_tiny(out_dir: Optional[Path] = typer.Option(None, "--out", help="Wher
                 tokenizer_seed: int = typer.Option(0, help="Tokenizer seed; families of one base vocabulary share "
                                                          "token ids at equal tokenizer seeds.")) -> None:
     """Build a tiny model of one family (see ``_TINY_HELP``); ``--kind`` stays for older scripts."""
-    from kd.pipeline.tiny_families import ARCHS, KIND_ALIASES, build_tiny
-    from kd.pipeline.tiny_models import PRESETS
+    from kd.pipeline.demo.tiny_families import ARCHS, KIND_ALIASES, build_tiny
+    from kd.pipeline.demo.tiny_models import PRESETS
 
     if arch == "list":
         for name, family in ARCHS.items():
@@ -357,7 +357,7 @@ def eval_cmd(model: Path = typer.Option(..., help="Model directory to evaluate."
              batch_size: int = typer.Option(8, help="Samples per generate call."),
              as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Greedy-decode answers and report exact-match accuracy per capability and on average."""
-    from kd.pipeline.evaluate import evaluate
+    from kd.pipeline.distill.evaluate import evaluate
 
     if not (model / "config.json").is_file():
         _fail(f"{model} is not a model directory (no config.json)")

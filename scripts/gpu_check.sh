@@ -9,7 +9,7 @@
 #   scripts/gpu_check.sh --samples 256 --seq-tokens 512    # any bench/gpu_check.py option passes through
 #
 # It installs nothing and reaches no network (HF_HUB_OFFLINE, PIP_NO_INDEX): the teacher is built
-# locally with kd.pipeline.tiny_models. Steps:
+# locally with kd.pipeline.demo.tiny_models. Steps:
 #   1. environment: GPU, driver, torch / CUDA / vLLM versions           (GPU-only)
 #   2. bench/gpu_check.py --device cuda:                                 (GPU-only)
 #      fidelity: CUDA vLLM vs the transformers engine in float32 (top-k ids, log-probs within

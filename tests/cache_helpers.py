@@ -13,7 +13,7 @@ import zarr
 
 from kd.cache_schema import BuildPlan, CacheBuild, Location, Manifest, SignalConfig, checksum_bytes, key_inputs
 from kd.cache_schema.synthetic import teacher_like_topk
-from kd.pipeline.signals import TeacherSignals
+from kd.pipeline.build.signals import TeacherSignals
 
 PROMPT = 6  # prompt tokens before the answer in every synthetic sample
 

@@ -12,10 +12,10 @@ import pytest
 
 from kd.cache_schema import BuildPlan, CacheBuild, Location, SignalConfig, key_inputs
 from kd.pipeline.build import BuildRequest, build_cache
-from kd.pipeline.dataset import dataset_fingerprint, load_records
-from kd.pipeline.engines import SignalSpec, load_engine
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.common.dataset import dataset_fingerprint, load_records
+from kd.pipeline.build.engines import SignalSpec, load_engine
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 
 def build_test_cache(teacher_dir: str | Path, jsonl: str | Path, root: str | Path, spec: SignalSpec, *,
@@ -61,7 +61,7 @@ def kd_world(tmp_path_factory):
     tokenizer (tokenizer_seed 1), synthetic data (train 9 records, val 6) and three teacher caches written by
     the hf engine: perception (top-k 16 + hidden + t2v layer 0), reasoning (top-k 16 + full maps of
     layers 0..2), both written here with ``build_test_cache``, and planning (sampled 12 draws + t2v
-    layer 2, written by ``kd.pipeline.build.build_cache``)."""
+    layer 2, written by ``kd.pipeline.build.recipe.build_cache``)."""
     root = tmp_path_factory.mktemp("kd_world")
     teacher = build_preset("vlm", "teacher", root / "teacher")
     student = build_preset("vlm", "student", root / "student")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd.pipeline.encoding import EncodedSample, encode_sample
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.common.encoding import EncodedSample, encode_sample
+from kd.pipeline.demo.tiny_models import build_preset
 
 
 def make_image(seed: int, height: int = 80, width: int = 100):

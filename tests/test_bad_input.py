@@ -19,14 +19,15 @@ from typer.testing import CliRunner
 from kd.cache_schema import CacheReader, SchemaVersionError
 from kd.cli import app
 from kd.pipeline.build import BuildRequest, build_cache, prepare
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import AlignmentError, DistillDataset, load_config, open_teachers
-from kd.pipeline.encoding import encode_record
-from kd.pipeline.engines.base import (SignalSpec, check_top_k, engine_limits, load_config_and_processor,
-                                      sequence_lengths)
-from kd.pipeline.mixing import check_capabilities, resolve_mixing
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.common.encoding import encode_record
+from kd.pipeline.build.engines.base import SignalSpec
+from kd.pipeline.build.engines.limits import check_top_k, engine_limits, sequence_lengths
+from kd.pipeline.common.model_files import load_config_and_processor
+from kd.pipeline.distill.mixing import check_capabilities, resolve_mixing
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 ROLES = ["perception", "reasoning", "planning"]
 

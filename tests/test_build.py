@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 
 from kd.cache_schema import CacheReader
 from kd.cli import app
-from kd.pipeline import build as build_mod
+from kd.pipeline.build import recipe as recipe_mod
+from kd.pipeline.build import shard as build_mod
 from kd.pipeline.build import BuildRequest, build_cache, prepare, run_shard, ShardJob, asdict_request
-from kd.pipeline.dataset import DatasetError
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.common.dataset import DatasetError
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def reference(workdir) -> str:
 
 def test_build_contents_match_records(workdir, reference):
     r = CacheReader(reference)
-    from kd.pipeline.dataset import load_records
+    from kd.pipeline.common.dataset import load_records
 
     records = load_records(workdir / "data" / "train.jsonl")
     assert r.sample_ids == [rec.id for rec in records]
@@ -86,7 +87,9 @@ def test_same_request_reuses_sealed_cache_without_teacher(workdir, reference, mo
     def no_engine(*a, **k):
         raise AssertionError("a teacher engine was started for a sealed cache")
 
-    monkeypatch.setattr(build_mod, "_engine_for", no_engine)
+    monkeypatch.setattr(recipe_mod, "warm_engine", no_engine)  # the self-check's
+    monkeypatch.setattr(build_mod, "warm_engine", no_engine)  # the shards'
+
     res = build_cache(request(workdir, workdir / "ref"))
     assert res.reused and res.path == reference and res.shards_built == 0
 
@@ -209,7 +212,7 @@ def test_sampled_logits_build(workdir, tmp_path):
 
 
 def test_build_workers_find_records_by_id_and_name_a_missing_one(workdir):
-    from kd.pipeline.dataset import load_records
+    from kd.pipeline.common.dataset import load_records
 
     path = workdir / "data" / "train.jsonl"
     records = load_records(path, check_images=False)

@@ -40,7 +40,7 @@ SPECS = [
 
 
 def _fingerprint_of_records(path: Path) -> str:
-    from kd.pipeline.dataset import dataset_fingerprint, load_records
+    from kd.pipeline.common.dataset import dataset_fingerprint, load_records
 
     return dataset_fingerprint(load_records(path))
 

@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from kd.cache_schema import CacheReader, verify_cache
 from kd.cli import app
 from kd.pipeline.build import BuildRequest, build_cache
-from kd.pipeline.fanout import task_key
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.build.fanout import task_key
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 BIN = Path(sys.executable).parent  # the same environment's `dask` and python for every process
 pytestmark = pytest.mark.timeout(420)  # a hung cluster fails with a traceback and still tears down
@@ -72,7 +72,7 @@ storage.Location.write_atomic = write_atomic
 
 
 def dask_setup(worker):
-    import kd.pipeline.build  # noqa: F401  (torch and transformers load before the first task)
+    import kd.pipeline.build.recipe  # noqa: F401  (torch and transformers load before the first task)
 '''
 
 

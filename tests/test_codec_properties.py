@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, SignalConfig, key_inputs
 from kd.cache_schema.codecs import U8_BETA, U8_FOLD_NATS, U8_LEVELS, decode_logprobs, encode_logprobs, kl_topk_buckets
-from kd.pipeline.signals import TeacherSignals
+from kd.pipeline.build.signals import TeacherSignals
 
 _H = 0.5 / U8_LEVELS  # half a u8 code step on the (p / p_top1)^(1/3) scale
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.pipeline.dataset import Record
-from kd.pipeline.engines.base import check_context, engine_limits, load_config_and_processor, sequence_lengths
-from kd.pipeline.tiny_models import DRIVING_WORDS, build_tiny_llm
+from kd.pipeline.common.dataset import Record
+from kd.pipeline.build.engines.limits import check_context, engine_limits, sequence_lengths
+from kd.pipeline.common.model_files import load_config_and_processor
+from kd.pipeline.demo.tiny_models import DRIVING_WORDS, build_tiny_llm
 
 MAX_POSITIONS = 64
 
@@ -79,7 +80,7 @@ def test_limits_say_what_each_engine_takes(short_llm):
 def test_vllm_itself_takes_max_sequence_tokens_and_refuses_one_more(short_llm):
     """The limit is vLLM's own: the longest admitted sequence captures, one more is what vLLM rejects."""
     pytest.importorskip("vllm")
-    from kd.pipeline.engines import SignalSpec, load_engine
+    from kd.pipeline.build.engines import SignalSpec, load_engine
 
     _, processor = load_config_and_processor(short_llm)
     engine = load_engine("vllm", short_llm, dtype="float32")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kd.pipeline.dataset import DatasetError, Record, dataset_fingerprint, load_image, load_records
+from kd.pipeline.common.dataset import DatasetError, Record, dataset_fingerprint, load_image, load_records
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(8, 8)) -> Path:
@@ -264,7 +264,7 @@ def test_fingerprint_image_order_and_records_directly(ds: Path):
 
 
 def test_record_table_gives_back_every_record_exactly(ds: Path):
-    from kd.pipeline.dataset import RecordTable
+    from kd.pipeline.common.dataset import RecordTable
 
     rows = [
         _rec("a", split="train", extra={"k": 1, "nested": [1.5, None, "x"]}),
@@ -296,7 +296,7 @@ def test_record_table_keeps_no_python_object_per_record():
     import tracemalloc
     import weakref
 
-    from kd.pipeline.dataset import RecordTable
+    from kd.pipeline.common.dataset import RecordTable
 
     n = 20_000
     records = [Record(id=f"scene-{i:06d}", images=(Path(f"/data/{i:06d}.png"),), prompt="What is ahead?",

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from distill_helpers import build_test_cache
 
-from kd.pipeline.engines import SignalSpec
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.build.engines import SignalSpec
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 STEPS = 3
 GLOBAL_ACCUM = 4

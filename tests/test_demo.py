@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kd.pipeline.demo import PLANS, run_demo
-from kd.pipeline.report import CAPABILITIES, METRICS
+from kd.pipeline.demo.report import CAPABILITIES, METRICS
 
 pytestmark = pytest.mark.slow  # about a minute and a half for both runs on 2 CPU cores
 
@@ -73,7 +73,7 @@ def test_quick_demo_then_reuse(tmp_path, monkeypatch):
     cache_paths = {r: c["path"] for r, c in doc["caches"].items()}
 
     # Second run, through the CLI: no teacher may run (training and engines are booby-trapped).
-    import kd.pipeline.demo as demo_mod
+    import kd.pipeline.demo.run as demo_mod
     from kd.pipeline import engines
 
     def boom(*args, **kwargs):

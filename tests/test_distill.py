@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from distill_helpers import build_test_cache, kd_world  # noqa: F401
 
 from kd.cache_schema import CachedSample, CacheReader
-from kd.pipeline.dataset import RecordTable, load_records
+from kd.pipeline.common.dataset import RecordTable, load_records
 from kd.pipeline.distill import AlignmentError, DistillConfig, VocabMap, distill, load_config, open_teachers
 from kd.pipeline.distill.data import DistillDataset, collate, to_student_ids
 from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import load_student, student_forward
 from kd.pipeline.distill.train import DistillModule
-from kd.pipeline.encoding import encode_record
-from kd.pipeline.engines import SignalSpec
-from kd.pipeline.losses import attention_map_loss, hidden_state_loss, sampled_kd_loss, student_log_probs, topk_kd_loss
+from kd.pipeline.common.encoding import encode_record
+from kd.pipeline.build.engines import SignalSpec
+from kd.pipeline.distill.losses import attention_map_loss, hidden_state_loss, sampled_kd_loss, student_log_probs, topk_kd_loss
 
 ROLES = ("perception", "reasoning", "planning")
 FAST = {"lr": 1e-3, "warmup_steps": 0, "grad_accum": 1, "batch_size": 3}

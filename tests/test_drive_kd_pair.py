@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from kd.pipeline.build import BuildRequest, build_cache
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import distill, load_config, open_teachers
 from kd.pipeline.distill.data import AlignmentError, DistillDataset
 from kd.pipeline.distill.student import load_student
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_families import build_tiny
-from kd.pipeline.tiny_models import TinyPreset
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_families import build_tiny
+from kd.pipeline.demo.tiny_models import TinyPreset
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from fixtures_models import (llm_tokenizer, make_image, tiny_llm_dir, tiny_vlm_dir, vlm_processor,  # noqa: F401
                              vlm_samples)
 
-from kd.pipeline.encoding import encode_record, encode_sample, end_of_turn_token, hash_ids
+from kd.pipeline.common.encoding import encode_record, encode_sample, end_of_turn_token, hash_ids
 
 
 def _ids(proc, token):

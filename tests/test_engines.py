@@ -14,8 +14,8 @@ import torch
 from fixtures_models import (assert_same_topk, make_image, tiny_llm_dir, tiny_vlm_dir,  # noqa: F401
                              vlm_processor, vlm_samples)
 
-from kd.pipeline.engines import SignalSpec, engine_identity, load_engine
-from kd.pipeline.engines.base import TAIL_EPS, TeacherEngine, sample_sparse, tail_logmass
+from kd.pipeline.build.engines import SignalSpec, engine_identity, load_engine
+from kd.pipeline.build.engines.base import TAIL_EPS, TeacherEngine, sample_sparse, tail_logmass
 
 TOL = 1e-5
 
@@ -172,7 +172,7 @@ def test_capture_accepts_raw_records_and_rejects_empty_answers(hf, tmp_path):
 
 
 def test_engine_identity_is_content_based(tmp_path, tiny_llm_dir):
-    from kd.pipeline.tiny_models import build_preset
+    from kd.pipeline.demo.tiny_models import build_preset
 
     a = engine_identity(tiny_llm_dir)
     b = engine_identity(build_preset("llm", "student", tmp_path / "copy"))
@@ -182,7 +182,7 @@ def test_engine_identity_is_content_based(tmp_path, tiny_llm_dir):
 
 
 def test_vllm_engine_module_imports_without_vllm():
-    code = "import sys, kd.pipeline.engines.vllm_engine, kd.pipeline.engines; assert 'vllm' not in sys.modules"
+    code = "import sys, kd.pipeline.build.engines.vllm_engine, kd.pipeline.build.engines; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -241,7 +241,7 @@ def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir, t
         pytest.skip("flask is not installed")
     code = (
         "import flask, sys\n"
-        "from kd.pipeline.engines import SignalSpec, load_engine\n"
+        "from kd.pipeline.build.engines import SignalSpec, load_engine\n"
         f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32', hidden_layers=(1,))\n"
         "try:\n"
         "    e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2))\n"
@@ -261,7 +261,7 @@ def test_vllm_hidden_states_scratch_folder_is_removed_at_exit_without_close(tiny
     """Build workers keep their engine warm and never close it: the scratch folder goes at exit."""
     code = (
         "import glob, sys, tempfile\n"
-        "from kd.pipeline.engines import SignalSpec, load_engine\n"
+        "from kd.pipeline.build.engines import SignalSpec, load_engine\n"
         f"e = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32', hidden_layers=(1,))\n"
         "e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2, hidden_layers=(1,)))\n"
         "print('SCRATCH', len(glob.glob(tempfile.gettempdir() + '/kd-vllm-hidden-*')))\n"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from fixtures_models import tiny_vlm_dir  # noqa: F401
 
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill.student import load_student
-from kd.pipeline.encoding import encode_record
-from kd.pipeline.evaluate import evaluate, evaluate_model, greedy_answers, score
-from kd.pipeline.synth import synthesize
+from kd.pipeline.common.encoding import encode_record
+from kd.pipeline.distill.evaluate import evaluate, evaluate_model, greedy_answers, score
+from kd.pipeline.demo.synth import synthesize
 
 CAPS = {"perception", "reasoning", "planning"}
 

@@ -17,10 +17,10 @@ import torch
 from family_archs import VLM_ARCHS
 from fixtures_models import assert_same_topk, make_image
 
-from kd.pipeline.encoding import encode_sample, end_of_turn_token
-from kd.pipeline.engines import SignalSpec, load_engine
-from kd.pipeline.tiny_families import build_tiny
-from kd.pipeline.tiny_models import TinyPreset
+from kd.pipeline.common.encoding import encode_sample, end_of_turn_token
+from kd.pipeline.build.engines import SignalSpec, load_engine
+from kd.pipeline.demo.tiny_families import build_tiny
+from kd.pipeline.demo.tiny_models import TinyPreset
 
 TOL = 1e-5
 TEACHER = TinyPreset(hidden_size=64, num_layers=3, num_heads=2, intermediate_size=128)

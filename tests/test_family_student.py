@@ -15,15 +15,15 @@ import torch
 from family_archs import VLM_ARCHS
 
 from kd.pipeline.build import BuildRequest, build_cache
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import distill, load_config, open_teachers
 from kd.pipeline.distill.config import LossConfig
 from kd.pipeline.distill.data import DistillDataset, collate
 from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import load_student, student_forward
-from kd.pipeline.evaluate import evaluate
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_families import build_tiny
+from kd.pipeline.distill.evaluate import evaluate
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_families import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd.pipeline.losses import (
+from kd.pipeline.distill.losses import (
     HiddenProjector,
     answer_ce_loss,
     attention_map_loss,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd.pipeline.mixing import (
+from kd.pipeline.distill.mixing import (
     LearnableLossWeights,
     agp_combine,
     agp_project,

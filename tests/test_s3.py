@@ -25,8 +25,8 @@ pytest.importorskip("s3fs", reason="the dev extra installs s3fs")
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
 from kd.cli import app
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 BUCKET = "kd-caches"
 ROOT = f"s3://{BUCKET}/team/caches"

@@ -7,9 +7,9 @@ import pytest
 
 from kd.pipeline import self_check as sc
 from kd.pipeline.build import BuildRequest, build_cache, close_warm_engines
-from kd.pipeline.engines import hf_engine
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_families import build_tiny
+from kd.pipeline.build.engines import hf_engine
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_families import build_tiny
 
 
 @pytest.fixture(scope="module")

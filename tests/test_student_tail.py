@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd.pipeline.student_tail import student_tail_logmass
+from kd.pipeline.distill.student_tail import student_tail_logmass
 
 NEG_INF = float("-inf")
 

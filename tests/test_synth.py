@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd.pipeline.dataset import load_image, load_records
-from kd.pipeline.synth import (
+from kd.pipeline.common.dataset import load_image, load_records
+from kd.pipeline.demo.synth import (
     ACTIONS,
     BY_CAPABILITY,
     QUESTIONS,
@@ -26,7 +26,7 @@ from kd.pipeline.synth import (
     split_sizes,
     synthesize,
 )
-from kd.pipeline.synth.render import LAMPS, RGB, road_left, row_top
+from kd.pipeline.demo.synth.render import LAMPS, RGB, road_left, row_top
 
 
 def _v(lane: int, row: str, colour: str = "red", kind: str = "car") -> Vehicle:

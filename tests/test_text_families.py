@@ -12,15 +12,15 @@ from family_archs import TEXT_ARCHS
 from fixtures_models import assert_same_topk
 
 from kd.pipeline.build import BuildRequest, build_cache, close_warm_engines
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import open_teachers
 from kd.pipeline.distill.config import LossConfig
 from kd.pipeline.distill.data import DistillDataset, collate
 from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import load_student, student_forward
-from kd.pipeline.encoding import encode_sample, end_of_turn_token
-from kd.pipeline.engines import SignalSpec, load_engine
-from kd.pipeline.tiny_families import build_tiny
+from kd.pipeline.common.encoding import encode_sample, end_of_turn_token
+from kd.pipeline.build.engines import SignalSpec, load_engine
+from kd.pipeline.demo.tiny_families import build_tiny
 
 TOL = 1e-5
 SAMPLES = [("short", "Is the road ahead clear?", "yes"),

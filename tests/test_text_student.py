@@ -13,20 +13,20 @@ import torch
 from safetensors.torch import load_file
 
 from kd.pipeline.build import BuildRequest, build_cache
-from kd.pipeline.dataset import load_records
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import distill, load_config, open_teachers
 from kd.pipeline.distill.data import DistillDataset, collate
 from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import load_student, student_forward
-from kd.pipeline.encoding import encode_record
-from kd.pipeline.evaluate import evaluate
-from kd.pipeline.losses import (
+from kd.pipeline.common.encoding import encode_record
+from kd.pipeline.distill.evaluate import evaluate
+from kd.pipeline.distill.losses import (
     attention_map_loss,
     hidden_state_loss,
     padded_attention_map_loss,
 )
-from kd.pipeline.synth import synthesize
-from kd.pipeline.tiny_models import build_preset
+from kd.pipeline.demo.synth import synthesize
+from kd.pipeline.demo.tiny_models import build_preset
 
 FAST = {"lr": 1e-3, "warmup_steps": 0, "grad_accum": 1, "batch_size": 3}
 

@@ -16,8 +16,8 @@ import torch
 from fixtures_models import make_image
 from typer.testing import CliRunner
 
-from kd.pipeline.tiny_families import ARCHS, build_tiny
-from kd.pipeline.tiny_models import TEACHER, build_preset
+from kd.pipeline.demo.tiny_families import ARCHS, build_tiny
+from kd.pipeline.demo.tiny_models import TEACHER, build_preset
 
 VLM_ARCHS = [a for a, f in ARCHS.items() if not f.text_only]
 TEXT_ARCHS = [a for a, f in ARCHS.items() if f.text_only]

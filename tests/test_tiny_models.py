@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures_models import tiny_llm_dir, tiny_vlm_dir  # noqa: F401  (fixtures)
 
-from kd.pipeline.tiny_models import (IMAGE, SPECIAL_TOKENS, STUDENT, TEACHER, TinyPreset, build_preset, build_tiny_llm,
+from kd.pipeline.demo.tiny_models import (IMAGE, SPECIAL_TOKENS, STUDENT, TEACHER, TinyPreset, build_preset, build_tiny_llm,
                                      build_tiny_vlm, build_tokenizer)
 
 

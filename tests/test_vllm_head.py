@@ -17,8 +17,8 @@ import pytest
 import torch
 from fixtures_models import assert_same_topk
 
-from kd.pipeline.engines.vllm_head import AnswerHead, choose_for_model, choose_head_path
-from kd.pipeline.tiny_models import build_tokenizer
+from kd.pipeline.build.engines.vllm_head import AnswerHead, choose_for_model, choose_head_path
+from kd.pipeline.demo.tiny_models import build_tokenizer
 
 TOL = 1e-5
 VOCAB = 151_936  # Qwen2.5 / InternVL3's vocabulary
@@ -187,7 +187,7 @@ def test_answer_head_matches_transformers_on_the_pre_norm_residual(tmp_path, tie
 
 def _engine(model_dir: Path, head: str, hidden_layers: tuple[int, ...]):
     pytest.importorskip("vllm")
-    from kd.pipeline.engines import load_engine
+    from kd.pipeline.build.engines import load_engine
 
     return load_engine("vllm", model_dir, dtype="float32", hidden_layers=hidden_layers, head=head)
 
@@ -209,7 +209,7 @@ def _spy_prompt_logprobs(engine) -> list:
 @pytest.mark.parametrize("head,hidden", [("auto", ()), ("auto", (0, 1)), ("auto", (1, LAYERS)),
                                          ("prompt_logprobs", ()), ("prompt_logprobs", (1, LAYERS))])
 def test_vllm_paths_match_transformers_at_vocab_151936(big_llm, head, hidden):
-    from kd.pipeline.engines import SignalSpec
+    from kd.pipeline.build.engines import SignalSpec
 
     engine = _engine(big_llm, head, hidden)
     try:
@@ -238,7 +238,7 @@ def test_vllm_paths_match_transformers_at_vocab_151936(big_llm, head, hidden):
 
 @pytest.mark.vllm
 def test_vllm_answer_only_with_tied_embeddings(big_llm_tied):
-    from kd.pipeline.engines import SignalSpec
+    from kd.pipeline.build.engines import SignalSpec
 
     engine = _engine(big_llm_tied, "answer_only", ())
     try:

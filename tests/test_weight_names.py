@@ -14,9 +14,9 @@ import pytest
 import torch
 from fixtures_models import make_image
 
-from kd.pipeline.engines.weight_names import (WeightNamesError, vllm_model_dir, vllm_weight_renames,
+from kd.pipeline.build.engines.weight_names import (WeightNamesError, vllm_model_dir, vllm_weight_renames,
                                               write_vllm_checkpoint)
-from kd.pipeline.tiny_families import build_tiny
+from kd.pipeline.demo.tiny_families import build_tiny
 
 CLIP_RENAMES = {
     "vision_tower.embeddings.": "vision_tower.vision_model.embeddings.",

@@ -5,7 +5,7 @@ sample -> shard plan) once; each shard is written under a fresh attempt director
 becomes visible only when its ``shards/NNNNN.commit.json`` is published atomically; the
 sealer joins the shard indices into ``index.parquet`` and publishes ``manifest.json`` last.
 A killed build leaves only unreferenced attempt directories, which the seal removes.
-The seal is safe only with one builder at a time: ``kd.pipeline.build`` holds the build
+The seal is safe only with one builder at a time: ``kd.pipeline.build.recipe`` holds the build
 lease (``lease.py``) and passes it here so the seal checks it before deleting anything.
 A full disk raises ``CacheNoSpaceError`` naming the file; nothing is committed or sealed.
 """
@@ -95,7 +95,7 @@ INDEX_SCHEMA = pa.schema(
 
 
 class SampleSignals(Protocol):
-    """What a shard writer needs of one sample (``kd.pipeline.signals.TeacherSignals`` fits)."""
+    """What a shard writer needs of one sample (``kd.pipeline.build.signals.TeacherSignals`` fits)."""
 
     sample_id: str
     target_ids: np.ndarray

@@ -197,7 +197,7 @@ class DistillConfig:
             if unknown:
                 raise ValueError(f"loss.{name} names roles {unknown} that are not teachers {sorted(self.teachers)}")
         if self.loss.mixing_matrix is not None:  # every entry checked here, before anything is loaded
-            from kd.pipeline.mixing import resolve_mixing
+            from kd.pipeline.distill.mixing import resolve_mixing
 
             try:
                 resolve_mixing(self.loss.mixing_matrix, list(self.teachers))

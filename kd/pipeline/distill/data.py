@@ -29,11 +29,11 @@ from torch.utils.data import Dataset, Sampler
 
 from kd.cache_schema import CachedBatch, CachedSample, CacheReader, SampleRows, hash_ids
 from kd.cache_schema.reader import DEFAULT_CACHE_BYTES
-from kd.pipeline.dataset import Record, RecordTable
-from kd.pipeline.encoding import encode_record, end_of_turn_token
+from kd.pipeline.common.dataset import Record, RecordTable
+from kd.pipeline.common.encoding import encode_record, end_of_turn_token
 
 # The teacher engine's batching of processor outputs; the student batches the same way.
-from kd.pipeline.model_inputs import batch_model_inputs
+from kd.pipeline.common.model_inputs import batch_model_inputs
 
 __all__ = [
     "AlignmentError", "VocabMap", "TeacherSource", "TeacherTargets", "DistillSample", "DistillDataset",
@@ -129,7 +129,7 @@ class TeacherSource:
         if model_dir and (Path(model_dir) / "config.json").exists():
             from transformers import AutoConfig
 
-            from kd.pipeline.engines.base import num_text_layers
+            from kd.pipeline.common.model_files import num_text_layers
 
             try:
                 return num_text_layers(AutoConfig.from_pretrained(model_dir))
@@ -215,7 +215,7 @@ def cache_tokenizer_hash(src: TeacherSource) -> tuple[str, str] | None:
 
 def student_tokenizer_hash(processor: Any, field: str) -> tuple[str | None, str | None]:
     """(directory, hash by the ``field`` recipe) of the student's tokenizer; None unless it is a local dir."""
-    from kd.pipeline.engines.base import tokenizer_sha256, vocab_sha256
+    from kd.pipeline.common.model_files import tokenizer_sha256, vocab_sha256
 
     path = getattr(_tokenizer_of(processor), "name_or_path", None)
     if path and Path(path).is_dir():

@@ -5,7 +5,7 @@ each answer token carries its sample's mixing weight for that teacher,
 
     term_r = sum_b w[b, r] * T_b * loss(sample b) / N,       N = sum_b T_b,
 
-where ``loss(sample b)`` is the library loss (``kd.pipeline.losses``) on sample ``b``'s rows (its
+where ``loss(sample b)`` is the library loss (``kd.pipeline.distill.losses``) on sample ``b``'s rows (its
 mean over rows), ``T_b`` its answer tokens and ``w[b, r]`` the mixing-matrix entry of the sample's
 capability for teacher ``r`` (a single teacher has ``w = 1`` for every sample, whatever its
 capability). For logit KD this is exactly the row-weighted mean of the per-row losses. Hidden
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd.pipeline.losses import (
+from kd.pipeline.distill.losses import (
     HiddenProjector,
     answer_ce_loss,
     group_teacher_layers,
@@ -52,7 +52,7 @@ from kd.pipeline.losses import (
     student_log_probs,
     topk_kd_loss,
 )
-from kd.pipeline.mixing import (
+from kd.pipeline.distill.mixing import (
     lookup_teacher_weights,
     mixing_matrix,
     resolve_mixing,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.pipeline.engines.base import num_text_layers
+from kd.pipeline.common.model_files import num_text_layers
 
 __all__ = ["MAPS_ATTENTION", "StudentOutputs", "load_student", "student_dims", "student_forward", "use_map_attention"]
 

@@ -41,9 +41,9 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kd.pipeline.dataset import load_records
-from kd.pipeline.evaluate import evaluate_model
-from kd.pipeline.mixing import (LearnableLossWeights, agp_combine, assign_grads, check_capabilities, grad_norms,
+from kd.pipeline.common.dataset import load_records
+from kd.pipeline.distill.evaluate import evaluate_model
+from kd.pipeline.distill.mixing import (LearnableLossWeights, agp_combine, assign_grads, check_capabilities, grad_norms,
                                  per_loss_grads)
 
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint

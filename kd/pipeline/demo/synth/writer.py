@@ -1,4 +1,4 @@
-"""Write a synthetic driving dataset in the stage-one JSONL format (see ``kd.pipeline.dataset``).
+"""Write a synthetic driving dataset in the stage-one JSONL format (see ``kd.pipeline.common.dataset``).
 
 ``n`` counts *scenes*. Each scene gives one image and three records, one per capability:
 a perception question (the five types in turn: ``scene % 5``), a reasoning question
@@ -98,7 +98,7 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0,
         paths[split] = path
         start = stop
     manifest = {
-        "generator": "kd.pipeline.synth",
+        "generator": "kd.pipeline.demo.synth",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "n_scenes": n,

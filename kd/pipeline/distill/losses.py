@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .student_tail import student_tail_logmass
+from kd.pipeline.distill.student_tail import student_tail_logmass
 
 __all__ = [
     "HiddenProjector",

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.dataset import Record, load_records
-from kd.pipeline.encoding import EncodedSample, encode_record, end_of_turn_token
-from kd.pipeline.model_inputs import batch_model_inputs, truncate_per_token
-from kd.pipeline.synth.questions import exact_match, normalize_answer
+from kd.pipeline.common.dataset import Record, load_records
+from kd.pipeline.common.encoding import EncodedSample, encode_record, end_of_turn_token
+from kd.pipeline.common.model_inputs import batch_model_inputs, truncate_per_token
+from kd.pipeline.distill.scoring import exact_match, normalize_answer
 
 __all__ = ["evaluate", "evaluate_model", "greedy_answers", "score"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kd.cache_schema.writer import hash_ids  # one definition: the cache's alignment proof
-from kd.pipeline.model_inputs import extend_per_token
+from kd.pipeline.common.model_inputs import extend_per_token
 
 IMAGE_PLACEHOLDER = "<image>"
 _END_OF_TURN_CANDIDATES = ("<end_of_utterance>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")

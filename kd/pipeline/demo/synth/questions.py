@@ -21,21 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kd.pipeline.distill.scoring import exact_match, normalize_answer  # noqa: F401 - re-exported
+
 from .scene import COLOURS, LIGHTS, MAX_VEHICLES, Scene, sample_raw_scene
 
 ACTIONS = ("stop", "slow down", "change left", "change right", "keep lane")
 HAZARDS = ("pedestrian", "traffic light", "vehicle ahead", "none")
 YES_NO = ("yes", "no")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, trim, collapse inner whitespace and drop trailing ``.``/``!``."""
-    return " ".join(str(text).strip().lower().split()).rstrip(".!").strip()
-
-
-def exact_match(pred: str, gold: str) -> bool:
-    """Accuracy metric for the closed answer sets: equality after ``normalize_answer``."""
-    return normalize_answer(pred) == normalize_answer(gold)
 
 
 def crossing_pedestrian(s: Scene) -> bool:

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.encoding import EncodedSample
-from kd.pipeline.model_inputs import batch_model_inputs
-from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
-                                      ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
-from kd.pipeline.signals import TeacherSignals
+from kd.pipeline.common.encoding import EncodedSample
+from kd.pipeline.common.model_inputs import batch_model_inputs
+from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
+from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_limits
+from kd.pipeline.common.model_files import engine_identity, num_text_layers
+from kd.pipeline.build.signals import TeacherSignals
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -1,7 +1,7 @@
 """Running shard jobs: in this process, or as dask.distributed tasks (one task per shard).
 
 Kept beside the build recipe, not inside it: the recipe only produces ``ShardJob``s. With
-dask, each worker process keeps one warm teacher engine (``build._engine_for``) across the
+dask, each worker process keeps one warm teacher engine (``shard.warm_engine``) across the
 shards it runs; a worker lost mid-shard leaves no commit, so the scheduler's retry on another
 worker rewrites that shard from scratch.
 """
@@ -12,10 +12,10 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .build import BuildProgress, ShardJob
+from kd.pipeline.build.progress import BuildProgress
+from kd.pipeline.build.shard import ShardJob, run_shard
 
 GPU_RESOURCE = "GPU"
 
@@ -26,8 +26,6 @@ def run_jobs(jobs: list[ShardJob], *, workers: int = 0, scheduler: str | None = 
         return []
     if scheduler or workers > 0:
         return _run_dask(jobs, workers=workers, scheduler=scheduler, progress=progress)
-    from .build import run_shard
-
     out = []
     for job in jobs:
         out.append(run_shard(job, on_batch=progress.advance if progress else None))
@@ -48,8 +46,6 @@ def task_key(job: ShardJob) -> str:
 
 
 def _dask_task(job: ShardJob) -> dict[str, Any]:
-    from .build import run_shard
-
     return run_shard(job)
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.encoding import EncodedSample
-from kd.pipeline.signals import TeacherSignals
+from kd.pipeline.common.encoding import EncodedSample
+from kd.pipeline.build.signals import TeacherSignals
 
 # Max |difference| allowed, per compute dtype: log-probs in nats; hidden states relative to the
 # layer's max |value|; attention weights absolute.

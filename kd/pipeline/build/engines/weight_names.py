@@ -160,7 +160,7 @@ def vllm_model_dir(model_dir: str | Path, scratch_dir: str | Path | None = None)
         raise WeightNamesError(
             f"{model_dir}: vLLM cannot load these weight names (saved by transformers 5 with a flat "
             f"vision tower): it needs {shown}. transformers loads the renamed layout too. Fix: "
-            f"kd.pipeline.engines.weight_names.write_vllm_checkpoint({str(model_dir)!r}, OUT_DIR) and "
+            f"kd.pipeline.build.engines.weight_names.write_vllm_checkpoint({str(model_dir)!r}, OUT_DIR) and "
             f"give vLLM OUT_DIR, or call vllm_model_dir(model_dir, scratch_dir) to do it on the fly")
     out = Path(scratch_dir) / f"{model_dir.name}-vllm-{_fingerprint(model_dir)}"
     if not (out / "config.json").is_file():

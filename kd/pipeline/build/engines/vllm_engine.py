@@ -39,13 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.encoding import EncodedSample
-from kd.pipeline.engines.base import (Batch, SignalSpec, check_layers, check_top_k, engine_identity, engine_limits,
-                                      ensure_encoded, num_text_layers, sample_seed, sample_sparse, tail_logmass)
-from kd.pipeline.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
-from kd.pipeline.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
-from kd.pipeline.engines.weight_names import vllm_model_dir
-from kd.pipeline.signals import TeacherSignals
+from kd.pipeline.common.encoding import EncodedSample
+from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
+from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_limits
+from kd.pipeline.common.model_files import engine_identity, num_text_layers
+from kd.pipeline.build.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
+from kd.pipeline.build.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
+from kd.pipeline.build.engines.weight_names import vllm_model_dir
+from kd.pipeline.build.signals import TeacherSignals
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
 # instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.

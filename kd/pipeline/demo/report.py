@@ -81,8 +81,8 @@ def verdict(delta: Mapping[str, Any], metric: str, noise: float) -> str:
 def build_report(work: Path, *, plan: Any, data: Mapping[str, Any], teacher: Mapping[str, Any],
                  caches: Mapping[str, Mapping[str, Any]], students: Sequence[Mapping[str, Any]],
                  timings: Mapping[str, Any], workers: int) -> dict[str, Any]:
-    from kd.pipeline.demo import VARIANTS
-    from kd.pipeline.tiny_models import STUDENT, TEACHER
+    from kd.pipeline.demo.plans import VARIANTS
+    from kd.pipeline.demo.tiny_models import STUDENT, TEACHER
 
     by_variant: dict[str, dict[int, Mapping[str, Any]]] = defaultdict(dict)
     runs: dict[str, dict[int, str]] = defaultdict(dict)
@@ -186,7 +186,7 @@ def _design(plan: Any, data: Mapping[str, Any], teacher: Mapping[str, Any], tp: 
 
 
 def _role_signals() -> dict[str, Any]:
-    from kd.pipeline.demo import ROLE_SIGNALS
+    from kd.pipeline.demo.plans import ROLE_SIGNALS
 
     return {r: {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()} | {"logits": "top-k"}
             for r, s in ROLE_SIGNALS.items()}

@@ -2,7 +2,7 @@
 
 A small, fully known task for the tiny teacher/student models: perception (what is there),
 reasoning (several facts combined) and planning (the ego action by explicit rules). Answers are
-one or two words, scored by ``exact_match``. ``python -m kd.pipeline.synth OUT --n 1000``.
+one or two words, scored by ``exact_match``. ``python -m kd.pipeline.demo.synth OUT --n 1000``.
 """
 
 from .questions import (

@@ -14,7 +14,7 @@ LLaVA-OneVision, text qwen2; the Idefics group: Idefics3, SmolVLM, text llama), 
 checkpoints extend one base vocabulary.
 
 Weights are saved as transformers 5 saves them, so LLaVA / LLaVA-OneVision / Gemma 3 keep a flat
-``vision_tower.*`` that vLLM refuses: ``kd.pipeline.engines.weight_names.vllm_model_dir`` gives vLLM
+``vision_tower.*`` that vLLM refuses: ``kd.pipeline.build.engines.weight_names.vllm_model_dir`` gives vLLM
 a renamed copy.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kd.pipeline.tiny_models import (SPECIAL_TOKENS, STUDENT, TinyPreset, _check_heads, _init_and_save, _round_up,
+from kd.pipeline.demo.tiny_models import (SPECIAL_TOKENS, STUDENT, TinyPreset, _check_heads, _init_and_save, _round_up,
                                      _text_config, _tokenizer_json, build_tiny_llm, build_tiny_vlm)
 
 # Qwen2 / Qwen2.5 / Qwen3-VL turns, shaped like the real chat_template.jinja (a default system turn,

@@ -1,4 +1,4 @@
-"""``python -m kd.pipeline.synth OUT_DIR --n SCENES --seed S``: write a synthetic dataset."""
+"""``python -m kd.pipeline.demo.synth OUT_DIR --n SCENES --seed S``: write a synthetic dataset."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .writer import synthesize
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kd.pipeline.synth", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m kd.pipeline.demo.synth", description=__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--n", type=int, default=1000, help="number of scenes (3 records each)")
     ap.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@
 4. ``kd distill`` a smaller student once with CE only (SFT) and with multi-teacher KD (and, in the
    full mode, one signal at a time: the ablation), same student init, data and steps, per seed;
 5. ``kd eval`` every model on the held-out test split; write ``report.md``, ``report.json`` and a
-   plot of the training curves (``kd.pipeline.report``).
+   plot of the training curves (``kd.pipeline.demo.report``).
 
 Running it again reuses the data, the trained teacher (checkpoint, curve and scores) and every
 cache, so no teacher runs; only the students are trained again, from the caches. The report
@@ -32,75 +32,11 @@ from typing import Any
 
 from kd.cache_schema import CacheReader, verify_cache
 
-from .build import BuildRequest, build_cache
-from .synth import QUESTIONS, split_sizes, synthesize
-from .tiny_models import STUDENT, TEACHER, build_preset
-
-# One teacher role per Drive-KD capability, each with the signals Drive-KD distils for it
-# (teacher: 4 decoder layers, so layer 2 is the penultimate one).
-ROLE_SIGNALS: dict[str, dict[str, Any]] = {
-    "perception": {"attention_layers": (0,), "attention_kind": "t2v"},
-    "reasoning": {"attention_layers": (1, 2), "attention_kind": "full", "hidden_layers": (2,)},
-    "planning": {"attention_layers": (2,), "attention_kind": "t2v"},
-}
-CAPABILITIES = ("perception", "reasoning", "planning")
-
-# Student variants: loss weights on top of CE (1.0). "kd" uses every cached signal.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sft": {"label": "student SFT (CE only)", "kd": 0.0, "hidden": 0.0, "attention": 0.0},
-    "logits": {"label": "student CE + logit KD", "kd": 1.0, "hidden": 0.0, "attention": 0.0},
-    "hidden": {"label": "student CE + hidden", "kd": 0.0, "hidden": 1.0, "attention": 0.0},
-    "attention": {"label": "student CE + attention", "kd": 0.0, "hidden": 0.0, "attention": 1.0},
-    "kd": {"label": "student multi-teacher KD (all signals)", "kd": 1.0, "hidden": 1.0, "attention": 1.0},
-}
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes, steps and loss settings of one demo mode."""
-
-    mode: str
-    n_scenes: int  # synthesised; splits 80 / 5 / 15 % train / val / test
-    teacher_scenes: int  # the first train scenes: the teacher's clean training set
-    student_scenes: int  # the next train scenes (disjoint from the teacher's): the student's
-    label_noise: float  # fraction of the student's answers replaced by a wrong one of the same question
-    teacher_steps: int
-    teacher_batch: int
-    teacher_lr: float
-    student_steps: int
-    student_batch: int
-    student_lr: float
-    seeds: tuple[int, ...]
-    variants: tuple[str, ...]
-    eval_every: int  # student validation accuracy every N steps (for the curves)
-    val_samples: int  # validation records scored at each of those points
-    temperature: float = 1.0  # T=2 (the probe's) made logit KD alone no better than SFT here; T=1 helped
-    kd_weight: float = 1.0
-    hidden_weight: float = 1.0
-    attention_weight: float = 1000.0  # attention-map MSE is ~1e-4: see report.py's design notes
-    top_k: int = 16
-    splits: tuple[float, float, float] = (0.8, 0.05, 0.15)
-    teacher_init_seed: int = 1
-    data_seed: int = 0
-
-    def variant_loss(self, name: str) -> dict[str, float]:
-        v = VARIANTS[name]
-        return {"ce": 1.0, "kd": self.kd_weight * v["kd"], "hidden": self.hidden_weight * v["hidden"],
-                "attention": self.attention_weight * v["attention"], "temperature": self.temperature}
-
-
-PLANS: dict[str, DemoPlan] = {
-    "quick": DemoPlan(mode="quick", n_scenes=400, teacher_scenes=240, student_scenes=80, label_noise=0.1,
-                      teacher_steps=200, teacher_batch=32, teacher_lr=1e-3,
-                      student_steps=150, student_batch=16, student_lr=3e-3,
-                      seeds=(0,), variants=("sft", "kd"), eval_every=50, val_samples=60),
-    "full": DemoPlan(mode="full", n_scenes=2000, teacher_scenes=1200, student_scenes=300, label_noise=0.1,
-                     teacher_steps=700, teacher_batch=32, teacher_lr=7e-4,
-                     student_steps=600, student_batch=16, student_lr=3e-3,
-                     seeds=(0, 1, 2), variants=("sft", "logits", "hidden", "attention", "kd"),
-                     eval_every=100, val_samples=150),
-}
-
+from kd.pipeline.build import BuildRequest, build_cache
+from kd.pipeline.demo import report as report_mod
+from kd.pipeline.demo.plans import CAPABILITIES, PLANS, ROLE_SIGNALS, VARIANTS, DemoPlan  # noqa: F401
+from kd.pipeline.demo.synth import QUESTIONS, split_sizes, synthesize
+from kd.pipeline.demo.tiny_models import STUDENT, TEACHER, build_preset
 
 @dataclass
 class DemoResult:
@@ -263,12 +199,12 @@ def train_supervised(model_dir: str | Path, train_jsonl: str | Path, out_dir: st
 
     import torch
 
-    from kd.pipeline.dataset import load_records
+    from kd.pipeline.common.dataset import load_records
     from kd.pipeline.distill.data import DistillDataset, collate
     from kd.pipeline.distill.student import load_student, student_forward
     from kd.pipeline.distill.train import make_adamw
-    from kd.pipeline.evaluate import evaluate_model
-    from kd.pipeline.losses import answer_ce_loss
+    from kd.pipeline.distill.evaluate import evaluate_model
+    from kd.pipeline.distill.losses import answer_ce_loss
 
     model, processor = load_student(model_dir)
     tok = getattr(processor, "tokenizer", processor)
@@ -317,8 +253,8 @@ def train_supervised(model_dir: str | Path, train_jsonl: str | Path, out_dir: st
 
 def prepare_teacher(work: Path, plan: DemoPlan, data: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Build and train the teacher once; a checkpoint with a matching recipe is reused as it is."""
-    from kd.pipeline.dataset import dataset_fingerprint, load_records
-    from kd.pipeline.evaluate import evaluate
+    from kd.pipeline.common.dataset import dataset_fingerprint, load_records
+    from kd.pipeline.distill.evaluate import evaluate
 
     paths = data["paths"]
     recipe = {"preset": asdict(TEACHER), "init_seed": plan.teacher_init_seed, "steps": plan.teacher_steps,
@@ -374,7 +310,7 @@ def prepare_teacher(work: Path, plan: DemoPlan, data: dict[str, Any], log: Calla
 
 def _eval_untrained_teacher(work: Path, plan: DemoPlan, test: str, keep: Path | None = None) -> dict[str, Any]:
     """Scores of the teacher's random init (the "clearly better than untrained" reference)."""
-    from kd.pipeline.evaluate import evaluate
+    from kd.pipeline.distill.evaluate import evaluate
 
     init = keep or work / "models" / f"teacher-{plan.mode}-init-eval"
     if init.exists():
@@ -423,7 +359,7 @@ def build_caches(work: Path, plan: DemoPlan, teacher_dir: str, data: dict[str, A
 def student_job(job: dict[str, Any]) -> dict[str, Any]:
     """One ``kd distill`` run and its ``kd eval`` on the test split (runs in a worker process)."""
     from kd.pipeline.distill import DistillConfig, distill
-    from kd.pipeline.evaluate import evaluate
+    from kd.pipeline.distill.evaluate import evaluate
 
     t0 = time.perf_counter()
     run_dir = Path(job["out"])
@@ -579,7 +515,6 @@ def demo_workers() -> int:
 def run_demo(workdir: str | Path, *, quick: bool = True, log: Callable[[str], None] = print,
              plan: DemoPlan | None = None, workers: int | None = None) -> DemoResult:
     """Run the demo in ``workdir`` (``quick``: the small mode; ``plan`` overrides the mode's settings)."""
-    from . import report as report_mod
 
     t0 = time.perf_counter()
     plan = plan or PLANS["quick" if quick else "full"]

@@ -1,0 +1,210 @@
+"""Stage one as one readable recipe: validate data, key the cache, plan shards, capture, seal.
+
+``build_cache`` is what ``kd cache build`` runs. A sealed cache with the same key is reused
+without starting a teacher; an unfinished one resumes from its committed shards. Shards run
+in-process by default or as dask tasks (``fanout``), one task per shard (``shard.run_shard``),
+one warm engine per worker process. What a build is asked for lives in ``request``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kd import __version__
+from kd.cache_schema import BuildPlan, CacheBuild, Location, key_inputs
+from kd.cache_schema.manifest import MANIFEST_FILE
+from kd.pipeline.build.fanout import run_jobs
+from kd.pipeline.build.progress import BuildProgress
+from kd.pipeline.build.request import BuildRequest, asdict_request
+from kd.pipeline.build.shard import ShardJob, warm_engine, close_warm_engines
+from kd.pipeline.common.dataset import Record, dataset_fingerprint, load_records
+
+
+@dataclass
+class BuildResult:
+    path: str
+    key: str
+    teacher: str
+    samples: int
+    tokens: int
+    seconds: float
+    reused: bool
+    shards_built: int
+    shards_total: int
+    self_check_s: float | None = None  # seconds the self-check took (None: not run)
+    self_check_diff: dict[str, float] | None = None  # its largest differences per signal
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_engine(name: str, request: BuildRequest) -> str:
+    """``auto`` picks vLLM where installed and the signals allow it, else transformers."""
+    if name not in ("auto", "vllm", "hf"):
+        raise ValueError(f"unknown engine {name!r}: choose 'vllm', 'hf' or 'auto'")
+    if name == "vllm" and request.attention_layers:
+        raise ValueError("vLLM cannot return attention maps; use --engine hf for --attention-layers")
+    if name != "auto":
+        return name
+    if request.attention_layers:
+        return "hf"
+    try:
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    except (ImportError, ValueError):
+        return "hf"
+
+
+def teacher_identity(request: BuildRequest) -> tuple[dict[str, Any], str, str]:
+    """(teacher identity for the key, tokenizer hash, chat-template hash). Paths never enter."""
+    from kd.pipeline.build.engines import engine_identity
+
+    model_dir = Path(request.teacher)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"teacher directory {model_dir} has no config.json (not a transformers model dir)")
+    if not any(model_dir.glob("*.safetensors")) and not request.teacher_revision:
+        raise FileNotFoundError(f"teacher directory {model_dir} has no *.safetensors weights")
+    name = request.teacher_name or model_dir.resolve().name
+    if request.teacher_revision:
+        ident = {"name": name, "revision": request.teacher_revision}
+        raw = engine_identity(model_dir, hash_weights_below=0)
+    else:
+        raw = engine_identity(model_dir, hash_weights_below=1 << 62)  # always hash content: no false hits
+        ident = {"name": name, "weights_sha256": raw["weights_sha256"]}
+    ident["config_sha256"] = raw["config_sha256"]
+    template = ""
+    for fname in ("chat_template.jinja", "chat_template.json"):
+        if (model_dir / fname).is_file():
+            template = (model_dir / fname).read_text()
+            break
+    if not template and (model_dir / "tokenizer_config.json").is_file():
+        template = str(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", ""))
+    return ident, raw["tokenizer_sha256"], hashlib.sha256(template.encode()).hexdigest()
+
+
+def teacher_depth(model_dir: str) -> int | None:
+    """Decoder layers of the teacher, recorded so students can map layers without the teacher."""
+    from transformers import AutoConfig
+
+    from kd.pipeline.common.model_files import num_text_layers
+
+    try:
+        return num_text_layers(AutoConfig.from_pretrained(model_dir))
+    except (OSError, ValueError, AttributeError, KeyError):  # an unknown config only loses a default
+        return None
+
+
+def check_engine_limits(request: BuildRequest, engine: str, records: list[Record]) -> None:
+    """Refuse a k or a sample the engine cannot serve, from the teacher's config and tokenizer alone.
+
+    Runs before any cache directory exists: ``--top-k`` above the vocabulary (or vLLM's
+    ``max_logprobs``), and samples whose prompt + image tokens + answer exceed the context, are
+    errors naming the option or the sample, not a failure hours into the build.
+    """
+    from kd.pipeline.build.engines.limits import check_context, check_top_k, engine_limits
+    from kd.pipeline.common.model_files import load_config_and_processor
+
+    config, processor = load_config_and_processor(request.teacher, request.trust_remote_code)
+    limits = engine_limits(engine, config, request.engine_options, where=f"teacher {request.teacher}")
+    check_top_k(request.signal_spec(), limits)
+    check_context(records, processor, limits, source=request.data)
+
+
+def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
+    """Validate inputs and derive the cache identity; writes nothing."""
+    from kd.pipeline.common.model_files import vocab_sha256
+
+    records = load_records(request.data)  # raises DatasetError naming line and field; nothing written
+    engine = resolve_engine(request.engine, request)
+    ident, tok_hash, tmpl_hash = teacher_identity(request)
+    check_engine_limits(request, engine, records)
+    signals = request.signal_config()
+    inputs = key_inputs(
+        teacher=ident,
+        tokenizer_hash=tok_hash,
+        template_hash=tmpl_hash,
+        dataset_fingerprint=dataset_fingerprint(records),
+        signals=signals,
+        engine={"kind": engine, "dtype": request.dtype, "seed": request.seed if request.logits == "sampled" else None},
+    )
+    meta = {"name": ident["name"], "role": request.role, "engine": engine, "dtype": request.dtype,
+            "revision": request.teacher_revision, "num_layers": teacher_depth(request.teacher),
+            "tokenizer_sha256": tok_hash, "vocab_sha256": vocab_sha256(request.teacher),
+            "model_dir": str(Path(request.teacher).resolve())}
+    build = CacheBuild(Location.from_url(request.out), inputs, meta, signals)
+    return build, records, engine
+
+
+def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
+                lease_timeout: float | None = None) -> BuildResult:
+    """Build (or reuse, or resume) the cache for one teacher and return where it is.
+
+    The driver holds the cache's build lease (``kd.cache_schema.lease``) from plan to seal:
+    a second builder of the same cache waits for it (at most ``lease_timeout`` seconds, then
+    ``CacheLockedError``), then finds the cache sealed and reuses it; a killed builder's
+    lease goes stale and is taken over, and the build resumes from its committed shards.
+    """
+    from kd.cache_schema.lease import LEASE_FILE, BuildLease
+
+    t0 = time.perf_counter()
+    build, records, engine = prepare(request)
+
+    def reused() -> BuildResult:
+        m = json.loads(build.location.read_bytes(MANIFEST_FILE))
+        return BuildResult(build.location.url, build.key, build.teacher["name"], m["counts"]["samples"],
+                           m["counts"]["tokens"], time.perf_counter() - t0, True, 0, m["counts"]["shards"])
+
+    if build.sealed and not request.force:
+        return reused()
+    with BuildLease(build.location, wait_timeout=lease_timeout) as lease:
+        if build.sealed and not request.force:  # the builder we waited for finished it
+            return reused()
+        if request.force:
+            build.clear(keep=[LEASE_FILE])
+        check = None
+        if request.self_check and not build.committed():
+            check = self_check(request, engine, records)  # raises before anything is written
+        plan = BuildPlan.from_ids([r.id for r in records], request.shard_size)
+        build.start(plan)
+        done = build.committed()
+        jobs = [
+            ShardJob(asdict_request(request), engine, build.location.url, build.inputs, build.teacher, i, ids)
+            for i, ids in enumerate(plan.shards)
+            if i not in done
+        ]
+        if progress:
+            progress.start(total_samples=len(records), done_samples=sum(e.samples for e in done.values()),
+                           total_shards=len(plan.shards), done_shards=len(done))
+        stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
+        manifest = build.seal(__version__, lease=lease)
+    if progress:
+        progress.finish()
+    return BuildResult(build.location.url, build.key, build.teacher["name"], manifest.samples, manifest.tokens,
+                       time.perf_counter() - t0, False, sum(1 for s in stats if not s["skipped"]), len(plan.shards),
+                       check.seconds if check else None, check.max_diff if check else None)
+
+
+def self_check(request: BuildRequest, engine: str, records: list[Record]):
+    """``self_check.run_self_check`` on the build's first batch, with the engine the shards will use.
+
+    In-process builds keep that engine warm for the shards; a distributed build's driver closes
+    it again (its workers start their own).
+    """
+    from kd.pipeline.build.self_check import reference_model, run_self_check
+
+    teacher = warm_engine(request, engine)
+    try:
+        model = reference_model(teacher, request.teacher, device=request.device, dtype=request.dtype,
+                                trust_remote_code=request.trust_remote_code)
+        family = json.loads((Path(request.teacher) / "config.json").read_text()).get("architectures", ["?"])[0]
+        return run_self_check(teacher, model, [r.as_dict() for r in records[: request.batch_size]],
+                              request.signal_spec(), family=family, dtype=request.dtype)
+    finally:
+        if request.workers or request.scheduler:
+            close_warm_engines()
