@@ -74,7 +74,7 @@ def test_quick_demo_then_reuse(tmp_path, monkeypatch):
 
     # Second run, through the CLI: no teacher may run (training and engines are booby-trapped).
     import kd.pipeline.demo.run as demo_mod
-    from kd.pipeline import engines
+    from kd.pipeline.build import engines
 
     def boom(*args, **kwargs):
         raise AssertionError("a teacher ran on the second demo run")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kd.pipeline import self_check as sc
+from kd.pipeline.build import self_check as sc
 from kd.pipeline.build import BuildRequest, build_cache, close_warm_engines
 from kd.pipeline.build.engines import hf_engine
 from kd.pipeline.demo.synth import synthesize
