@@ -34,6 +34,7 @@ hands to DDP, so the student and the projectors are synchronised together).
 
 from __future__ import annotations
 
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import (
     AlignmentError,
     DistillDataset,
@@ -46,7 +47,7 @@ from kd.pipeline.distill import (
 from kd.pipeline.distill.data import TeacherSource, collate
 from kd.pipeline.distill.objective import build_objective
 from kd.pipeline.distill.student import StudentOutputs, load_student, student_forward
-from kd.pipeline.distill.train import DistillModule, load_records
+from kd.pipeline.distill.train import DistillModule
 
 __all__ = [
     "AlignmentError", "DistillDataset", "DistillModule", "DistillObjective", "LossBreakdown", "LossConfig",

@@ -11,7 +11,10 @@ module gives any ``Trainer`` what ``kd distill`` trains on, with nothing loaded 
   (``build_objective``: CE plus per-teacher top-k or sampled KD, hidden-state and attention-map
   terms, weighted per capability by the mixing matrix), configured by the same ``LossConfig``
   fields (``kd_loss=``). Mix it into any ``Trainer`` subclass: ``class T(KDTrainerMixin, MyTrainer)``.
-  ``KDSFTTrainer`` (``KDTrainerMixin`` + TRL's ``SFTTrainer``) exists when TRL is installed.
+  ``KDSFTTrainer`` (``KDTrainerMixin`` + TRL's ``SFTTrainer``) exists when TRL is installed. TRL's
+  trainers accept only a ``datasets.Dataset``, so for them the mixin hands over ``index_dataset``
+  rows (``{kd_index, kd_dataset}``) and the ``KDCollator`` reads each batch's samples from the kd
+  dataset (TRL's tokenization is skipped for those rows).
 
 Why the model is wrapped: the objective holds trainable hidden-state projectors. The Trainer builds
 its optimizer from ``self.model`` and accelerate wraps ``self.model`` in DDP, so the student and the
@@ -37,7 +40,6 @@ maps are captured by hooks that a recomputed layer does not run), also refused. 
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,16 +51,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from kd.pipeline.common.dataset import load_records
 from kd.pipeline.distill import DistillDataset, LossConfig, open_teachers
 from kd.pipeline.distill.data import TeacherSource, collate
+from kd.pipeline.distill.mixing import check_capabilities
 from kd.pipeline.distill.objective import DistillObjective, LossBreakdown, build_objective
 from kd.pipeline.distill.student import use_map_attention
-from kd.pipeline.distill.train import DistillModule, check_capabilities, load_records
+from kd.pipeline.distill.train import DistillModule
 
 __all__ = ["KD_DATASET", "KD_INDEX", "OBJECTIVE_FILE", "KDCollator", "KDDataset", "KDModel", "KDTrainer",
            "KDTrainerMixin", "index_dataset", "loss_config"]
-
-log = logging.getLogger(__name__)
 
 OBJECTIVE_FILE = "kd_objective.safetensors"  # the projectors, next to the student that save_model writes
 
