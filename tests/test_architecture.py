@@ -21,6 +21,7 @@ LAYERS = {
     "kd.pipeline.common": 1,
     "kd.pipeline.build": 2,
     "kd.pipeline.distill": 2,
+    "kd.pipeline.importers": 2,
     "kd.integrations": 3,
     "kd.api": 3,
     "kd.pipeline.demo": 4,
