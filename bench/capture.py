@@ -1,7 +1,7 @@
 """Stage-one capture benchmark: vLLM prefill vs kd capture (top-k, + hidden states), and hf capture vs an hf forward.
 
-    python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--samples N] [--model llm|vlm] [--k 64]
-                            [--threads 1] [--profile] [--compare-old]
+    python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--hidden-size 128] [--samples N]
+                            [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-old]
 
 Everything runs on a tiny random-weight teacher built locally:
 
@@ -127,16 +127,19 @@ def head_jsonl(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int) -> Path:
-    """The teacher preset's Llama (4 x 128) with an LM head of ``vocab`` ids (0: the tokenizer's size,
-    rounded up to 64) and ``max_position`` positions; the tokenizer is the tiny models' (~1k ids used)."""
+def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int,
+                      hidden_size: int = TEACHER.hidden_size) -> Path:
+    """The teacher preset's Llama (4 layers; 128 wide unless ``hidden_size``, head_dim 32) with an LM head
+    of ``vocab`` ids (0: the tokenizer's size, rounded up to 64) and ``max_position`` positions; the
+    tokenizer is the tiny models' (~1k ids used)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=TEACHER.hidden_size,
-                         intermediate_size=TEACHER.intermediate_size, num_hidden_layers=TEACHER.num_layers,
-                         num_attention_heads=TEACHER.num_heads, num_key_value_heads=TEACHER.num_heads,
+    heads = hidden_size // 32  # vLLM's CPU attention needs head_dim >= 32
+    config = LlamaConfig(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=TEACHER.num_layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
@@ -271,6 +274,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="--model llm: toy (~256-token sequences) or real (~1,600-token prompts, 20-40-token answers)")
     ap.add_argument("--vocab", default="0",
                     help="LM head size(s) of the llm teacher, comma-separated (0: the tokenizer's ~1k; e.g. 0,151936)")
+    ap.add_argument("--hidden-size", type=int, default=TEACHER.hidden_size,
+                    help="width of the llm teacher (4 layers; default the teacher preset's 128; the issue's 4 x 256: 256)")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
     ap.add_argument("--seq-tokens", type=int, default=0, help="target sequence length (--model llm; default: --shape's)")
     ap.add_argument("--batch-size", type=int, default=0,
@@ -349,7 +354,8 @@ def run(args: argparse.Namespace, vocab: int) -> int:
     try:
         t0 = time.perf_counter()
         if args.model == "llm":
-            teacher = build_llm_teacher(work / "teacher", vocab, max(1024, 2 * seq_tokens), args.seed)
+            teacher = build_llm_teacher(work / "teacher", vocab, max(1024, 2 * seq_tokens), args.seed,
+                                        args.hidden_size)
             data = write_llm_data(work / "bench.jsonl", args.samples, seq_tokens, args.seed, (answer_min, answer_max))
         else:
             teacher = build_preset(args.model, "teacher", work / "teacher", seed=args.seed)
@@ -498,7 +504,8 @@ def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, 
     by_key = dict(zip(times, rows))
     a = by_key["a"]
     n = len(records)
-    print(f"\ncapture benchmark: model={args.model} (tiny teacher preset), vocab {vocab_size:,}"
+    width = f"4 x {args.hidden_size}" if args.model == "llm" else "teacher preset"
+    print(f"\ncapture benchmark: model={args.model} ({width}), vocab {vocab_size:,}"
           f"{' (the tokenizer' + chr(39) + 's)' if not vocab else ''}, shape {args.shape}: {n} samples, "
           f"{a.prompt_tokens / n:.0f} prompt tokens/sample (answer {a.answer_tokens / n:.1f}), k={args.k}, "
           f"best of {args.repeats} rounds; vllm {vllm.__version__}, torch {torch.__version__}, "
