@@ -15,14 +15,18 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from kd.cli_data import register as register_data_commands
+
 app = typer.Typer(help="kd: cache teacher outputs once, distil many students from the caches.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 cache_app = typer.Typer(help="Build, inspect, verify and list teacher-output caches.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: synthetic driving scenes in the stage-one JSONL format.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets in the stage-one JSONL format: synthetic driving scenes, imports of DriveLM, "
+                       "LLaVA, Parquet and HF datasets.", no_args_is_help=True)
 models_app = typer.Typer(help="Tiny local models for tests, demos and smoke runs.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+register_data_commands(data_app)  # kd data import / example (kd/cli_data.py)
 
 out = Console()
 err = Console(stderr=True)

@@ -27,6 +27,7 @@ LAYERS = {
     "kd.pipeline.demo": 4,
     "kd.config_files": 5,
     "kd.cli_render": 5,
+    "kd.cli_data": 5,
     "kd.cli": 6,
 }
 TOP_LEVEL = {"kd", "kd.pipeline"}  # package markers with no code of their own
