@@ -47,9 +47,10 @@ verdicts for (b)/(a) and (d)/(e) rest (target >= 0.8 for both on CPU). vLLM's KV
 (which the hidden-states route needs) is process-global, so engines with the connector ((b), (c))
 cannot run beside the plain one of (a): each round runs phase 1 ((a), (b0), (d), (e)), phase 2
 ((b)) and phase 3 ((c)), restarting the engines (not timed). The build's self-check (a one-off per
-build, not per shard) runs in the first warm-up build and is reported apart; timed builds skip it. ``--profile`` adds a cProfile of the timed (b) builds; the "where the time
-goes" table (teacher / encode / commit) comes from timers wrapped around the engines' methods,
-``LLM.generate`` and ``ShardWriter.add/commit``.
+build, not per shard) runs in the first warm-up build and is reported apart; timed builds skip it.
+``--profile`` adds a cProfile of the timed (b) builds; the "where the time goes" table (teacher /
+encode / commit) comes from timers wrapped around the engines' methods, ``LLM.generate`` and
+``ShardWriter.add/commit``.
 """
 
 from __future__ import annotations
@@ -273,9 +274,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shape", choices=tuple(SHAPES), default="toy",
                     help="--model llm: toy (~256-token sequences) or real (~1,600-token prompts, 20-40-token answers)")
     ap.add_argument("--vocab", default="0",
-                    help="LM head size(s) of the llm teacher, comma-separated (0: the tokenizer's ~1k; e.g. 0,151936)")
+                    help="LM head size(s) of the llm teacher, comma-separated (0: the tokenizer's ~1k; "
+                         "e.g. 0,151936)")
     ap.add_argument("--hidden-size", type=int, default=TEACHER.hidden_size,
-                    help="width of the llm teacher (4 layers; default the teacher preset's 128; the issue's 4 x 256: 256)")
+                    help="width of the llm teacher (4 layers; default the teacher preset's 128; "
+                         "the issue's 4 x 256: 256)")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
     ap.add_argument("--seq-tokens", type=int, default=0, help="target sequence length (--model llm; default: --shape's)")
     ap.add_argument("--batch-size", type=int, default=0,
@@ -315,7 +318,8 @@ def run_each_vocab(argv: list[str], vocabs: list[int]) -> int:
             and not a.startswith("--vocab=")]
     summary = []
     for vocab in vocabs:
-        proc = subprocess.run([sys.executable, __file__, *base, "--vocab", str(vocab)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run([sys.executable, __file__, *base, "--vocab", str(vocab)], stdout=subprocess.PIPE,
+                              text=True)
         print(proc.stdout, end="", flush=True)
         if proc.returncode:
             return proc.returncode

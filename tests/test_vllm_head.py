@@ -166,7 +166,8 @@ def test_answer_head_matches_transformers_on_the_pre_norm_residual(tmp_path, tie
 
     d = build_big_vocab_llm(tmp_path / "m", vocab=32_000, tied=tied)
     choice = choose_for_model(d)
-    assert choice.path == "answer_only" and choice.head_key == ("model.embed_tokens.weight" if tied else "lm_head.weight")
+    assert choice.path == "answer_only"
+    assert choice.head_key == ("model.embed_tokens.weight" if tied else "lm_head.weight")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     seen = {}
     model.model.norm.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
@@ -230,8 +231,8 @@ def test_vllm_paths_match_transformers_at_vocab_151936(big_llm, head, hidden):
                 real = sig.ids >= 0
                 assert (sig.counts.sum(-1) == 12).all()
                 rows = np.nonzero(real)[0]
-                np.testing.assert_allclose(sig.logprobs[real], ref[s.sample_id]["logprobs"].numpy()[rows, sig.ids[real]],
-                                           atol=TOL)
+                ref_lp = ref[s.sample_id]["logprobs"].numpy()
+                np.testing.assert_allclose(sig.logprobs[real], ref_lp[rows, sig.ids[real]], atol=TOL)
     finally:
         engine.close()
 
@@ -244,6 +245,7 @@ def test_vllm_answer_only_with_tied_embeddings(big_llm_tied):
     try:
         assert engine.head_choice.head_key == "model.embed_tokens.weight"
         samples = engine.encode(RECORDS)
-        assert_matches_reference(engine.capture(samples, SignalSpec(top_k=16)), samples, reference(big_llm_tied, samples), 16)
+        got = engine.capture(samples, SignalSpec(top_k=16))
+        assert_matches_reference(got, samples, reference(big_llm_tied, samples), 16)
     finally:
         engine.close()

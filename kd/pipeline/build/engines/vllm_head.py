@@ -121,7 +121,8 @@ def _answer_only_or_why_not(config: Mapping[str, Any], keys: set[str]) -> HeadCh
     else:
         heads = [k for k in LM_HEAD_KEYS if k in keys]
         if len(heads) != 1:
-            return HeadChoice("prompt_logprobs", f"expected one LM head weight among {list(LM_HEAD_KEYS)}, found {heads}")
+            return HeadChoice("prompt_logprobs",
+                              f"expected one LM head weight among {list(LM_HEAD_KEYS)}, found {heads}")
         head = heads[0]
     return HeadChoice("answer_only", f"{model_type} text model: RMSNorm ({norms[0]}) then linear head ({head})",
                       norm_key=norms[0], head_key=head)
