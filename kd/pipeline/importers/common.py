@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kd.pipeline.common.dataset import DatasetError, load_records
 
@@ -218,7 +218,10 @@ class Staging:
         data = bytes(data)
         try:
             fmt = _verify(io.BytesIO(data))
-        except Exception as e:
+        except UnidentifiedImageError:
+            return None, f"image bytes are not a readable image ({len(data)} bytes starting {data[:8]!r}): " \
+                         "no known image format"
+        except Exception as e:  # truncated or corrupt data of a known format
             return None, f"image bytes are not a readable image ({len(data)} bytes): {type(e).__name__}: {e}"
         name = f"{hashlib.sha256(data).hexdigest()[:32]}.{_EXT.get(fmt, fmt.lower())}"
         if name not in self._images:

@@ -161,6 +161,10 @@ def _entry(source: Path, where: str, entry: Any, capability: str, paths: ImagePa
         sid = None
     else:
         where = f"{where} (id {sid})"
+        first = staging.claim_id(sid, where)  # before the checks: a bad entry's id still counts
+        if first is not None:
+            problems.add(source, where, "id", f"duplicate id {sid!r} (first at {first})")
+            sid = None  # checked on, but gives no records
     cap = entry.get("capability", capability)
     if not nonempty_str(cap):
         problems.add(source, where, "capability", f"must be a non-empty string, got {cap!r}")

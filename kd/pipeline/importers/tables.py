@@ -177,6 +177,8 @@ def _rows(plan: _Plan, rows: Iterator[tuple[int, dict]], source: str, id_prefix:
 
         if not nonempty_str(rid):
             add(plan.id or "id", f"must be a non-empty string, got {rid!r}")
+        elif (first := staging.claim_id(rid, f"{source} {where}")) is not None:  # bad rows count too
+            add(plan.id or "id", f"duplicate id {rid!r} (first at {first})")
         text = values.get(plan.text)
         if plan.is_messages:
             prompt = _messages(text, plan.text, add)
@@ -190,10 +192,6 @@ def _rows(plan: _Plan, rows: Iterator[tuple[int, dict]], source: str, id_prefix:
             add(plan.capability_column or "capability", f"must be a non-empty string, got {cap!r}")
         images = _images(values.get(plan.image), plan.image, add, paths, staging) if plan.image else []
         if problems.total > n_before:
-            continue
-        first = staging.claim_id(rid, f"{source} {where}")
-        if first is not None:
-            add(plan.id or "id", f"duplicate id {rid!r} (first at {first})")
             continue
         rec: dict[str, Any] = {"id": rid, "images": images}
         rec["messages" if plan.is_messages else "prompt"] = prompt if plan.is_messages else text
