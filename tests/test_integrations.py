@@ -6,6 +6,7 @@ DistillObjective) on the same batch and weights."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -232,3 +233,49 @@ def test_readme_trainer_example_runs_as_written(kd_world, tmp_path):
     model_dir = tmp_path / "trainer" / "model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / OBJECTIVE_FILE).is_file()
     load_student(model_dir)  # what kd eval --model reads
+
+
+# ----------------------------------------------------------------------------- several processes
+
+_DDP_SCRIPT = '''
+import json, sys, torch
+from transformers import TrainingArguments
+from kd.api import LossConfig, load_student
+from kd.integrations.transformers import KDDataset, KDTrainer
+student_dir, data, out, *caches = sys.argv[1:]
+torch.manual_seed(0)
+student, processor = load_student(student_dir)
+train = KDDataset.from_caches(data, processor, dict(c.split("=", 1) for c in caches))
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3, learning_rate=3e-3, report_to=[],
+                         use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+trainer = KDTrainer(model=student, args=args, train_dataset=train, kd_loss=LossConfig(temperature=2.0))
+trainer.train()
+flat = lambda m: torch.cat([p.detach().double().flatten() for p in m.parameters()])
+report = {"world": trainer.args.world_size, "projectors": float(flat(trainer.model.objective).sum()),
+          "student": float(flat(trainer.model.student).sum()),
+          "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}
+json.dump(report, open(f"{out}/rank{trainer.args.process_index}.json", "w"))
+'''
+
+
+def test_kd_trainer_under_accelerate_launch_keeps_ranks_in_sync(kd_world, tmp_path):
+    """Two CPU processes (gloo DDP through the Trainer's accelerate): DDP wraps student and projectors
+    together, so after the steps both ranks hold the same student and the same projectors."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(var, None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    caches = [f"{role}={url}" for role, url in kd_world["caches"].items()]
+    run = subprocess.run([*launch, str(script), str(kd_world["student"]), str(kd_world["train"]),
+                          str(tmp_path / "out"), *caches], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-6000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0] == ranks[1]  # same projectors, same student, same logged losses
+    assert len(ranks[0]["losses"]) == 3 and all(math.isfinite(v) for v in ranks[0]["losses"])
