@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd.pipeline.build.engines.vllm_head import HEAD_MODIFIERS
 from kd.pipeline.common.encoding import EncodedSample
 from kd.pipeline.common.model_inputs import batch_model_inputs
 from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
@@ -29,6 +30,24 @@ def stack_model_inputs(samples: list[EncodedSample], padding_side: str = "right"
     ``None`` when they cannot share a forward."""
     return batch_model_inputs([s.model_inputs for s in samples], [len(s.input_ids) for s in samples],
                               padding_side=padding_side)
+
+
+def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head when the model's logits are exactly ``head(final hidden state)``, else None.
+
+    True of every family kd tests (Llama, Qwen2 / 2.5 / 3-VL, InternVL, LLaVA, Idefics3, SmolVLM,
+    Gemma 3 without soft-capping); a config that scales or soft-caps logits after the head
+    (``vllm_head.HEAD_MODIFIERS``), or a model without a ``.model`` base, keeps the model's forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not isinstance(getattr(model, "model", None), torch.nn.Module):
+        return None
+    config = model.config
+    configs = [config.to_dict()] + ([config.get_text_config().to_dict()] if hasattr(config, "get_text_config") else [])
+    for name, neutral in HEAD_MODIFIERS.items():
+        if any(c.get(name) is not None and c.get(name) != neutral for c in configs):
+            return None
+    return head
 
 
 class HFEngine:
@@ -55,6 +74,7 @@ class HFEngine:
                                                attn_implementation="sdpa")
         self.model.to(self.device).eval()
         self._attn_impl = "sdpa"
+        self._head = plain_lm_head(self.model)  # None: the model's forward computes the logits
         self.num_layers = num_text_layers(config)
         self.limits = engine_limits(self.name, config, where=f"teacher {self.model_dir}")
         tok = getattr(self.processor, "tokenizer", self.processor)
@@ -122,20 +142,18 @@ class HFEngine:
         keep = torch.from_numpy(keep_np).to(self.device)
         attn: dict[int, torch.Tensor] = {}
         hooks = self._attention_hooks(spec.attention_layers, keep, attn) if spec.attention_layers else []
+        positions = [torch.from_numpy(s.target_positions).to(self.device) for s in samples]
         try:
-            outputs = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 output_hidden_states=bool(spec.hidden_layers), use_cache=False,
-                                 logits_to_keep=keep, **extra)
+            logprobs, outputs = self._answer_logprobs(ids.to(self.device), mask.to(self.device), extra, keep,
+                                                      positions, bool(spec.hidden_layers))
         finally:
             for h in hooks:
                 h.remove()
-        logprobs_all = torch.log_softmax(outputs.logits.float(), dim=-1)  # [B, |keep|, V]
         results = []
         for b, s in enumerate(samples):
             rows = torch.from_numpy(np.searchsorted(keep_np, s.target_positions)).to(self.device)
-            lp = logprobs_all[b, rows]  # [T, V]
-            signals = self._logit_signals(s, lp, spec)
-            pos = torch.from_numpy(s.target_positions).to(self.device)
+            signals = self._logit_signals(s, logprobs[b], spec)
+            pos = positions[b]
             for layer in spec.hidden_layers:
                 signals.hidden[layer] = outputs.hidden_states[layer][b, pos].float().cpu().numpy()
             for layer in spec.attention_layers:
@@ -147,6 +165,29 @@ class HFEngine:
                     signals.attention_t2v[layer] = maps[:, cols].cpu().numpy()
             results.append(signals)
         return results
+
+    def _answer_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor], keep: torch.Tensor,
+                         positions: list[torch.Tensor], hidden: bool) -> tuple[list[torch.Tensor], Any]:
+        """Each sample's ``[T_b, V]`` log-probs at its own answer-predicting positions, and the outputs.
+
+        With a plain head (``plain_lm_head``) the base model runs and the head sees each sample's
+        own rows only: in a right-padded batch the union of answer positions over samples is ~B
+        times larger, and at a 152k vocabulary the head and log-softmax over it dominate the forward.
+        Otherwise the model's own forward computes logits at the union (``logits_to_keep``).
+        """
+        if self._head is not None:
+            outputs = self.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden,
+                                       use_cache=False, **extra)
+            width = ids.shape[1]
+            flat = torch.cat([p + b * width for b, p in enumerate(positions)])
+            logits = self._head(outputs.last_hidden_state.flatten(0, 1)[flat])
+        else:
+            outputs = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
+                                 logits_to_keep=keep, **extra)
+            rows = [torch.searchsorted(keep, p) for p in positions]
+            logits = torch.cat([outputs.logits[b, r] for b, r in enumerate(rows)])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return list(torch.split(logprobs, [len(p) for p in positions])), outputs
 
     def _logit_signals(self, s: EncodedSample, lp: torch.Tensor, spec: SignalSpec) -> TeacherSignals:
         common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
