@@ -250,7 +250,9 @@ class Staging:
             old = self.out.with_name(f".{self.out.name}.replaced-{os.getpid()}")
             os.replace(self.out, old)
         os.replace(self.dir, self.out)
-        if old is not None:
+        if old is not None and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
         return ImportResult(self.out, self.out / DATA_FILE, self.records, len(self._images),
                             dict(sorted(self.capabilities.items())))
