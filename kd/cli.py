@@ -72,7 +72,8 @@ def cache_build(
     workers: int = typer.Option(0, help="Dask LocalCluster worker processes (0 = in-process)."),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing dask scheduler, e.g. tcp://host:8786."),
     config: Optional[Path] = typer.Option(None, help="Build config (YAML/TOML) listing several teachers with roles and signals."),
-    force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists."),
+    force: bool = typer.Option(False, help="Rebuild even if a sealed cache with this key exists (a full cache, no parent)."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Grow a sealed cache of the same teacher and signals under --out: capture only the samples it lacks (new or changed) into a child cache naming it as parent. --no-reuse: a full cache (also in place of a sealed child)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher directory (off by default)."),
     self_check: bool = typer.Option(True, "--self-check/--no-self-check", help="Before the first shard, recompute a few samples one at a time, unpadded, through a plain transformers forward and stop if the batched capture differs (catches an architecture kd batches wrongly; costs a few forwards)."),
     lease_timeout: Optional[float] = typer.Option(None, help="Seconds to wait while another builder holds this cache's lease (default: until it finishes or its lease goes stale)."),
@@ -90,13 +91,15 @@ def cache_build(
         hidden_layers=_layers(hidden_layers), hidden_coding=hidden_coding, attention_layers=_layers(attention_layers),
         attention_kind=attention_kind, shard_size=shard_size, batch_size=batch_size, device=device, dtype=dtype,
         teacher_name=teacher_name, teacher_revision=revision, role=role, workers=workers, scheduler=scheduler,
-        force=force, trust_remote_code=trust_remote_code, self_check=self_check,
+        force=force, trust_remote_code=trust_remote_code, self_check=self_check, reuse=reuse,
     )
     try:
         if config:
             explicit = {k: cli[k] for k in ("data", "out", "workers", "scheduler", "force") if cli[k]}
             if not self_check:
                 explicit["self_check"] = False
+            if not reuse:
+                explicit["reuse"] = False
             raw = build_requests_from_config(load_config(config), config.parent, explicit)
             known = {f.name for f in dataclasses.fields(BuildRequest)}
             requests = []
@@ -121,7 +124,8 @@ def cache_build(
                 state = "reused sealed cache" if res.reused else f"built {res.shards_built}/{res.shards_total} shards"
                 checked = (f" (self-check {res.self_check_s:.1f}s, max diff {max(res.self_check_diff.values()):.1e})"
                            if res.self_check_s is not None and res.self_check_diff else "")
-                err.print(f"{res.teacher}: {state}, {res.samples} samples, {res.tokens} tokens, {res.seconds:.1f}s"
+                grown = f" ({res.reused_samples} of them from parent {res.parent})" if res.parent else ""
+                err.print(f"{res.teacher}: {state}, {res.samples} samples{grown}, {res.tokens} tokens, {res.seconds:.1f}s"
                           f"{checked}", highlight=False)
                 print(res.path)
     except DatasetError as e:

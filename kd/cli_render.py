@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kd.cache_schema.inspection import Block, blocks, compare
-from kd.cache_schema.listing import HEADERS, RIGHT_ALIGNED, CacheEntry, fit_columns, long_block, table_rows
+from kd.cache_schema.listing import HEADERS, RIGHT_ALIGNED, CacheEntry, fit_columns, lineage_note, long_block, table_rows
 
 
 def render_ls(entries: Sequence[CacheEntry], console: Console) -> None:
@@ -36,6 +36,8 @@ def render_ls(entries: Sequence[CacheEntry], console: Console) -> None:
     for e in entries:
         if e.broken:
             console.print(Text(f"{e.name}: {e.status}", style="red"), soft_wrap=True)
+    for note in filter(None, map(lineage_note, entries)):  # a child cache and the cache it grows
+        console.print(Text(note), soft_wrap=True)
     dropped = layout.dropped()
     if dropped:
         console.print(Text(f"(not shown at {console.width} columns: {', '.join(dropped)}; see --long)", style="dim"),

@@ -98,8 +98,26 @@ def blocks(s: Mapping[str, Any]) -> list[Block]:
     sizes = [("samples", f"{s.get('n_samples', 0):,} in {s.get('n_shards', 0)} shards"),
              ("tokens", f"{n_tokens:,}" if isinstance(n_tokens, int) else str(n_tokens)),
              ("on disk", human_bytes(s.get("bytes_on_disk")) + (f" ({per_token} B/token)" if per_token else ""))]
-    return [("cache", cache), ("identity", identity), ("signals", signal_rows(s.get("signals") or {})),
-            ("size", sizes)]
+    out = [("cache", cache), ("identity", identity), ("signals", signal_rows(s.get("signals") or {})), ("size", sizes)]
+    lineage = lineage_rows(s)
+    if lineage:
+        out.append(("lineage", lineage))
+    return out
+
+
+def lineage_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A child cache's parent and the chain it reads (SPEC.md section 11); none for a full cache."""
+    parent = s.get("parent")
+    if not parent:
+        return []
+    rows = [("parent", f"{parent['name']} (key {short_hash(parent['key'])})"),
+            ("serves", f"{s.get('n_samples_served', 0):,} samples: {s.get('n_samples', 0):,} here, "
+                       f"{parent['samples']:,} from the parent chain"
+                       + (f", {parent['dropped']['samples']:,} of its samples dropped" if parent.get("dropped") else ""))]
+    chain = s.get("chain") or []
+    if len(chain) > 1:
+        rows.append(("chain", " <- ".join(f"{c['name']} ({c['samples']:,})" for c in chain)))
+    return rows
 
 
 # Fields compared between caches, with the label shown; values shortened like the blocks'.

@@ -51,6 +51,9 @@ class CacheEntry:
     tokens: int | None = None
     bytes: int | None = None
     created: str | None = None  # ISO 8601, UTC, as the manifest holds it
+    parent: str | None = None  # a child cache (a grown dataset): the cache it grows, by name
+    parent_key: str | None = None
+    own_samples: int | None = None  # of ``samples``, those held here (the rest: the parent chain's)
 
     @property
     def broken(self) -> bool:
@@ -66,6 +69,8 @@ class CacheEntry:
             value = getattr(self, k)
             if self.sealed or value is not None:
                 d[k] = value
+        if self.sealed:
+            d.update(parent=self.parent, parent_key=self.parent_key, own_samples=self.own_samples)
         return d
 
 
@@ -73,7 +78,9 @@ def _entry_from_manifest(m: Manifest, name: str, url: str) -> CacheEntry:
     s = manifest_summary(m, url)
     return CacheEntry(name=name, path=url, sealed=True, status="sealed", key=m.key, teacher=s["teacher"],
                       role=m.teacher.get("role"), dataset=s["dataset_fingerprint"], signals=m.signals.to_dict(),
-                      samples=m.samples, tokens=m.tokens, bytes=s["bytes_on_disk"], created=m.created)
+                      samples=s["n_samples_served"], tokens=s["n_tokens_served"], bytes=s["bytes_on_disk"],
+                      created=m.created, parent=m.parent.name if m.parent else None,
+                      parent_key=m.parent.key if m.parent else None, own_samples=m.samples)
 
 
 def _entry_from_plan(loc: Location, name: str) -> CacheEntry:
@@ -307,4 +314,16 @@ def long_block(e: CacheEntry) -> list[tuple[str, str]]:
             ("size", human_bytes(e.bytes)), ("sealed", "yes" if e.sealed else f"no: {e.status}"),
             ("created", created_minute(e.created) + " UTC" if e.created else ""),
             ("key", e.key or ""), ("dataset", e.dataset or "")]
+    if e.parent:
+        rows.insert(5, ("parent", f"{e.parent} ({e.samples - (e.own_samples or 0):,} samples from it, "
+                                  f"{e.own_samples or 0:,} here)"))
     return [(k, v) for k, v in rows if v]
+
+
+def lineage_note(e: CacheEntry) -> str | None:
+    """The line `kd cache ls` prints under its table for a child cache (names whole, never dropped):
+    which cache it grows and how many of its samples come from there."""
+    if not e.parent:
+        return None
+    own = e.own_samples or 0
+    return f"{e.name} grows {e.parent}: {own:,} new or changed samples here, {(e.samples or 0) - own:,} from the parent chain"

@@ -7,22 +7,27 @@ cache readable. Parsed as plain JSON into typed dataclasses and validated before
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kd import __version__
 
-from .errors import CacheCorruptError, SchemaVersionError
+from .errors import CacheCorruptError, CachePathError, SchemaVersionError
 from .storage import safe_relpath
 
-SCHEMA_VERSION = 3  # 2: ids as codes into a per-shard id_table; 3: u8 on a power-law scale (SPEC.md, Versioning)
+SCHEMA_VERSION = 4  # 2: id codes + id_table; 3: u8 power-law scale; 4: content_hash, parent (SPEC.md, Versioning)
 FORMAT_NAME = "kd-teacher-cache"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 PLAN_FILE = "plan.json"
+DROPPED_FILE = "dropped.parquet"
 
 
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, SCHEMA_VERSION)  # v1 shards hold raw int32 ids, v1/v2 u8 a logprob_ref
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, SCHEMA_VERSION)  # v1 shards hold raw int32 ids, v1/v2 u8 a logprob_ref
+PARENT_VERSION = 4  # the first schema_version with per-sample content hashes and parent caches
+# A parent is named by its directory name under the same root: one plain path component.
+PARENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 
 
 def check_schema_version(found: Any, where: str) -> None:
@@ -115,6 +120,47 @@ class ShardEntry:
         return cls(int(d["shard"]), safe_relpath(d["path"]), int(d["samples"]), int(d["tokens"]), files)
 
 
+def check_parent_name(name: Any, where: str) -> str:
+    """A parent cache's name: one path component under the child's own root, never ``..``, an
+    absolute path or a URL (so a manifest cannot make a reader open anything outside the root)."""
+    if not isinstance(name, str) or not PARENT_NAME.match(name):
+        raise CachePathError(f"{where}: parent {name!r} is not a cache name under the same root "
+                             "(one path component of [A-Za-z0-9._-]; no '/', '..', absolute paths or URLs)")
+    return name
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """The cache a child cache grows (SPEC.md section 11): the child serves its own samples plus
+    the parent's (its whole chain's), minus the ``dropped`` ones; the child wins for an id in both."""
+
+    name: str  # directory name of the parent under the same root
+    key: str  # the parent's key, checked when it is opened
+    samples: int  # samples the child serves from the parent chain
+    tokens: int  # their answer tokens
+    dropped: FileEntry | None = None  # dropped.parquet: parent-chain ids the child does not serve
+    dropped_samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        dropped = None if self.dropped is None else {"path": DROPPED_FILE, **asdict(self.dropped),
+                                                     "samples": self.dropped_samples}
+        return {"name": self.name, "key": self.key, "samples": self.samples, "tokens": self.tokens, "dropped": dropped}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "ParentRef":
+        name = check_parent_name(d.get("name"), where)
+        key = str(d["key"])
+        if not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise CacheCorruptError(f"{where}: parent key {key!r} is not 64 lowercase hex digits")
+        dropped, n_dropped = d.get("dropped"), 0
+        if dropped is not None:
+            if dropped.get("path") != DROPPED_FILE:
+                raise CacheCorruptError(f"{where}: parent.dropped.path must be {DROPPED_FILE!r}")
+            n_dropped = int(dropped["samples"])
+            dropped = FileEntry(int(dropped["size"]), str(dropped["xxh3_128"]))
+        return cls(name, key, int(d["samples"]), int(d["tokens"]), dropped, n_dropped)
+
+
 @dataclass
 class Manifest:
     key: str
@@ -129,6 +175,7 @@ class Manifest:
     kd_version: str
     sealed: bool = True
     schema_version: int = SCHEMA_VERSION
+    parent: ParentRef | None = None  # schema_version >= 4: the cache this one grows, if any
 
     def to_json(self) -> bytes:
         d = {
@@ -145,6 +192,8 @@ class Manifest:
             "shards": [s.to_dict() for s in self.shards],
             "key_inputs": self.key_inputs,
         }
+        if self.schema_version >= PARENT_VERSION:
+            d["parent"] = None if self.parent is None else self.parent.to_dict()
         return (json.dumps(d, indent=1, sort_keys=False) + "\n").encode()
 
     @classmethod
@@ -172,8 +221,12 @@ class Manifest:
                 kd_version=str(d["kd_version"]),
                 sealed=bool(d["sealed"]),
                 schema_version=int(version),
+                parent=(ParentRef.from_dict(d["parent"], where)
+                        if version >= PARENT_VERSION and d.get("parent") is not None else None),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except CachePathError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CacheCorruptError(f"{where}: manifest field missing or malformed: {e!r}") from None
         if d["index"].get("path") != INDEX_FILE:
             raise CacheCorruptError(f"{where}: index path must be {INDEX_FILE!r}")

@@ -25,17 +25,19 @@ from .shard_reader import ChunkLRU, ShardArrays, ShardSource, gather, read_parqu
 from .storage import Location, checksum_bytes
 from .summary import manifest_summary
 from .writer import SHARD_INDEX_FILE, shard_commit_name
+from .chain import ChainLink, open_parent, with_content_hash
 
 DEFAULT_CACHE_BYTES = 512 << 20
 
 class CacheReader:
     """Open a cache by path or fsspec URL and read samples by id."""
 
-    def __init__(self, url: str, *, allow_unsealed: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None):
+    def __init__(self, url: str, *, allow_unsealed: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 storage_options: dict | None = None, _lru: ChunkLRU | None = None, _seen: tuple[str, ...] = ()):
         self._open_args = (str(url), {"allow_unsealed": allow_unsealed, "cache_bytes": cache_bytes,
                                       "storage_options": storage_options})
         self.location = Location.from_url(str(url), **(storage_options or {}))
-        self._lru = ChunkLRU(cache_bytes)
+        self._lru = _lru if _lru is not None else ChunkLRU(cache_bytes)  # one budget for a whole chain
         if self.location.exists(MANIFEST_FILE):
             self.manifest: Manifest | None = Manifest.from_json(self.location.read_bytes(MANIFEST_FILE), f"{self.location.url}/{MANIFEST_FILE}")
             if not self.manifest.sealed:
@@ -54,24 +56,55 @@ class CacheReader:
                 f"{self.location.url}: cache is not sealed (build unfinished or killed); "
                 "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
             )
+        self.index = with_content_hash(self.index, self.location.url)
         # v3 u8 shards store each tie group's id codes sorted, as differences (SPEC.md section 5)
         self.ties_sorted = self.signals.value_coding == "u8" and self.schema_version >= 3
         source = ShardSource(self.location, self._lru, self.schema_version, self.ties_sorted)
         self._shards = {e.shard: ShardArrays(source, e) for e in entries}
-        # Columns stay in Arrow / numpy memory (no Python object per sample): see id_lookup.
+        shard_col = self.index.column("shard").to_numpy()
         self._ids = SampleIdIndex(self.index.column("sample_id"))
+        self._check_own_index(shard_col)
+        # Every cache this reader serves, this one first (SPEC.md section 11): what `teachers.json` names.
+        self.chain: list[ChainLink] = [ChainLink(self.location, self.manifest, len(self._ids))]
+        if self.manifest is not None and self.manifest.parent is not None:
+            shard_col = self._join_parent(shard_col, cache_bytes, storage_options, _seen + (self.location.url,))
+        # Columns stay in Arrow / numpy memory (no Python object per sample): see id_lookup.
         try:
-            duplicates = self._ids.duplicates()
             self._strings = {name: StringColumn(self.index.column(name), f"index column {name!r}")
                              for name in ("capability", "input_ids_hash", "answer_ids_hash")}
+        except ValueError as e:
+            raise CacheCorruptError(f"{self.location.url}: {e}") from None
+        self._cols = {name: self.index.column(name).to_numpy() for name in ("token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
+        self._cols["shard"] = shard_col  # the reader's own numbering of every shard of the chain
+
+    def _check_own_index(self, shard_col: np.ndarray) -> None:
+        """This cache's own rows: unique ids, as many as the manifest counts, within their shards."""
+        try:
+            duplicates = self._ids.duplicates()
         except ValueError as e:
             raise CacheCorruptError(f"{self.location.url}: {e}") from None
         if duplicates:
             raise CacheCorruptError(f"{self.location.url}: duplicate sample ids in the index: {duplicates}")
         if self.manifest is not None and len(self._ids) != self.manifest.samples:
             raise CacheCorruptError(f"{self.location.url}: index has {len(self._ids)} samples, manifest says {self.manifest.samples}")
-        self._cols = {name: self.index.column(name).to_numpy() for name in ("shard", "token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
-        self._check_index_against_shards()
+        starts, lengths = self.index.column("token_start").to_numpy(), self.index.column("num_tokens").to_numpy()
+        for shard, entry in ((s, sh.entry) for s, sh in self._shards.items()):
+            mask = shard_col == shard
+            if int(lengths[mask].sum()) != entry.tokens or int(mask.sum()) != entry.samples:
+                raise CacheCorruptError(f"{self.location.url}: index disagrees with manifest counts of shard {shard}")
+            if mask.any() and int((starts[mask] + lengths[mask]).max()) > entry.tokens:
+                raise CacheCorruptError(f"{self.location.url}: index spans past the end of shard {shard}")
+
+    def _join_parent(self, shard_col: np.ndarray, cache_bytes: int, storage_options: dict | None,
+                     seen: tuple[str, ...]) -> np.ndarray:
+        """Serve the parent chain's samples too (child wins, dropped ids left out); returns the shard column."""
+        parent, inherited = open_parent(self, cache_bytes, storage_options, seen)
+        offset = len(self._shards)
+        self._shards.update({s + offset: arrays for s, arrays in parent._shards.items()})
+        self.chain += parent.chain
+        self.index = pa.concat_tables([self.index, parent.index.take(pa.array(inherited))])
+        self._ids = SampleIdIndex(self.index.column("sample_id"))
+        return np.concatenate([shard_col.astype(np.int64), parent._cols["shard"][inherited].astype(np.int64) + offset])
 
     def __getstate__(self) -> dict[str, Any]:
         """A reader pickles as what opened it (data-loader workers under spawn / forkserver, the default
@@ -112,15 +145,6 @@ class CacheReader:
         from .writer import INDEX_SCHEMA
 
         return entries, signals, pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-
-    def _check_index_against_shards(self) -> None:
-        shard_col, starts, lengths = self._cols["shard"], self._cols["token_start"], self._cols["num_tokens"]
-        for shard, entry in ((s, sh.entry) for s, sh in self._shards.items()):
-            mask = shard_col == shard
-            if int(lengths[mask].sum()) != entry.tokens or int(mask.sum()) != entry.samples:
-                raise CacheCorruptError(f"{self.location.url}: index disagrees with manifest counts of shard {shard}")
-            if mask.any() and int((starts[mask] + lengths[mask]).max()) > entry.tokens:
-                raise CacheCorruptError(f"{self.location.url}: index spans past the end of shard {shard}")
 
     # ----------------------------------------------------------------- access
     @property
@@ -216,7 +240,9 @@ class CacheReader:
         """What `kd cache inspect` shows (``summary.manifest_summary``); a sealed cache only."""
         if self.manifest is None:
             raise CacheError(f"{self.location.url}: unsealed caches have no summary")
-        return manifest_summary(self.manifest, self.location.url)
+        s = manifest_summary(self.manifest, self.location.url)
+        s["chain"] = [link.describe() for link in self.chain]  # this cache first, then its parents
+        return s
 
 
 class JoinedReader:

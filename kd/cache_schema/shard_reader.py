@@ -46,7 +46,7 @@ def read_parquet(data: bytes) -> pa.Table:
 
 
 class ChunkLRU:
-    """Decoded chunks keyed by (shard, array, chunk), evicted by total bytes."""
+    """Decoded chunks keyed by (cache, shard, array, chunk), evicted by total bytes."""
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -146,7 +146,7 @@ class ShardArrays:
 
     def _chunk(self, name: str, h: _ArrayHandle, c: int) -> np.ndarray:
         """Chunk ``c`` of an array, decoded (ids: to token ids), from the LRU or read and checked."""
-        key = (self.entry.shard, name, c)
+        key = (self.reader.location.path, self.entry.shard, name, c)  # a chain's caches share one LRU
         chunk = self.reader._lru.get(key)
         if chunk is not None:
             return chunk

@@ -29,6 +29,10 @@ def manifest_summary(m: Manifest, url: str) -> dict[str, Any]:
         "n_shards": len(m.shards),
         "bytes_on_disk": size,
         "bytes_per_token": round(size / m.tokens, 2) if m.tokens else None,
+        # A child cache (SPEC.md section 11): the cache it grows and what it serves from it.
+        "parent": m.parent.to_dict() if m.parent else None,
+        "n_samples_served": m.samples + (m.parent.samples if m.parent else 0),
+        "n_tokens_served": m.tokens + (m.parent.tokens if m.parent else 0),
     }
 
 

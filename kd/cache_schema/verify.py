@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import CacheError
-from .storage import checksum_bytes
+from .manifest import Manifest
+from .storage import Location, checksum_bytes
 
 VERIFY_BATCH = 256  # samples decoded per read
 
@@ -32,8 +33,23 @@ def verify_cache(url: str) -> VerifyReport:
     except CacheError as e:
         report.fail(str(e))
         return report
-    loc = reader.location
-    for entry in reader.manifest.shards:
+    for link in reader.chain:  # a child cache and every parent it grows (SPEC.md section 11)
+        _check_files(link.location, link.manifest, report)
+    if report.ok:  # decode everything once: catches arrays whose shapes lie about counts
+        try:
+            ids = reader.sample_ids
+            for i in range(0, len(ids), VERIFY_BATCH):
+                for s in reader.get_many(ids[i : i + VERIFY_BATCH]):
+                    if s.ids.shape[0] != s.num_tokens:
+                        report.fail(f"{reader.location.url}: sample {s.sample_id!r} arrays disagree in length")
+        except (CacheError, ValueError) as e:
+            report.fail(str(e))
+    return report
+
+
+def _check_files(loc: Location, manifest: Manifest, report: VerifyReport) -> None:
+    """Every file one cache's manifest lists: present, of its size and checksum; none unlisted."""
+    for entry in manifest.shards:
         on_disk = loc.walk_files(entry.path)
         listed = {f"{entry.path}/{rel}" for rel in entry.files}
         for extra in sorted(set(on_disk) - listed):
@@ -53,13 +69,3 @@ def verify_cache(url: str) -> VerifyReport:
                 report.fail(f"{loc.url}/{path}: size {len(data)} != {meta.size} (truncated or extended)")
             elif checksum_bytes(data) != meta.xxh3_128:
                 report.fail(f"{loc.url}/{path}: checksum mismatch")
-    if report.ok:  # decode everything once: catches arrays whose shapes lie about counts
-        try:
-            ids = reader.sample_ids
-            for i in range(0, len(ids), VERIFY_BATCH):
-                for s in reader.get_many(ids[i : i + VERIFY_BATCH]):
-                    if s.ids.shape[0] != s.num_tokens:
-                        report.fail(f"{loc.url}: sample {s.sample_id!r} arrays disagree in length")
-        except (CacheError, ValueError) as e:
-            report.fail(str(e))
-    return report

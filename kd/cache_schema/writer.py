@@ -22,7 +22,7 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +33,11 @@ from .codecs import encode_hidden, encode_logprobs, folded_mask, undelta_logprob
 from .errors import CacheCorruptError, CacheError
 from .faults import fault_point
 from .id_coding import encode_ids, sort_ties
+from .sample_check import SampleSignals, check_sample  # noqa: F401 - SampleSignals re-exported
 from .key import cache_dir_name, cache_key
+from .lineage_files import parent_ref
 from .manifest import (
+    DROPPED_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     PLAN_FILE,
@@ -90,24 +93,9 @@ INDEX_SCHEMA = pa.schema(
         ("attn_t2v_keys", pa.int32()),
         ("attn_full_start", pa.int64()),
         ("attn_full_keys", pa.int32()),
+        ("content_hash", pa.string()),  # schema_version >= 4: what the sample is (SPEC.md section 4)
     ]
 )
-
-
-class SampleSignals(Protocol):
-    """What a shard writer needs of one sample (``kd.pipeline.build.signals.TeacherSignals`` fits)."""
-
-    sample_id: str
-    target_ids: np.ndarray
-    ids: np.ndarray
-    logprobs: np.ndarray
-    tail_logmass: np.ndarray
-    counts: np.ndarray | None
-    input_ids: np.ndarray
-    answer_start: int
-    hidden: dict[int, np.ndarray]
-    attention_t2v: dict[int, np.ndarray]
-    attention_full: dict[int, np.ndarray]
 
 
 def hash_ids(ids: Sequence[int] | np.ndarray) -> str:
@@ -131,11 +119,16 @@ class ShardWriter:
         self.shard = shard
         self.signals = signals
         self._samples: list[tuple[SampleSignals, str]] = []
+        self._content_hashes: list[str] = []
 
-    def add(self, sample: SampleSignals, capability: str) -> None:
-        _check_sample(sample, self.signals)
+    def add(self, sample: SampleSignals, capability: str, content_hash: str = "") -> None:
+        """Queue one sample; ``content_hash`` is its record's hash ("" = unknown: never reused by a child)."""
+        check_sample(sample, self.signals)
+        if not isinstance(content_hash, str):
+            raise ValueError(f"sample {sample.sample_id!r}: content_hash must be a string, got {type(content_hash).__name__}")
         fault_point("batch")  # teacher outputs in memory, nothing of this shard on disk yet
         self._samples.append((sample, capability))
+        self._content_hashes.append(content_hash)
 
     def commit(self) -> ShardEntry:
         """Write arrays + index under a fresh attempt dir, checksum them, publish the commit file."""
@@ -219,41 +212,11 @@ class ShardWriter:
                 "attn_t2v_keys": attn_cols["t2v"][1],
                 "attn_full_start": attn_cols["full"][0],
                 "attn_full_keys": attn_cols["full"][1],
+                "content_hash": self._content_hashes,
             },
             schema=INDEX_SCHEMA,
         )
         return arrays, index
-
-
-def _check_sample(s: SampleSignals, sig: SignalConfig) -> None:
-    where = f"sample {s.sample_id!r}"
-    if hasattr(s, "validate"):
-        s.validate()
-    if len(s.target_ids) == 0:
-        raise ValueError(f"{where}: empty answer (0 answer tokens) cannot be cached")
-    if s.ids.shape[1] != sig.top_k:
-        raise ValueError(f"{where}: ids have {s.ids.shape[1]} columns, signal config says top_k={sig.top_k}")
-    for field in ("logprobs", "tail_logmass"):  # a broken teacher (overflow) must not be cached as data
-        bad = np.isnan(np.asarray(getattr(s, field), np.float32))
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            raise ValueError(f"{where}: {field} has NaN (first at answer token {row}); the teacher's outputs are broken")
-    ranked = np.sort(np.asarray(s.ids), axis=1)  # a top-k (or the distinct sampled ids): no id twice in a row
-    dup = (ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)
-    if dup.any():
-        row = int(np.argwhere(dup)[0][0])
-        raise ValueError(f"{where}: ids repeat token {int(ranked[row][1:][dup[row]][0])} at answer token {row}; "
-                         "a row's ids must be distinct")
-    if sig.logits == "sampled" and s.counts is None:
-        raise ValueError(f"{where}: sampled logits need counts")
-    for layer in sig.hidden_layers:
-        if layer not in s.hidden:
-            raise ValueError(f"{where}: hidden state of layer {layer} missing")
-    for kind in sig.attention_kinds:
-        maps = s.attention_t2v if kind == "t2v" else s.attention_full
-        for layer in sig.attention_layers:
-            if layer not in maps:
-                raise ValueError(f"{where}: {kind} attention map of layer {layer} missing")
 
 
 @dataclass
@@ -285,13 +248,18 @@ class CacheBuild:
     def sealed(self) -> bool:
         return self.location.exists(MANIFEST_FILE)
 
-    def start(self, plan: BuildPlan) -> None:
-        """Create the directory and publish the plan; a resumed build must have the same plan."""
+    def start(self, plan: BuildPlan, parent: dict[str, Any] | None = None) -> None:
+        """Create the directory and publish the plan; a resumed build must have the same plan.
+
+        ``parent`` (``lineage.ParentChoice.plan_entry``) makes this a child cache: the plan's shards
+        hold only the samples its parent chain lacks, and the seal names the parent in the manifest.
+        """
         self.location.makedirs("shards")
-        doc = {"key": self.key, "key_inputs": self.inputs, "shards": plan.shards}
+        doc = {"key": self.key, "key_inputs": self.inputs, "shards": plan.shards, "parent": parent}
         if self.location.exists(PLAN_FILE):
             existing = json.loads(self.location.read_bytes(PLAN_FILE))
-            if existing.get("key") != self.key or existing.get("shards") != plan.shards:
+            if (existing.get("key") != self.key or existing.get("shards") != plan.shards
+                    or existing.get("parent") != parent):
                 raise CacheError(f"{self.location.url}: an unfinished build with a different plan exists; use --force")
             return
         with _no_space(f"the plan of {self.location.url}"):
@@ -299,6 +267,15 @@ class CacheBuild:
 
     def plan(self) -> BuildPlan:
         return BuildPlan(json.loads(self.location.read_bytes(PLAN_FILE))["shards"])
+
+    def planned_parent(self) -> dict[str, Any] | None:
+        """The parent an unfinished build planned with (None: a full build, or no plan yet)."""
+        if not self.location.exists(PLAN_FILE):
+            return None
+        return json.loads(self.location.read_bytes(PLAN_FILE)).get("parent")
+
+    def has_plan(self) -> bool:
+        return self.location.exists(PLAN_FILE)
 
     def committed(self) -> dict[int, ShardEntry]:
         """Shards whose commit file exists and parses (a torn commit cannot exist: it is atomic)."""
@@ -343,11 +320,13 @@ class CacheBuild:
             if table.column("sample_id").to_pylist() != shard_ids:
                 raise CacheCorruptError(f"{self.location.url}: shard {i} holds other samples than planned")
             tables.append(table)
-        index = pa.concat_tables(tables)
+        index = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()  # a child may add no samples
         sink = pa.BufferOutputStream()
         pq.write_table(index, sink, compression="zstd")
         index_bytes = sink.getvalue().to_pybytes()
         shards = [committed[i] for i in range(len(plan.shards))]
+        planned_parent = self.planned_parent()
+        parent, dropped_bytes = parent_ref(planned_parent) if planned_parent else (None, None)
         manifest = Manifest(
             key=self.key,
             key_inputs=self.inputs,
@@ -359,12 +338,15 @@ class CacheBuild:
             index=FileEntry(len(index_bytes), checksum_bytes(index_bytes)),
             created=_now(),
             kd_version=kd_version,
+            parent=parent,
         )
         if lease is not None:
             lease.check()
         if self.sealed:  # another sealer won meanwhile: its index and attempt dirs are the cache
             return self._sealed_manifest()
         with _no_space(f"the index of {self.location.url}"):
+            if dropped_bytes is not None:
+                self.location.write_atomic(DROPPED_FILE, dropped_bytes)
             self.location.write_atomic(INDEX_FILE, index_bytes)
         fault_point("seal_index")
         self._remove_stray_attempts({s.path.split("/", 1)[1] for s in shards})

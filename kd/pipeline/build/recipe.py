@@ -1,7 +1,10 @@
 """Stage one as one readable recipe: validate data, key the cache, plan shards, capture, seal.
 
 ``build_cache`` is what ``kd cache build`` runs. A sealed cache with the same key is reused
-without starting a teacher; an unfinished one resumes from its committed shards. Shards run
+without starting a teacher; an unfinished one resumes from its committed shards. A grown (or
+edited) dataset grows a sealed cache of the same teacher and signals under the same root
+(``kd.cache_schema.lineage``): only the samples that cache lacks are captured, into a child cache
+naming it as its parent (``reuse=False`` or ``force``: a full build). Shards run
 in-process by default or as dask tasks (``fanout``), one task per shard (``shard.run_shard``),
 one warm engine per worker process. What a build is asked for lives in ``request``.
 """
@@ -16,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from kd import __version__
-from kd.cache_schema import BuildPlan, CacheBuild, Location, key_inputs
-from kd.cache_schema.manifest import MANIFEST_FILE
+from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, key_inputs
+from kd.cache_schema.lineage import ParentChoice, coverage, find_parent
+from kd.cache_schema.manifest import MANIFEST_FILE, Manifest
 from kd.pipeline.build.fanout import run_jobs
 from kd.pipeline.build.progress import BuildProgress
 from kd.pipeline.build.request import BuildRequest, asdict_request
 from kd.pipeline.build.shard import ShardJob, warm_engine, close_warm_engines
-from kd.pipeline.common.dataset import Record, dataset_fingerprint, load_records
+from kd.pipeline.common.dataset import Record, fingerprint_and_hashes, load_records
 
 
 @dataclass
@@ -38,6 +42,8 @@ class BuildResult:
     shards_total: int
     self_check_s: float | None = None  # seconds the self-check took (None: not run)
     self_check_diff: dict[str, float] | None = None  # its largest differences per signal
+    parent: str | None = None  # the cache this one grows (its name under the same root), if any
+    reused_samples: int = 0  # of ``samples``, those served from the parent chain (not captured)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,8 +122,25 @@ def check_engine_limits(request: BuildRequest, engine: str, records: list[Record
     check_context(records, processor, limits, source=request.data)
 
 
+@dataclass
+class Prepared:
+    """A build's validated inputs: the cache it makes, its records, their content hashes, the engine."""
+
+    build: CacheBuild
+    records: list[Record]
+    content_hashes: list[str]
+    engine: str
+    root: Location
+
+
 def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     """Validate inputs and derive the cache identity; writes nothing."""
+    p = prepare_build(request)
+    return p.build, p.records, p.engine
+
+
+def prepare_build(request: BuildRequest) -> Prepared:
+    """``prepare``, keeping each record's content hash (what a child cache is planned from)."""
     from kd.pipeline.common.model_files import vocab_sha256
 
     records = load_records(request.data)  # raises DatasetError naming line and field; nothing written
@@ -125,11 +148,12 @@ def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
     ident, tok_hash, tmpl_hash = teacher_identity(request)
     check_engine_limits(request, engine, records)
     signals = request.signal_config()
+    fingerprint, hashes = fingerprint_and_hashes(records)
     inputs = key_inputs(
         teacher=ident,
         tokenizer_hash=tok_hash,
         template_hash=tmpl_hash,
-        dataset_fingerprint=dataset_fingerprint(records),
+        dataset_fingerprint=fingerprint,
         signals=signals,
         engine={"kind": engine, "dtype": request.dtype, "seed": request.seed if request.logits == "sampled" else None},
     )
@@ -137,8 +161,28 @@ def prepare(request: BuildRequest) -> tuple[CacheBuild, list[Record], str]:
             "revision": request.teacher_revision, "num_layers": teacher_depth(request.teacher),
             "tokenizer_sha256": tok_hash, "vocab_sha256": vocab_sha256(request.teacher),
             "model_dir": str(Path(request.teacher).resolve())}
-    build = CacheBuild(Location.from_url(request.out), inputs, meta, signals)
-    return build, records, engine
+    root = Location.from_url(request.out)
+    return Prepared(CacheBuild(root, inputs, meta, signals), records, hashes, engine, root)
+
+
+def choose_parent(request: BuildRequest, p: Prepared) -> ParentChoice | None:
+    """The cache this build grows: the one its unfinished plan names (a resume), else the best under
+    the same root (``lineage.find_parent``), none with ``reuse=False`` or ``force``."""
+    build, ids = p.build, [r.id for r in p.records]
+    if build.has_plan():
+        planned = build.planned_parent()
+        if not planned:
+            return None
+        reader = CacheReader(p.root.child(planned["name"]).url)  # a parent that went away: an error naming it
+        return coverage(reader, ids, p.content_hashes)
+    if request.force or not request.reuse:
+        return None
+    return find_parent(p.root, build.inputs, build.name, ids, p.content_hashes)
+
+
+def _chained(build: CacheBuild) -> bool:
+    m = json.loads(build.location.read_bytes(MANIFEST_FILE))
+    return bool(m.get("parent"))
 
 
 def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
@@ -153,45 +197,61 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
     from kd.cache_schema.lease import LEASE_FILE, BuildLease
 
     t0 = time.perf_counter()
-    build, records, engine = prepare(request)
+    prepared = prepare_build(request)
+    build, records, engine = prepared.build, prepared.records, prepared.engine
+
+    def keep_sealed() -> bool:  # --no-reuse turns a sealed child into a full cache
+        return build.sealed and not request.force and (request.reuse or not _chained(build))
 
     def reused() -> BuildResult:
-        m = json.loads(build.location.read_bytes(MANIFEST_FILE))
-        return BuildResult(build.location.url, build.key, build.teacher["name"], m["counts"]["samples"],
-                           m["counts"]["tokens"], time.perf_counter() - t0, True, 0, m["counts"]["shards"])
+        m = Manifest.from_json(build.location.read_bytes(MANIFEST_FILE), f"{build.location.url}/{MANIFEST_FILE}")
+        if m.parent is not None:
+            CacheReader(build.location.url)  # the chain must still read: a missing parent is named here
+        extra = (m.parent.samples, m.parent.tokens) if m.parent else (0, 0)
+        return BuildResult(build.location.url, build.key, build.teacher["name"], m.samples + extra[0],
+                           m.tokens + extra[1], time.perf_counter() - t0, True, 0, len(m.shards),
+                           parent=m.parent.name if m.parent else None, reused_samples=extra[0])
 
-    if build.sealed and not request.force:
+    if keep_sealed():
         return reused()
     with BuildLease(build.location, wait_timeout=lease_timeout) as lease:
-        if build.sealed and not request.force:  # the builder we waited for finished it
+        if keep_sealed():  # the builder we waited for finished it
             return reused()
-        if request.force:
+        if request.force or build.sealed:
             build.clear(keep=[LEASE_FILE])
+        parent = choose_parent(request, prepared)
+        todo = records if parent is None else [records[i] for i in parent.todo]
+        hashes = dict(zip((r.id for r in records), prepared.content_hashes))
         check = None
-        if request.self_check and not build.committed():
-            check = self_check(request, engine, records)  # raises before anything is written
-        plan = BuildPlan.from_ids([r.id for r in records], request.shard_size)
-        build.start(plan)
+        if request.self_check and todo and not build.committed():
+            check = self_check(request, engine, todo)  # raises before anything is written
+        plan = BuildPlan.from_ids([r.id for r in todo], request.shard_size)
+        build.start(plan, parent.plan_entry() if parent else None)
         done = build.committed()
         jobs = [
-            ShardJob(asdict_request(request), engine, build.location.url, build.inputs, build.teacher, i, ids)
+            ShardJob(asdict_request(request), engine, build.location.url, build.inputs, build.teacher, i, ids,
+                     [hashes[sid] for sid in ids])
             for i, ids in enumerate(plan.shards)
             if i not in done
         ]
         if progress:
-            progress.start(total_samples=len(records), done_samples=sum(e.samples for e in done.values()),
+            progress.start(total_samples=len(todo), done_samples=sum(e.samples for e in done.values()),
                            total_shards=len(plan.shards), done_shards=len(done))
         stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
         manifest = build.seal(__version__, lease=lease)
     if progress:
         progress.finish()
-    return BuildResult(build.location.url, build.key, build.teacher["name"], manifest.samples, manifest.tokens,
-                       time.perf_counter() - t0, False, sum(1 for s in stats if not s["skipped"]), len(plan.shards),
-                       check.seconds if check else None, check.max_diff if check else None)
+    extra = (parent.reused, parent.tokens) if parent else (0, 0)
+    return BuildResult(build.location.url, build.key, build.teacher["name"], manifest.samples + extra[0],
+                       manifest.tokens + extra[1], time.perf_counter() - t0, False,
+                       sum(1 for s in stats if not s["skipped"]), len(plan.shards),
+                       check.seconds if check else None, check.max_diff if check else None,
+                       parent.name if parent else None, extra[0])
 
 
 def self_check(request: BuildRequest, engine: str, records: list[Record]):
-    """``self_check.run_self_check`` on the build's first batch, with the engine the shards will use.
+    """``self_check.run_self_check`` on the first batch of the samples the build captures (a child
+    cache's new ones), with the engine the shards will use.
 
     In-process builds keep that engine warm for the shards; a distributed build's driver closes
     it again (its workers start their own).

@@ -36,7 +36,8 @@ class BuildRequest:
     trust_remote_code: bool = False
     workers: int = 0  # 0: in-process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
-    force: bool = False
+    force: bool = False  # rebuild from scratch (a full cache, no parent) even if a sealed one exists
+    reuse: bool = True  # grow a sealed cache of the same teacher and signals under `out` (a child cache)
     self_check: bool = True  # before the first shard, compare a batched capture with a plain forward
     engine_options: dict[str, Any] = field(default_factory=dict)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from kd.cache_schema import CacheBuild, Location
 from kd.pipeline.build.request import BuildRequest
-from kd.pipeline.common.dataset import Record, RecordTable, load_records
+from kd.pipeline.common.dataset import Record, RecordTable, fingerprint_and_hashes, load_records
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ShardJob:
     teacher_meta: dict[str, Any]
     shard: int
     sample_ids: list[str]
+    content_hashes: list[str] | None = None  # each sample's record hash (None: computed here)
 
 
 _WARM_ENGINES: dict[tuple, Any] = {}
@@ -97,13 +98,16 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None)
     spec = request.signal_spec()
     records = _records_by_id(request.data)
     writer = build.shard_writer(job.shard)
+    hashes = job.content_hashes
+    if hashes is None:
+        hashes = fingerprint_and_hashes(records.get(job.sample_ids))[1]
     tokens = 0
     for i in range(0, len(job.sample_ids), request.batch_size):
         batch = records.get(job.sample_ids[i : i + request.batch_size])
         outputs = engine.capture([r.as_dict() for r in batch], spec)
         n_tok = 0
-        for record, signals in zip(batch, outputs):
-            writer.add(signals, record.capability)
+        for record, signals, content_hash in zip(batch, outputs, hashes[i : i + request.batch_size]):
+            writer.add(signals, record.capability, content_hash)
             n_tok += signals.num_tokens
         tokens += n_tok
         if on_batch:

@@ -366,14 +366,24 @@ def dataset_fingerprint(records: Iterable[Record]) -> str:
     and cached teacher outputs (keyed by sample id) stay valid; changing any image byte, any
     text or any metadata value changes it and invalidates the cache.
     """
+    return fingerprint_and_hashes(records)[0]
+
+
+def fingerprint_and_hashes(records: Iterable[Record]) -> tuple[str, list[str]]:
+    """``dataset_fingerprint`` and each record's content hash (in record order), images hashed once.
+
+    A record's content hash is the first 32 hex digits of the sha256 of its canonical text (the
+    line the fingerprint hashes: id, text, metadata, image bytes' sha256). A cache stores it per
+    sample (``content_hash``), so a build of a grown dataset reuses exactly the unchanged samples.
+    """
     recs = list(records)
     image_hash: dict[Path, str] = {}
     for rec in recs:
         for p in rec.images:
             if p not in image_hash:
                 image_hash[p] = _file_sha256(p)
-    lines = sorted((rec.id, _canonical(rec, image_hash)) for rec in recs)
+    canon = [_canonical(rec, image_hash) for rec in recs]
     h = hashlib.sha256(FINGERPRINT_VERSION.encode() + b"\n")
-    for _, canon in lines:
-        h.update(canon.encode("utf-8") + b"\n")
-    return h.hexdigest()
+    for _, text in sorted(zip((r.id for r in recs), canon)):
+        h.update(text.encode("utf-8") + b"\n")
+    return h.hexdigest(), [hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] for text in canon]

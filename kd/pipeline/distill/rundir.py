@@ -3,7 +3,8 @@
 Layout::
 
     <out>/config.json      the resolved DistillConfig (absolute paths)
-    <out>/teachers.json    {role: {url, key, signals, teacher, samples, vocab_map}} of the caches read
+    <out>/teachers.json    {role: {url, key, signals, teacher, samples, vocab_map, caches}} of the caches read
+                           (caches: [{name, url, key, samples, parent}], the cache and every parent it grows)
     <out>/metrics.jsonl    one JSON object per logged train step (loss, terms, tokens, samples,
                            num_processes; sample_ids per rank with train.log_samples) / evaluation
     <out>/tb/              TensorBoard events (same scalars)
