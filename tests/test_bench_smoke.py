@@ -90,3 +90,12 @@ def test_capture_at_a_real_shape_prints_every_vocabulary_and_the_split():
     for part in ("teacher: engine.capture (vllm)", "answer head (kd: norm, lm_head, top-k)", "encode: writer.add",
                  "commit: writer.commit", "teacher: engine.capture (hf)"):
         assert part in out, part
+
+
+def test_growth_prints_the_grow_over_full_ratios():
+    out = _run("growth.py", "--records", "30", "--batch-size", "1", timeout=300)
+    for what in ("teacher time", "build time", "bytes written"):
+        m = re.search(rf"grow/full {what} {NUMBER}x", out)
+        assert m and float(m.group(1)) > 0, what
+    assert re.search(r"captured\s+3 samples", out), out[-2000:]  # +10% of 30: only the new records ran
+    assert "same samples and targets True, max |difference| 0.00e+00" in out, out[-2000:]

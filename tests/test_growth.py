@@ -256,3 +256,44 @@ def test_distill_over_a_chained_cache_names_every_cache_in_teachers_json(world, 
     assert [c["name"] for c in caches] == [child.name, Path(parent).name]
     assert caches[0]["key"] == CacheReader(str(child)).key and caches[1]["key"] == CacheReader(parent).key
     assert caches[0]["parent"] == Path(parent).name and teachers["planning"]["samples"] == 24
+
+
+def test_a_v3_cache_without_content_hashes_still_reads_and_is_never_a_parent(world, parent, tmp_path):
+    import pyarrow.parquet as pq
+
+    from kd.cache_schema import checksum_bytes
+
+    root = grows_only(parent, tmp_path)
+    old = root / Path(parent).name
+    table = pq.read_table(old / "index.parquet").drop(["content_hash"])  # the v3 index columns
+    pq.write_table(table, old / "index.parquet", compression="zstd")
+    data = (old / "index.parquet").read_bytes()
+    doc = json.loads((old / "manifest.json").read_text())
+    doc.pop("parent")
+    doc.update(schema_version=3, index={"path": "index.parquet", "size": len(data), "xxh3_128": checksum_bytes(data)})
+    (old / "manifest.json").write_text(json.dumps(doc))
+    reader = CacheReader(str(old))
+    assert reader.schema_version == 3 and reader.manifest.parent is None and len(reader) == 20
+    assert set(reader.index_column("content_hash", np.arange(20))) == {""}
+    assert verify_cache(str(old)).ok
+    res = build_cache(request(world, "grown", root))  # a v4 build: other key inputs, so a full cache
+    assert res.parent is None and CacheReader(res.path).manifest.samples == 24
+
+
+def test_an_interrupted_child_build_resumes_with_the_parent_it_planned(world, parent, full, monkeypatch, tmp_path):
+    from kd.pipeline.build import recipe as recipe_mod
+
+    root = grows_only(parent, tmp_path)
+    real = recipe_mod.run_jobs
+
+    def first_shard_then_die(jobs, **kw):
+        real(jobs[:1], **kw)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(recipe_mod, "run_jobs", first_shard_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_cache(request(world, "grown", root, shard_size=2))
+    monkeypatch.setattr(recipe_mod, "run_jobs", real)
+    res = build_cache(request(world, "grown", root, shard_size=2))
+    assert res.parent == Path(parent).name and res.shards_built == 1 and res.shards_total == 2
+    assert_same_dataset(res.path, full["grown"])
