@@ -204,7 +204,10 @@ _LS_HELP = (  # paragraphs as single lines: typer keeps line breaks after the fi
     "created (UTC, to the minute). Key and dataset fingerprint: --long or --json.\n\n"
     "A terminal too narrow for every column first puts one space between columns and wraps signals, then "
     "drops columns in this order: sealed, tokens, size, samples, created, signals, role. An unsealed cache "
-    "still reads 'unsealed' under created once sealed is gone; the name is never dropped or cut."
+    "still reads 'unsealed' under created once sealed is gone; the name is never dropped or cut.\n\n"
+    "A cache that grows another (a grown dataset's child, holding only its new or changed samples) gets a line "
+    "under the table: '<child> grows <parent>: N new or changed samples here, M from the parent chain'; its "
+    "samples column counts all it serves."
 )
 
 
