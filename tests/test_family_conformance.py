@@ -191,3 +191,24 @@ def test_vllm_topk_and_hidden_match_the_reference(family, reference):
         for layer in VLLM_SPEC.hidden_layers:
             np.testing.assert_allclose(sig.hidden[layer], ref["hidden"][layer], atol=TOL,
                                        err_msg=f"{arch}/{s.sample_id} vllm hidden[{layer}]")
+
+
+def test_generic_image_placeholders_become_the_familys_markup(family):
+    """LLaVA / ShareGPT data writes ``<image>`` where an image goes, whatever the model family."""
+    arch, _, processor, _, _ = family
+    imgs = [make_image(0), make_image(1, 64, 64)]
+    prompt = [{"role": "user", "content": "Front: <image> Back: <image>\nHow many cars?"}]
+    enc = encode_sample(processor, prompt, "two cars", imgs, sample_id="placeholders")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Front: "}, {"type": "image"},
+                                          {"type": "text", "text": " Back: "}, {"type": "image"},
+                                          {"type": "text", "text": "\nHow many cars?"}]}]
+    if processor.image_token == "<image>":  # the family's own token: the processor expands it in place
+        text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    else:
+        text = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[text + "two cars" + end_of_turn_token(processor)], images=[imgs], return_tensors="np",
+                    add_special_tokens=False)["input_ids"][0]
+    assert np.array_equal(ids, enc.input_ids), arch
+    assert int(enc.image_token_mask.sum()) > 0
+    with pytest.raises(ValueError, match="placeholders but 1 images"):
+        encode_sample(processor, prompt, "two cars", imgs[:1])

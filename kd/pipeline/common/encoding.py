@@ -109,7 +109,13 @@ def _image_token(proc: Any) -> str:
 
 def build_messages(prompt_or_messages: str | Sequence[Mapping[str, Any]], num_images: int,
                    image_token: str = IMAGE_PLACEHOLDER) -> list[dict[str, Any]]:
-    """Chat turns before the answer, with one image part per image placed before the user text."""
+    """Chat turns before the answer, with one image part per image placed before the user text.
+
+    Explicit placeholders place the images instead: the processor's own image token is left in
+    the text for the processor to expand; kd's generic ``<image>`` (LLaVA / ShareGPT data) with a
+    processor whose token differs (Qwen-VL's ``<|image_pad|>``, InternVL's ``<IMG_CONTEXT>``)
+    becomes an image part where it stands, so the family's chat template writes its own markup.
+    """
     if isinstance(prompt_or_messages, str):
         messages = [{"role": "user", "content": prompt_or_messages}]
     else:
@@ -122,6 +128,14 @@ def build_messages(prompt_or_messages: str | Sequence[Mapping[str, Any]], num_im
         if explicit != num_images:
             raise ValueError(f"prompt has {explicit} {image_token} placeholders but {num_images} images")
         return messages
+    generic = sum(t.count(IMAGE_PLACEHOLDER) for t in texts) if image_token != IMAGE_PLACEHOLDER else 0
+    if generic:
+        if generic != num_images:
+            raise ValueError(f"prompt has {generic} {IMAGE_PLACEHOLDER} placeholders but {num_images} images")
+        for m in messages:
+            if isinstance(m.get("content"), str) and IMAGE_PLACEHOLDER in m["content"]:
+                m["content"] = _image_parts(m["content"])
+        return messages
     if num_images:
         user = next((m for m in messages if m["role"] == "user"), None)
         if user is None:
@@ -130,6 +144,17 @@ def build_messages(prompt_or_messages: str | Sequence[Mapping[str, Any]], num_im
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
         user["content"] = [{"type": "image"} for _ in range(num_images)] + parts
     return messages
+
+
+def _image_parts(text: str) -> list[dict[str, str]]:
+    """``"a <image> b"`` -> text / image / text content parts (empty texts dropped)."""
+    parts: list[dict[str, str]] = []
+    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
 
 
 def encode_sample(
