@@ -14,14 +14,13 @@ Two ways to get the answer rows' log-probs, chosen per model (``VLLMEngine.head_
 
 Hidden states (and the answer-only residuals) come through vLLM's ``extract_hidden_states``
 speculative method, whose KV connector writes one safetensors file per request; vLLM's own
-connector needs CUDA streams, so a subclass defined here copies synchronously and writes only the
-positions the request names (``kv_transfer_params[_POSITIONS_KEY]``: the answer-predicting ones),
-not the whole prompt. vLLM never materialises attention maps: those need the transformers engine.
+connector needs CUDA streams, so a subclass (``vllm_plumbing``) copies synchronously and writes only
+the positions the request names (the answer-predicting ones), not the whole prompt. vLLM never materialises attention maps: those need the transformers engine.
 
 vLLM turns prompt log-probs into Python lists for every prompt position (k+1 entries each), although
 only the answer rows are kept; on a small model that costs more than the forward pass. Our requests
 are tagged so that vLLM's front end keeps the tensors it already has as arrays instead
-(``_install_array_prompt_logprobs``); without that hook (another vLLM version) the lists are used.
+(``vllm_plumbing.install_array_prompt_logprobs``); without that hook (another vLLM version) the lists are used.
 
 vLLM is imported only when an engine is built, so this module imports without it.
 """
@@ -45,169 +44,15 @@ from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_l
 from kd.pipeline.common.model_files import engine_identity, num_text_layers
 from kd.pipeline.build.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
 from kd.pipeline.build.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
+from kd.pipeline.build.engines import vllm_plumbing
+from kd.pipeline.build.engines.vllm_plumbing import (ARRAY_TAG, CONNECTOR, POSITIONS_KEY, ArrayPromptLogprobs,
+                                                     aux_hidden_arch, install_array_prompt_logprobs)
 from kd.pipeline.build.engines.weight_names import vllm_model_dir
 from kd.pipeline.build.signals import TeacherSignals
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
 # instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.
 _ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-_CONNECTOR = "CpuHiddenStatesConnector"
-_ARRAY_TAG = "kd_array_prompt_logprobs"  # SamplingParams.extra_args key marking our requests
-_POSITIONS_KEY = "kd_positions"  # kv_transfer_params key: the positions whose hidden states the connector keeps
-
-
-class ArrayPromptLogprobs:
-    """Prompt log-probs of one request as arrays, in place of vLLM's per-position Python lists.
-
-    Row ``r`` scores prompt position ``r + 1`` (position 0 has none, as in vLLM): column 0 is the
-    actual token, columns ``1..k`` the top-k sorted by log-prob (vLLM's ``gather_logprobs`` layout).
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-
-    def add(self, tensors: Any) -> None:
-        token_ids, logprobs = tensors[0], tensors[1]
-        self._chunks.append((_as_numpy(token_ids), _as_numpy(logprobs)))
-        self._arrays = None
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(token_ids [P-1, k+1] int, logprobs [P-1, k+1] float32)``."""
-        if self._arrays is None:
-            if len(self._chunks) == 1:
-                self._arrays = self._chunks[0]
-            else:
-                self._arrays = (np.concatenate([c[0] for c in self._chunks]), np.concatenate([c[1] for c in self._chunks]))
-        return self._arrays
-
-    def __len__(self) -> int:  # positions, counting position 0 like vLLM's containers
-        return 1 + sum(c[0].shape[0] for c in self._chunks)
-
-
-def _as_numpy(t: Any) -> np.ndarray:
-    # A copy: the arrays outlive the engine step that produced them (cheap: [positions, k+1]).
-    return t.numpy().copy() if isinstance(t, torch.Tensor) else np.array(t)
-
-
-def _install_array_prompt_logprobs() -> bool:
-    """Make vLLM's front end keep tagged requests' prompt log-probs as ``ArrayPromptLogprobs``.
-
-    Patches ``LogprobsProcessor`` (vLLM's per-request output-side state) once per process; the
-    patch only acts on requests whose ``SamplingParams.extra_args`` carry ``_ARRAY_TAG`` and that
-    do not detokenize, every other request takes vLLM's own path. Returns False (nothing patched)
-    when this vLLM's internals do not look as expected; the engine then reads vLLM's lists.
-    """
-    try:
-        from vllm.v1.engine.logprobs import LogprobsProcessor
-    except ImportError:
-        return False
-    if getattr(LogprobsProcessor, "_kd_array_prompt_logprobs", False):
-        return True
-    new_request = LogprobsProcessor.__dict__.get("from_new_request")
-    update = LogprobsProcessor.__dict__.get("_update_prompt_logprobs")
-    if not isinstance(new_request, classmethod) or update is None:
-        return False
-    orig_new = new_request.__func__
-
-    def from_new_request(cls, tokenizer, request):
-        proc = orig_new(cls, tokenizer, request)
-        extra = getattr(request.sampling_params, "extra_args", None) or {}
-        if extra.get(_ARRAY_TAG) and tokenizer is None and proc.prompt_logprobs is not None:
-            proc.prompt_logprobs = ArrayPromptLogprobs()
-        return proc
-
-    def _update_prompt_logprobs(self, prompt_logprobs_tensors):
-        if isinstance(self.prompt_logprobs, ArrayPromptLogprobs):
-            self.prompt_logprobs.add(prompt_logprobs_tensors)
-        else:
-            update(self, prompt_logprobs_tensors)
-
-    LogprobsProcessor.from_new_request = classmethod(from_new_request)
-    LogprobsProcessor._update_prompt_logprobs = _update_prompt_logprobs
-    LogprobsProcessor._kd_array_prompt_logprobs = True
-    return True
-
-
-def _make_connector_class() -> type:
-    """``ExampleHiddenStatesConnector`` with a synchronous device->host copy (no CUDA streams/events)."""
-    from safetensors.torch import save_file
-    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
-        ExampleHiddenStatesConnector, extract_from_kv_cache)
-
-    class _Done:
-        def query(self) -> bool:
-            return True
-
-        def synchronize(self) -> None:
-            pass
-
-    class CpuHiddenStatesConnector(ExampleHiddenStatesConnector):
-        def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-            # Remember which positions the request wants (the answer-predicting ones): writing only
-            # those keeps the file at [answer tokens, layers, H] instead of [prompt tokens, layers, H].
-            delay, params = super().request_finished(request, block_ids)
-            pending = self._pending_saves.get(request.request_id)
-            positions = (request.kv_transfer_params or {}).get(_POSITIONS_KEY)
-            if pending is not None and positions is not None:
-                pending.positions = list(positions)
-            return delay, params
-
-        def _submit_async_write(self, pending: Any) -> None:
-            if not self._is_tp_rank_zero:
-                return
-            blocks = torch.tensor(pending.block_ids, dtype=torch.long)
-            slots = (torch.arange(self._block_size)[None, :] + blocks[:, None] * self._block_size).flatten()
-            n = pending.token_ids.shape[0]
-            positions = getattr(pending, "positions", None)
-            tensors = {"token_ids": pending.token_ids.clone()}
-            if positions is not None:
-                pos = torch.tensor(positions, dtype=torch.long)
-                slots, n = slots[pos], len(positions)
-                tensors["positions"] = pos
-            hidden = extract_from_kv_cache(self._kv_cache, slots.to(self._kv_cache.device), n)
-            tensors["hidden_states"] = hidden.to("cpu").contiguous().clone()
-            os.makedirs(os.path.dirname(pending.filename), exist_ok=True)
-            lock_fd = self._lock_fds.pop(pending.req_id, None)
-            try:
-                save_file(tensors, pending.filename)
-            finally:
-                if lock_fd is not None:
-                    os.close(lock_fd)
-            self._req_copy_events[pending.req_id] = _Done()
-
-    return CpuHiddenStatesConnector
-
-
-def _aux_hidden_arch(arch: str) -> str | None:
-    """Make a model class usable with ``extract_hidden_states`` when vLLM lacks only the marker.
-
-    vLLM's Idefics3 forwards its Llama decoder's output unchanged (so aux hidden states flow
-    through) but does not declare ``SupportsEagle3``, which the route requires. Register a subclass
-    that declares it under a new architecture name (the original registration is untouched) and
-    return that name; ``None`` when the class already supports it.
-    """
-    from vllm import ModelRegistry
-    from vllm.model_executor.models.interfaces import SupportsEagle3, supports_eagle3
-
-    cls = ModelRegistry._try_load_model_cls(arch)
-    if cls is None:
-        raise ValueError(f"vLLM does not know architecture {arch!r}")
-    if supports_eagle3(cls):
-        return None
-    name = f"KdAuxHidden{arch}"
-    if name not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(name, type(name, (cls, SupportsEagle3), {}))
-    return name
-
-
-def __getattr__(name: str) -> Any:
-    # vLLM loads the connector by module path + class name; build the class only then.
-    if name == _CONNECTOR:
-        cls = _make_connector_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
 
 
 _FINAL_NORM_KEYS = ("model.norm.weight", "model.text_model.norm.weight", "model.language_model.norm.weight",
@@ -326,7 +171,7 @@ class VLLMEngine:
                           trust_remote_code=self.trust_remote_code, seed=0)
             if self._aux_ids():
                 arch = self._architecture()
-                override = _aux_hidden_arch(arch)
+                override = aux_hidden_arch(arch)
                 if override is not None:
                     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
                         raise RuntimeError(f"hidden states of {arch} need vLLM's in-process engine "
@@ -341,7 +186,7 @@ class VLLMEngine:
                     "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids()}},
                 }
                 kwargs["kv_transfer_config"] = {
-                    "kv_connector": _CONNECTOR, "kv_connector_module_path": __name__, "kv_role": "kv_producer",
+                    "kv_connector": CONNECTOR, "kv_connector_module_path": vllm_plumbing.__name__, "kv_role": "kv_producer",
                     "kv_connector_extra_config": {"shared_storage_path": self._tmp},
                 }
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
@@ -395,13 +240,13 @@ class VLLMEngine:
             k = None  # a plain prefill: kd scores the answer rows itself
         else:
             k = -1 if spec.logits == "sampled" else spec.top_k  # sampling needs the full distribution
-            if self.array_prompt_logprobs and _install_array_prompt_logprobs():
-                extra[_ARRAY_TAG] = True
+            if self.array_prompt_logprobs and install_array_prompt_logprobs():
+                extra[ARRAY_TAG] = True
         params = []
         for s in samples:
             args = dict(extra)
             if self._tmp:
-                args["kv_transfer_params"] = {_POSITIONS_KEY: s.target_positions.tolist()}
+                args["kv_transfer_params"] = {POSITIONS_KEY: s.target_positions.tolist()}
             params.append(SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
                                          extra_args=args or None))
         return params
