@@ -73,7 +73,7 @@ def test_quick_demo_then_reuse(tmp_path, monkeypatch):
     cache_paths = {r: c["path"] for r, c in doc["caches"].items()}
 
     # Second run, through the CLI: no teacher may run (training and engines are booby-trapped).
-    import kd.pipeline.demo.run as demo_mod
+    import kd.pipeline.demo.teacher as demo_mod
     from kd.pipeline.build import engines
 
     def boom(*args, **kwargs):
