@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.pipeline.build.engines.vllm_head import HEAD_MODIFIERS
 from kd.pipeline.common.encoding import EncodedSample
 from kd.pipeline.common.model_inputs import batch_model_inputs
 from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
@@ -30,24 +29,6 @@ def stack_model_inputs(samples: list[EncodedSample], padding_side: str = "right"
     ``None`` when they cannot share a forward."""
     return batch_model_inputs([s.model_inputs for s in samples], [len(s.input_ids) for s in samples],
                               padding_side=padding_side)
-
-
-def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The LM head when the model's logits are exactly ``head(final hidden state)``, else None.
-
-    True of every family kd tests (Llama, Qwen2 / 2.5 / 3-VL, InternVL, LLaVA, Idefics3, SmolVLM,
-    Gemma 3 without soft-capping); a config that scales or soft-caps logits after the head
-    (``vllm_head.HEAD_MODIFIERS``), or a model without a ``.model`` base, keeps the model's forward.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or not isinstance(getattr(model, "model", None), torch.nn.Module):
-        return None
-    config = model.config
-    configs = [config.to_dict()] + ([config.get_text_config().to_dict()] if hasattr(config, "get_text_config") else [])
-    for name, neutral in HEAD_MODIFIERS.items():
-        if any(c.get(name) is not None and c.get(name) != neutral for c in configs):
-            return None
-    return head
 
 
 class HFEngine:
@@ -74,7 +55,6 @@ class HFEngine:
                                                attn_implementation="sdpa")
         self.model.to(self.device).eval()
         self._attn_impl = "sdpa"
-        self._head = plain_lm_head(self.model)  # None: the model's forward computes the logits
         self.num_layers = num_text_layers(config)
         self.limits = engine_limits(self.name, config, where=f"teacher {self.model_dir}")
         tok = getattr(self.processor, "tokenizer", self.processor)
@@ -170,22 +150,17 @@ class HFEngine:
                          positions: list[torch.Tensor], hidden: bool) -> tuple[list[torch.Tensor], Any]:
         """Each sample's ``[T_b, V]`` log-probs at its own answer-predicting positions, and the outputs.
 
-        With a plain head (``plain_lm_head``) the base model runs and the head sees each sample's
-        own rows only: in a right-padded batch the union of answer positions over samples is ~B
-        times larger, and at a 152k vocabulary the head and log-softmax over it dominate the forward.
-        Otherwise the model's own forward computes logits at the union (``logits_to_keep``).
+        The model's own forward computes logits at the union of the batch's answer positions
+        (``logits_to_keep``), which keeps its head and any logit scaling or soft-capping; the
+        log-softmax then runs on each sample's own rows only, not on the ~B times larger union.
+        (Running the head on the own rows alone was tried: at small row counts MKL's matmul result
+        depends on the thread count, and tests/test_cluster.py's dask-built cache then differed
+        from the in-process one in the last bit.)
         """
-        if self._head is not None:
-            outputs = self.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden,
-                                       use_cache=False, **extra)
-            width = ids.shape[1]
-            flat = torch.cat([p + b * width for b, p in enumerate(positions)])
-            logits = self._head(outputs.last_hidden_state.flatten(0, 1)[flat])
-        else:
-            outputs = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
-                                 logits_to_keep=keep, **extra)
-            rows = [torch.searchsorted(keep, p) for p in positions]
-            logits = torch.cat([outputs.logits[b, r] for b, r in enumerate(rows)])
+        outputs = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
+                             logits_to_keep=keep, **extra)
+        rows = [torch.searchsorted(keep, p) for p in positions]
+        logits = torch.cat([outputs.logits[b, r] for b, r in enumerate(rows)])
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return list(torch.split(logprobs, [len(p) for p in positions])), outputs
 
