@@ -158,7 +158,7 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _check_image(path: Path) -> str | None:
+def check_image_file(path: Path) -> str | None:
     """None if ``path`` is a non-empty file PIL can parse, else what is wrong.
 
     ``verify()`` reads headers and chunk checksums without decoding pixels, so a check of
@@ -271,7 +271,7 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
             images.append(p)
             if check_images:
                 if p not in image_cache:
-                    image_cache[p] = _check_image(p)
+                    image_cache[p] = check_image_file(p)
                 if image_cache[p]:
                     add(f"images[{i}]", image_cache[p])
 

@@ -1,17 +1,10 @@
-"""Training data: each sample's student encoding joined with every teacher's cached signals, aligned.
+"""Training data: each sample's student encoding joined with every teacher's cached signals.
 
-Alignment is proved, not assumed. A cache row ``j`` belongs to the position that predicts answer
-token ``j`` (``answer_start - 1 + j``); it means the same thing for the student only when the
-student tokenizes the answer into the same ids. So for every sample and teacher:
-
-* without a vocabulary map, the hash of the student's answer ids must equal the cache's
-  ``answer_ids_hash`` (checked for the whole dataset before training starts, from the index alone);
-* with a vocabulary map (teacher with another tokenizer), the cached answer ids mapped to student
-  ids must equal the student's answer ids (checked when the sample is read);
-* attention maps additionally need the same keys: ``t2v`` maps the same number of image tokens,
-  ``full`` maps the same sequence length and answer start.
-
-A failure raises ``AlignmentError`` naming the sample, the teacher role and the cache.
+``DistillDataset`` proves alignment (``alignment``: every cached answer token is the student's,
+for every sample and teacher) before the first batch and again per batch as it reads; a
+failure raises ``AlignmentError`` naming the sample, the teacher role and the cache. The
+teachers (``teachers``), the per-sample targets (``targets``) and batching (``batching``) live
+beside it; their names are re-exported here.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
-from kd.pipeline.common.dataset import DatasetError, load_records
+from kd.pipeline.common.dataset import DatasetError, check_image_file, load_records
 
 MAX_LISTED = 20
 MAX_KEPT = 1000
@@ -112,21 +112,6 @@ def _verify(fp: Any) -> str:
         fmt = im.format or "PNG"
         im.verify()
     return fmt
-
-
-def check_image_file(path: Path) -> str | None:
-    """None if ``path`` is a non-empty image file PIL can parse, else what is wrong."""
-    try:
-        if not path.exists():
-            return f"image file not found: {path}"
-        if not path.is_file():
-            return f"image path is not a file: {path}"
-        if path.stat().st_size == 0:
-            return f"image file is empty (0 bytes): {path}"
-        _verify(path)
-    except Exception as e:  # PermissionError, UnidentifiedImageError, truncated data, PIL's assorted errors
-        return f"unreadable image {path}: {type(e).__name__}: {e}"
-    return None
 
 
 class ImagePaths:
