@@ -80,11 +80,12 @@ class HFEngine:
         out: list[TeacherSignals] = []
         for i in range(0, len(samples), self.batch_size):
             chunk = samples[i : i + self.batch_size]
-            if stack_model_inputs(chunk) is None:
+            stacked = stack_model_inputs(chunk)
+            if stacked is None:  # inputs that cannot share a forward: one sample at a time, with its own
                 for s in chunk:
-                    out.extend(self._forward([s], spec))
+                    out.extend(self._forward([s], spec, stack_model_inputs([s])))
             else:
-                out.extend(self._forward(chunk, spec))
+                out.extend(self._forward(chunk, spec, stacked))
         return out
 
     def _attention_hooks(self, layers: tuple[int, ...], keep: torch.Tensor, store: dict[int, torch.Tensor]):
@@ -102,7 +103,8 @@ class HFEngine:
         return [decoder_layers[i].self_attn.register_forward_hook(make(i)) for i in layers]
 
     @torch.inference_mode()
-    def _forward(self, samples: list[EncodedSample], spec: SignalSpec) -> list[TeacherSignals]:
+    def _forward(self, samples: list[EncodedSample], spec: SignalSpec,
+                 stacked: dict[str, np.ndarray] | None) -> list[TeacherSignals]:
         lengths = [len(s.input_ids) for s in samples]
         smax = max(lengths)
         ids = torch.full((len(samples), smax), self.pad_id, dtype=torch.long)
@@ -110,7 +112,6 @@ class HFEngine:
         for b, s in enumerate(samples):
             ids[b, : lengths[b]] = torch.from_numpy(s.input_ids.astype(np.int64))
             mask[b, : lengths[b]] = 1
-        stacked = stack_model_inputs(samples)
         if stacked is None:  # capture() groups samples that can share a forward; never drop their inputs
             raise ValueError(f"samples {[s.sample_id for s in samples]}: processor inputs cannot share one forward")
         extra = {}
