@@ -149,7 +149,7 @@ def vllm_prefill_hidden(engine, batch: list[dict], layers: tuple[int, ...]) -> l
                            use_tqdm=False)
     paths = engine._drain(llm, outputs)
     try:
-        return [engine._hidden(s, path, layers) for s, path in zip(samples, paths)]
+        return [engine._hidden(s, engine._read_hidden(s, path), layers) for s, path in zip(samples, paths)]
     finally:
         for path in paths:
             for f in (path, f"{path}.lock"):
