@@ -229,7 +229,8 @@ def cache_ls(root: str = typer.Argument(..., help="Cache root directory or URL."
              role: Optional[str] = typer.Option(None, help="Only caches built for this role (perception, ...)."),
              dataset: Optional[str] = typer.Option(None, help="Only caches of this dataset: a JSONL file, or a prefix of its fingerprint.")) -> None:
     """List caches (help: _LS_HELP; tests/test_cache_listing.py checks it against listing.DROP_ORDER)."""
-    from kd.cache_schema.listing import Filters, by_created, scan
+    from kd.cache_schema.listing import Filters, by_created
+    from kd.cache_schema.summary import scan
     from kd.cli_render import render_long, render_ls
     from kd.pipeline.common.dataset import DatasetError
 

@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 from kd.cache_schema import SignalConfig
 from kd.cache_schema.inspection import compare, inspect_summary
 from kd.cache_schema.listing import (DROP_ORDER, CacheEntry, Filters, by_created, cells, created_minute,
-                                     fit_columns, human_bytes, scan, signals_compact)
+                                     fit_columns, human_bytes, signals_compact)
 from kd.cache_schema.reader import CacheReader
+from kd.cache_schema.summary import list_caches, scan
 from kd.cli import app
 from kd.cli_render import render_inspect, render_ls
 
@@ -252,3 +253,39 @@ def test_an_unreadable_manifest_is_listed_with_its_error(world, tmp_path):
     assert f"{c['name']}: {broken}/manifest.json: not a kd cache manifest" in out
     listed = json.loads(kd("cache", "ls", str(tmp_path / "root"), "--json"))
     assert listed[0]["sealed"] is False and "not a kd cache manifest" in listed[0]["error"]
+
+
+def test_list_caches_keeps_its_flat_rows_over_the_same_walk(world, tmp_path):
+    """`list_caches` (the library's older rows) reads what `scan` reads: a child cache's own samples
+    and tokens (not its parent chain's, which `kd cache ls` shows), and for an unfinished build only
+    that it is unfinished, also when its plan cannot be read."""
+    import shutil
+
+    root = tmp_path / "root"
+    planning, reasoning = world["caches"]["planning"], world["caches"]["reasoning"]
+    for c in (planning, reasoning):
+        shutil.copytree(c["path"], root / c["name"])
+    doc = read_manifest(root / reasoning["name"])
+    own_tokens = doc["counts"]["tokens"]
+    doc["parent"] = {"name": planning["name"], "key": planning["key"], "samples": 20, "tokens": 77, "dropped": None}
+    write_manifest(root / reasoning["name"], doc)
+    shutil.copytree(Path(world["root"]) / world["unfinished"], root / world["unfinished"])
+    (root / world["unfinished"] / "plan.json").write_text("not json")
+    (root / "not-a-cache").mkdir()
+
+    entries = {e.name: e for e in scan(str(root))}
+    rows = {r["name"]: r for r in list_caches(str(root))}
+    assert list(rows) == list(entries) == sorted([planning["name"], reasoning["name"], world["unfinished"]])
+    child = rows[reasoning["name"]]
+    assert list(child) == ["path", "name", "key", "teacher", "dataset", "samples", "tokens", "bytes", "sealed", "created"]
+    assert child["samples"] == 4 and child["tokens"] == own_tokens and child["key"] == reasoning["key"]
+    assert child["teacher"] == "Qwen2.5-VL-7B-Instruct" and child["dataset"] == reasoning["dataset"]
+    assert child["bytes"] == entries[reasoning["name"]].bytes > 0 and child["created"] == "2026-01-03T10:07:59+00:00"
+    assert entries[reasoning["name"]].samples == 24 and entries[reasoning["name"]].tokens == own_tokens + 77
+    assert rows[planning["name"]]["samples"] == 4 and rows[planning["name"]]["sealed"] is True
+    assert entries[world["unfinished"]].status == "unfinished build (plan.json unreadable)"
+    assert rows[world["unfinished"]] == {"path": str(root / world["unfinished"]), "name": world["unfinished"],
+                                         "sealed": False, "error": "unfinished build"}
+    (root / planning["name"] / "manifest.json").write_text('{"format": "something else"}')
+    broken = {r["name"]: r for r in list_caches(str(root))}[planning["name"]]
+    assert broken["sealed"] is False and "not a kd cache manifest" in broken["error"] and len(broken) == 4

@@ -1,6 +1,6 @@
-"""`kd cache ls` and `kd cache inspect` as plain data: entries, cells, column fitting, blocks.
+"""`kd cache ls` and `kd cache inspect` as plain data: order, filters, cells, column fitting, blocks.
 
-Kept free of rich (and torch) so the choices that make the output readable (which columns
+The entries themselves (``CacheEntry``, found by ``summary.scan``) come from ``summary.py``. Kept free of rich (and torch) so the choices that make the output readable (which columns
 a narrow terminal drops, how signals are abbreviated, how a hash is shortened) are plain
 functions that tests can check without a terminal, and other front ends can reuse.
 ``kd/cli_render.py`` only turns what this module decides into rich tables.
@@ -9,15 +9,11 @@ functions that tests can check without a terminal, and other front ends can reus
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import CacheError
-from .manifest import MANIFEST_FILE, PLAN_FILE, Manifest
-from .storage import Location
-from .summary import manifest_summary
+from .summary import CacheEntry
 
 SHORT_HASH = 16  # hex characters of a hash shown in a table; --json always has the full hash
 GAPS = (2, 1)  # spaces between two table columns: two, or one where that keeps a column in
@@ -32,88 +28,6 @@ RIGHT_ALIGNED = frozenset({"samples", "tokens", "size"})
 # cache also says so in its `created` cell. Documented in `kd cache ls --help` and the README.
 DROP_ORDER: tuple[str, ...] = ("sealed", "tokens", "size", "samples", "created", "signals", "role")
 SIGNAL_SEP = " · "
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One directory under a cache root as `kd cache ls` shows it: sealed, unfinished or broken."""
-
-    name: str
-    path: str
-    sealed: bool
-    status: str  # "sealed", "unfinished build", or why the manifest could not be read
-    key: str | None = None
-    teacher: str | None = None
-    role: str | None = None
-    dataset: str | None = None
-    signals: dict[str, Any] | None = None
-    samples: int | None = None
-    tokens: int | None = None
-    bytes: int | None = None
-    created: str | None = None  # ISO 8601, UTC, as the manifest holds it
-    parent: str | None = None  # a child cache (a grown dataset): the cache it grows, by name
-    parent_key: str | None = None
-    own_samples: int | None = None  # of ``samples``, those held here (the rest: the parent chain's)
-
-    @property
-    def broken(self) -> bool:
-        """A manifest that could not be read (``status`` says why), as opposed to a build in progress."""
-        return not self.sealed and not self.status.startswith("unfinished build")
-
-    def to_json(self) -> dict[str, Any]:
-        """The `--json` record: full hashes, raw numbers, the fields of the older `list_caches` rows."""
-        d: dict[str, Any] = {"path": self.path, "name": self.name, "sealed": self.sealed}
-        if not self.sealed:
-            d["error"] = self.status
-        for k in ("key", "teacher", "role", "dataset", "signals", "samples", "tokens", "bytes", "created"):
-            value = getattr(self, k)
-            if self.sealed or value is not None:
-                d[k] = value
-        if self.sealed:
-            d.update(parent=self.parent, parent_key=self.parent_key, own_samples=self.own_samples)
-        return d
-
-
-def _entry_from_manifest(m: Manifest, name: str, url: str) -> CacheEntry:
-    s = manifest_summary(m, url)
-    return CacheEntry(name=name, path=url, sealed=True, status="sealed", key=m.key, teacher=s["teacher"],
-                      role=m.teacher.get("role"), dataset=s["dataset_fingerprint"], signals=m.signals.to_dict(),
-                      samples=s["n_samples_served"], tokens=s["n_tokens_served"], bytes=s["bytes_on_disk"],
-                      created=m.created, parent=m.parent.name if m.parent else None,
-                      parent_key=m.parent.key if m.parent else None, own_samples=m.samples)
-
-
-def _entry_from_plan(loc: Location, name: str) -> CacheEntry:
-    """An unfinished build: its plan still says which teacher, dataset and signals it is for."""
-    try:
-        doc = json.loads(loc.read_bytes(PLAN_FILE))
-        inputs = doc.get("key_inputs") or {}
-        teacher = (inputs.get("teacher") or {}).get("name")
-        return CacheEntry(name=name, path=loc.url, sealed=False, status="unfinished build", key=doc.get("key"),
-                          teacher=teacher, dataset=inputs.get("dataset"), signals=inputs.get("signals"))
-    except (ValueError, AttributeError, TypeError):
-        return CacheEntry(name=name, path=loc.url, sealed=False, status="unfinished build (plan.json unreadable)")
-
-
-def scan(root_url: str) -> list[CacheEntry]:
-    """Every cache directly under ``root_url`` (local path or fsspec URL), sealed or being built.
-
-    Directories that are neither (no manifest, no plan) are not caches and are skipped.
-    """
-    root = Location.from_url(root_url)
-    found: list[CacheEntry] = []
-    for name in root.listdir():
-        loc = root.child(name)
-        if loc.exists(MANIFEST_FILE):
-            try:
-                m = Manifest.from_json(loc.read_bytes(MANIFEST_FILE), f"{loc.url}/{MANIFEST_FILE}")
-            except CacheError as e:
-                found.append(CacheEntry(name=name, path=loc.url, sealed=False, status=str(e)))
-                continue
-            found.append(_entry_from_manifest(m, name, loc.url))
-        elif loc.exists(PLAN_FILE):
-            found.append(_entry_from_plan(loc, name))
-    return found
 
 
 def by_created(entries: Iterable[CacheEntry]) -> list[CacheEntry]:
