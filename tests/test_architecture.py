@@ -1,5 +1,6 @@
 """The dependency rule of docs/ARCHITECTURE.md, checked on the source: layers import only downwards,
-stage one and stage two never import each other, and no module imports itself back through others.
+stage one and stage two never import each other, and no module imports itself back through others;
+and every file of kd/ and bench/ stays small (one job a file).
 
 Every import counts, also one inside a function: moving an import into a function hides a circle
 from Python's loader, not from a reader.
@@ -12,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "kd"
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "kd"
+BENCH = REPO / "bench"
+LINE_LIMIT = 420  # "about 400 lines" (docs/ARCHITECTURE.md), with a little slack
+# bench/ files over the limit, each at its length when the limit reached bench/ (issue #18): they
+# may not grow, and leave this table once split under the limit.
+BENCH_OVER_LIMIT = {"cache_io.py": 467, "capture.py": 553}
 
 # Layer of each package, lowest first; a module may import its own layer or lower ones, except
 # that the two stages (same layer) never import each other.
@@ -125,7 +132,32 @@ def _only_package_exports(circle: str) -> bool:
     return all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in zip(hops, hops[1:]))
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def _line_count(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def _too_long(path: Path, limit: int = LINE_LIMIT) -> str | None:
+    """Why ``path`` breaks the size rule, or None."""
+    lines, name = _line_count(path), str(path.relative_to(REPO))
+    allowed = BENCH_OVER_LIMIT.get(path.name, limit) if path.parent == BENCH else limit
+    if lines > allowed:
+        return f"{name}: {lines} lines (one job per file, about 400 at most; split it)"
+    if allowed > limit and lines <= limit:
+        return f"{name}: {lines} lines, under {limit} now: take it out of BENCH_OVER_LIMIT"
+    return None
+
+
+SOURCES = sorted(ROOT.rglob("*.py")) + sorted(BENCH.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
 def test_files_stay_small(path: Path):
-    lines = len(path.read_text(encoding="utf-8").splitlines())
-    assert lines <= 420, f"{path.relative_to(ROOT)}: {lines} lines (one job per file, about 400 at most)"
+    problem = _too_long(path)
+    assert problem is None, problem
+
+
+def test_the_size_rule_reaches_bench_and_its_exceptions_are_real():
+    assert BENCH / "train_step.py" in SOURCES and BENCH / "train_step_worker.py" in SOURCES
+    for name, allowed in BENCH_OVER_LIMIT.items():
+        assert (BENCH / name).exists(), f"bench/{name} is gone: take it out of BENCH_OVER_LIMIT"
+        assert allowed > LINE_LIMIT, f"bench/{name}: an exception under the limit is no exception"
