@@ -25,8 +25,10 @@ IMPORT_HELP = "\n\n".join([  # one string per paragraph: the help reflows them t
     'changes it); the six cameras in the order CAM_FRONT, CAM_FRONT_LEFT, CAM_FRONT_RIGHT, CAM_BACK, '
     'CAM_BACK_LEFT, CAM_BACK_RIGHT (--cameras picks others).',
     'llava: LLaVA / ShareGPT JSON list or JSONL ({id, image, conversations: [{from: human|gpt|system, '
-    'value}]}). Every gpt turn is supervised, each as its own record for now: id <id>#<k> for the k-th '
-    'gpt turn (from 0), the turns before it as messages; <image> placeholders stay where they are.',
+    'value}]}). One record per conversation, id <id>, every gpt turn supervised in one sample (the '
+    'teacher runs the conversation once). A conversation with an image shown after its first gpt turn, or '
+    'every one with --split-turns, gives one record per gpt turn instead: id <id>#<k> for the k-th gpt '
+    'turn (from 0), the turns before it as messages. <image> placeholders stay where they are.',
     'parquet: a Parquet file, or every *.parquet under a folder; hf: a datasets.save_to_disk folder '
     '(--split for a DatasetDict). One row per record; columns by --id-column, --prompt-column | '
     '--messages-column, --answer-column, --image-column (bytes, {bytes, path} structs as Hugging Face '
@@ -66,6 +68,9 @@ def data_import(
     capability_column: Optional[str] = typer.Option(None, help="parquet/hf: capability column "
                                                                "(default 'capability' if present)."),
     split: Optional[str] = typer.Option(None, help="hf: the split of a DatasetDict."),
+    split_turns: bool = typer.Option(False, "--split-turns", help="llava: one record per gpt turn (<id>#<k>, the "
+                                                                   "turns before it as prompt) instead of one per "
+                                                                   "conversation."),
     force: bool = typer.Option(False, help="Replace OUT if it exists (only once the new dataset is complete)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the data path."),
 ) -> None:
@@ -77,8 +82,8 @@ def data_import(
     given = {"--capability-map": capability_map, "--cameras": cameras, "--capability": capability,
              "--id-column": id_column, "--prompt-column": prompt_column, "--messages-column": messages_column,
              "--answer-column": None if answer_column == "answer" else answer_column, "--image-column": image_column,
-             "--capability-column": capability_column, "--split": split}
-    allowed = {"drivelm": {"--capability-map", "--cameras"}, "llava": {"--capability"},
+             "--capability-column": capability_column, "--split": split, "--split-turns": split_turns or None}
+    allowed = {"drivelm": {"--capability-map", "--cameras"}, "llava": {"--capability", "--split-turns"},
                "parquet": {"--capability", "--id-column", "--prompt-column", "--messages-column", "--answer-column",
                            "--image-column", "--capability-column"}}
     allowed["hf"] = allowed["parquet"] | {"--split"}
@@ -92,6 +97,7 @@ def data_import(
             options["cameras"] = tuple(c.strip() for c in cameras.split(",") if c.strip())
     elif fmt == "llava":
         options["capability"] = capability or "general"
+        options["split_turns"] = split_turns
     else:
         options["columns"] = Columns(id=id_column, prompt=prompt_column, messages=messages_column,
                                      answer=answer_column, image=image_column,

@@ -523,7 +523,7 @@ def test_key_documented_derivation():
     inputs = key_inputs(**BASE)
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     assert cache_key(inputs) == hashlib.sha256(canonical).hexdigest()
-    assert inputs["schema_version"] == SCHEMA_VERSION == 4 and inputs["signals"]["hidden_layers"] == [4]
+    assert inputs["schema_version"] == SCHEMA_VERSION == 5 and inputs["signals"]["hidden_layers"] == [4]
 
 
 def test_empty_key_input_refused():

@@ -176,8 +176,20 @@ def test_drivelm_capability_map_cameras_and_images_root(tmp_path):
     assert load_records(res.data)[0].images == default[0].images
 
 
-def test_llava_one_record_per_gpt_turn_with_images_shown_so_far(tmp_path):
+def test_llava_a_conversation_is_one_multi_turn_record_unless_an_image_comes_late(tmp_path):
     res = import_dataset("llava", _llava(tmp_path), tmp_path / "out")
+    recs = {r.id: r for r in load_records(res.data)}
+    # c1 shows b.png only after its first gpt turn: one record per turn; 7 is one multi-turn record
+    assert set(recs) == {"c1#0", "c1#1", "7"}
+    seven = recs["7"]
+    assert seven.is_multi_turn and seven.answer is None and seven.messages[-1][0] == "assistant"
+    assert seven.images == () and seven.capability == "general"
+    split = {r.id for r in load_records(import_dataset("llava", _llava(tmp_path), tmp_path / "o2", split_turns=True).data)}
+    assert split == {"c1#0", "c1#1", "7#0"}
+
+
+def test_llava_one_record_per_gpt_turn_with_images_shown_so_far(tmp_path):
+    res = import_dataset("llava", _llava(tmp_path), tmp_path / "out", split_turns=True)
     recs = {r.id: r for r in load_records(res.data)}
     assert set(recs) == {"c1#0", "c1#1", "7#0"}
     a, b = recs["c1#0"], recs["c1#1"]
@@ -197,8 +209,11 @@ def test_llava_jsonl_without_placeholders_gives_every_turn_the_images(tmp_path):
                                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]}]
     src = tmp_path / "chat.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    recs = load_records(import_dataset("llava", src, tmp_path / "out").data)
+    recs = load_records(import_dataset("llava", src, tmp_path / "out", split_turns=True).data)
     assert [len(r.images) for r in recs] == [1, 1] and {r.capability for r in recs} == {"planning"}
+    whole = load_records(import_dataset("llava", src, tmp_path / "one").data)
+    assert [(r.id, len(r.images), r.is_multi_turn) for r in whole] == [("x", 1, True)]
+    assert [m[0] for m in whole[0].messages] == ["user", "assistant", "user", "assistant"]
 
 
 def test_parquet_embedded_bytes_structs_paths_and_metadata(tmp_path):

@@ -43,10 +43,18 @@ class ChainLink:
                 "samples": self.samples, "parent": m.parent.name if m and m.parent else None}
 
 
-def with_content_hash(table: pa.Table, where: str) -> pa.Table:
-    """An index in ``INDEX_SCHEMA``'s columns; caches before schema_version 4 get ``content_hash`` ""."""
+def with_current_columns(table: pa.Table, where: str) -> pa.Table:
+    """An index in ``INDEX_SCHEMA``'s columns: caches before schema_version 4 get ``content_hash`` "",
+    before 5 one turn per sample (``turn_starts`` = [answer_start], ``turn_lengths`` = [num_tokens])."""
     if "content_hash" not in table.column_names:
         table = table.append_column("content_hash", pa.array([""] * table.num_rows, pa.string()))
+    if "turn_starts" not in table.column_names:
+        one_each = pa.array(np.arange(table.num_rows + 1, dtype=np.int32))
+        for name, source in (("turn_starts", "answer_start"), ("turn_lengths", "num_tokens")):
+            values = table.column(source).combine_chunks().cast(pa.int32()) if source in table.column_names else None
+            if values is None:
+                break  # a malformed index: the select below names what is missing
+            table = table.append_column(name, pa.ListArray.from_arrays(one_each, values))
     try:
         return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
     except (KeyError, pa.ArrowInvalid, ValueError) as e:

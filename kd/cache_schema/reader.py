@@ -25,9 +25,36 @@ from .shard_reader import ChunkLRU, ShardArrays, ShardSource, gather, read_parqu
 from .storage import Location, checksum_bytes
 from .summary import manifest_summary
 from .writer import SHARD_INDEX_FILE, shard_commit_name
-from .chain import ChainLink, open_parent, with_content_hash
+from .chain import ChainLink, open_parent, with_current_columns
 
 DEFAULT_CACHE_BYTES = 512 << 20
+
+class _TurnColumns:
+    """The index's ``turn_starts`` / ``turn_lengths`` lists as flat numpy values plus offsets (no
+    Python object per sample; see id_lookup)."""
+
+    def __init__(self, index: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        starts, lengths = (index.column(name).combine_chunks() for name in ("turn_starts", "turn_lengths"))
+        self.count = pc.list_value_length(starts).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.count)])
+        self.starts = pc.list_flatten(starts).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.lengths = pc.list_flatten(lengths).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def agree_with(self, num_tokens: np.ndarray) -> bool:
+        """Every row has a turn, and its turns hold its ``num_tokens``."""
+        per_row = np.bincount(np.repeat(np.arange(len(self.count)), self.count), weights=self.lengths,
+                              minlength=len(self.count))
+        return bool((self.count >= 1).all() and np.array_equal(per_row, num_tokens))
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """``num_turns``, ``turn_starts``, ``turn_lengths`` of ``rows``, flat in row order (``CachedBatch``)."""
+        count = self.count[rows]
+        before = np.concatenate([[0], np.cumsum(count)[:-1]])
+        flat = np.repeat(self.offsets[rows] - before, count) + np.arange(int(count.sum()))
+        return {"num_turns": count, "turn_starts": self.starts[flat], "turn_lengths": self.lengths[flat]}
+
 
 class CacheReader:
     """Open a cache by path or fsspec URL and read samples by id."""
@@ -56,7 +83,7 @@ class CacheReader:
                 f"{self.location.url}: cache is not sealed (build unfinished or killed); "
                 "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
             )
-        self.index = with_content_hash(self.index, self.location.url)
+        self.index = with_current_columns(self.index, self.location.url)
         # v3 u8 shards store each tie group's id codes sorted, as differences (SPEC.md section 5)
         self.ties_sorted = self.signals.value_coding == "u8" and self.schema_version >= 3
         source = ShardSource(self.location, self._lru, self.schema_version, self.ties_sorted)
@@ -76,6 +103,9 @@ class CacheReader:
             raise CacheCorruptError(f"{self.location.url}: {e}") from None
         self._cols = {name: self.index.column(name).to_numpy() for name in ("token_start", "num_tokens", "answer_start", "seq_len", "attn_t2v_start", "attn_t2v_keys", "attn_full_start", "attn_full_keys")}
         self._cols["shard"] = shard_col  # the reader's own numbering of every shard of the chain
+        self._turns = _TurnColumns(self.index)
+        if not self._turns.agree_with(self._cols["num_tokens"]):
+            raise CacheCorruptError(f"{self.location.url}: index turn_lengths do not add up to num_tokens")
 
     def _check_own_index(self, shard_col: np.ndarray) -> None:
         """This cache's own rows: unique ids, as many as the manifest counts, within their shards."""
@@ -226,6 +256,7 @@ class CacheReader:
             tail_logmass=tail,
             counts=tokens("counts") if sig.logits == "sampled" else None,
             hidden={layer: decode_hidden(tokens(f"hidden_L{layer}"), sig.hidden_coding) for layer in sig.hidden_layers},
+            **self._turns.take(rows),
         )
         for kind in sig.attention_kinds:
             a0, keys = c[f"attn_{kind}_start"][rows].astype(np.int64), c[f"attn_{kind}_keys"][rows].astype(np.int64)

@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from .manifest import SignalConfig
+from .turns import token_positions, turn_problem, turns_of
 
 
 class SampleSignals(Protocol):
@@ -20,7 +21,7 @@ class SampleSignals(Protocol):
     tail_logmass: np.ndarray
     counts: np.ndarray | None
     input_ids: np.ndarray
-    answer_start: int
+    answer_start: int  # the first turn's start; ``turn_starts`` / ``turn_lengths`` (optional) give every turn
     hidden: dict[int, np.ndarray]
     attention_t2v: dict[int, np.ndarray]
     attention_full: dict[int, np.ndarray]
@@ -33,6 +34,16 @@ def check_sample(s: SampleSignals, sig: SignalConfig) -> None:
         s.validate()
     if len(s.target_ids) == 0:
         raise ValueError(f"{where}: empty answer (0 answer tokens) cannot be cached")
+    starts, lengths = turns_of(s)
+    problem = turn_problem(starts, lengths, len(s.input_ids))
+    if problem is None and int(lengths.sum()) != len(s.target_ids):
+        problem = f"turn_lengths {lengths.tolist()} sum to {int(lengths.sum())}, not the {len(s.target_ids)} answer tokens"
+    if problem is None and not np.array_equal(np.asarray(s.input_ids)[token_positions(starts, lengths)], s.target_ids):
+        problem = "target_ids are not the input ids at the turns' positions"
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
+    if starts[0] != s.answer_start:
+        raise ValueError(f"{where}: answer_start {s.answer_start} is not the first turn's start {int(starts[0])}")
     if s.ids.shape[1] != sig.top_k:
         raise ValueError(f"{where}: ids have {s.ids.shape[1]} columns, signal config says top_k={sig.top_k}")
     for field in ("logprobs", "tail_logmass"):  # a broken teacher (overflow) must not be cached as data

@@ -8,6 +8,8 @@ from functools import cached_property
 
 import numpy as np
 
+from .turns import target_positions
+
 
 @dataclass
 class CachedSample:
@@ -27,10 +29,22 @@ class CachedSample:
     hidden: dict[int, np.ndarray] = field(default_factory=dict)
     attention_t2v: dict[int, np.ndarray] = field(default_factory=dict)
     attention_full: dict[int, np.ndarray] = field(default_factory=dict)
+    turn_starts: np.ndarray | None = None  # [n] each supervised turn's start (None: one turn at answer_start)
+    turn_lengths: np.ndarray | None = None  # [n] its tokens
+
+    def __post_init__(self) -> None:
+        if self.turn_starts is None:
+            self.turn_starts = np.array([self.answer_start], np.int64)
+            self.turn_lengths = np.array([self.num_tokens], np.int64)
 
     @property
     def num_tokens(self) -> int:
         return int(self.target_ids.shape[0])
+
+    @property
+    def target_positions(self) -> np.ndarray:
+        """The input position each row belongs to (the one predicting its token; ``turns``)."""
+        return target_positions(self.turn_starts, self.turn_lengths)
 
 
 @dataclass
@@ -56,6 +70,9 @@ class CachedBatch:
     attention_keys: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [B] keys per sample
     attention_t2v: dict[int, np.ndarray] = field(default_factory=dict)  # flat [sum_b T_b * K_b] float32
     attention_full: dict[int, np.ndarray] = field(default_factory=dict)
+    num_turns: np.ndarray | None = None  # [B] supervised turns per sample (None: one each)
+    turn_starts: np.ndarray | None = None  # [sum num_turns] every sample's turn starts, in sample order
+    turn_lengths: np.ndarray | None = None  # [sum num_turns]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -88,10 +105,19 @@ class CachedBatch:
             ids=self.ids[t], logprobs=self.logprobs[t], tail_logmass=self.tail_logmass[t],
             answer_start=int(self.answer_start[b]), seq_len=int(self.seq_len[b]),
             input_ids_hash=self.input_ids_hash[b], answer_ids_hash=self.answer_ids_hash[b],
-            counts=None if self.counts is None else self.counts[t], hidden={layer: h[t] for layer, h in self.hidden.items()})
+            counts=None if self.counts is None else self.counts[t], hidden={layer: h[t] for layer, h in self.hidden.items()},
+            **self._turns(b))
         rows.split_maps(self.attention_t2v, "t2v", out.attention_t2v)
         rows.split_maps(self.attention_full, "full", out.attention_full)
         return out
+
+
+    def _turns(self, b: int) -> dict[str, np.ndarray]:
+        if self.num_turns is None:
+            return {}
+        first = int(self.num_turns[:b].sum())
+        end = first + int(self.num_turns[b])
+        return {"turn_starts": self.turn_starts[first:end], "turn_lengths": self.turn_lengths[first:end]}
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from .manifest import (
     SignalConfig,
 )
 from .storage import Location, checksum_bytes
+from .turns import turns_of
 from .zarr_io import array_codecs, zarr_store
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ INDEX_SCHEMA = pa.schema(
         ("attn_full_start", pa.int64()),
         ("attn_full_keys", pa.int32()),
         ("content_hash", pa.string()),  # schema_version >= 4: what the sample is (SPEC.md section 4)
+        ("turn_starts", pa.list_(pa.int32())),  # schema_version >= 5: the supervised turns (SPEC.md section 4)
+        ("turn_lengths", pa.list_(pa.int32())),
     ]
 )
 
@@ -101,6 +104,13 @@ INDEX_SCHEMA = pa.schema(
 def hash_ids(ids: Sequence[int] | np.ndarray) -> str:
     """Stable digest of token ids (int32 little-endian, sha256, 32 hex) proving alignment."""
     return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()[:32]
+
+
+def _int_lists(lists: Sequence[np.ndarray]) -> pa.ListArray:
+    """One list<int32> index column from per-sample arrays, built from flat buffers (no Python ints)."""
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int32)
+    values = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _now() -> str:
@@ -163,6 +173,7 @@ class ShardWriter:
     def _assemble(self) -> tuple[dict[str, np.ndarray], pa.Table]:
         sig = self.signals
         samples = [s for s, _ in self._samples]
+        turns = [turns_of(s) for s in samples]
         lengths = np.array([s.num_tokens if hasattr(s, "num_tokens") else len(s.target_ids) for s in samples], np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         ids = np.concatenate([np.asarray(s.ids, np.int32) for s in samples])
@@ -213,6 +224,8 @@ class ShardWriter:
                 "attn_full_start": attn_cols["full"][0],
                 "attn_full_keys": attn_cols["full"][1],
                 "content_hash": self._content_hashes,
+                "turn_starts": _int_lists([t[0] for t in turns]),
+                "turn_lengths": _int_lists([t[1] for t in turns]),
             },
             schema=INDEX_SCHEMA,
         )

@@ -9,10 +9,13 @@ One JSON object per line::
 * ``images``: list of paths, zero or more (absent or ``null``: a text-only record, the same as
   ``[]``); relative paths resolve against the JSONL's folder (subfolders and ``..`` allowed),
   absolute paths are taken as they are.
-* exactly one of ``prompt`` (non-empty string) or ``messages`` (the turns *before* the answer:
-  ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system only first, last turn
-  ``user``, because the answer is the next assistant turn). ``null`` counts as absent.
-* ``answer``: non-empty string; ``capability``: non-empty tag (perception / reasoning / planning / ...).
+* exactly one of ``prompt`` (non-empty string) or ``messages`` (chat turns
+  ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; system only first). ``null``
+  counts as absent.
+* ``answer``: non-empty string, the next assistant turn after ``prompt`` / ``messages`` (whose last
+  turn is then ``user``). Or no ``answer`` and ``messages`` that end with an assistant turn: a
+  multi-turn record, every assistant turn (non-empty) supervised in one sample.
+* ``capability``: non-empty tag (perception / reasoning / planning / ...).
 * any other key is kept as metadata (``Record.meta``), e.g. ``split``.
 
 Why validate everything up front: a cache build runs teachers for hours; a bad line found at
@@ -70,7 +73,7 @@ class Record:
     images: tuple[Path, ...]
     prompt: str | None
     messages: tuple[tuple[str, str], ...] | None
-    answer: str
+    answer: str | None  # None: a multi-turn record, every assistant turn of ``messages`` supervised
     capability: str
     line: int
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -82,6 +85,15 @@ class Record:
             return self.prompt
         return [{"role": r, "content": c} for r, c in self.messages or ()]
 
+    @property
+    def is_multi_turn(self) -> bool:
+        return self.answer is None
+
+    @property
+    def final_answer(self) -> str:
+        """The answer to the last prompt: ``answer``, or a multi-turn record's last assistant turn."""
+        return self.answer if self.answer is not None else self.messages[-1][1]
+
     def as_dict(self) -> dict[str, Any]:
         """The record as a JSONL-style mapping (absolute image paths), e.g. for ``encode_record``."""
         out: dict[str, Any] = {"id": self.id, "images": [str(p) for p in self.images]}
@@ -89,7 +101,9 @@ class Record:
             out["prompt"] = self.prompt
         else:
             out["messages"] = self.prompt_or_messages
-        out.update(answer=self.answer, capability=self.capability)
+        if self.answer is not None:
+            out["answer"] = self.answer
+        out["capability"] = self.capability
         out.update(self.meta)
         return out
 
@@ -192,7 +206,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _parse_messages(value: Any, add) -> tuple[tuple[str, str], ...] | None:
+def _parse_messages(value: Any, add, multi_turn: bool) -> tuple[tuple[str, str], ...] | None:
     if not isinstance(value, list) or not value:
         add("messages", f"must be a non-empty list of {{role, content}} objects, got {_type_name(value)}")
         return None
@@ -220,9 +234,19 @@ def _parse_messages(value: Any, add) -> tuple[tuple[str, str], ...] | None:
             ok = False
         if ok:
             turns.append((role, content))
-    if ok and turns[-1][0] != "user":
+    if ok and multi_turn:  # every assistant turn is supervised
+        if turns[-1][0] != "assistant":
+            add(f"messages[{len(turns) - 1}].role", "without 'answer', the last turn must be 'assistant' (every "
+                f"assistant turn is supervised), got {turns[-1][0]!r}; or give the answer as 'answer'")
+            ok = False
+        for i, (role, content) in enumerate(turns):
+            if role == "assistant" and not content.strip():
+                add(f"messages[{i}].content", "empty assistant turn (a supervised turn must be non-empty)")
+                ok = False
+    elif ok and turns[-1][0] != "user":
         add(f"messages[{len(turns) - 1}].role",
-            f"last turn must be 'user' (the answer is the next assistant turn), got {turns[-1][0]!r}")
+            f"last turn must be 'user' (the answer is the next assistant turn), got {turns[-1][0]!r}; "
+            "or leave out 'answer' to supervise every assistant turn")
         ok = False
     return tuple(turns) if ok else None
 
@@ -237,7 +261,8 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
     if not isinstance(obj, dict):
         add("record", f"must be a JSON object, got {_type_name(obj)}")
         return None
-    for key in ("id", "answer", "capability"):
+    multi_turn = "answer" not in obj and isinstance(obj.get("messages"), list) and obj.get("prompt") is None
+    for key in ("id", "capability") if multi_turn else ("id", "answer", "capability"):
         if key not in obj:
             add(key, "missing required field")
     rid = obj.get("id")
@@ -255,7 +280,7 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
         add("prompt/messages", "missing: give exactly one of 'prompt' or 'messages'")
     elif prompt is not None and not _nonempty_str(prompt):
         add("prompt", f"must be a non-empty string, got {prompt!r}")
-    parsed_messages = _parse_messages(messages, add) if messages is not None and prompt is None else None
+    parsed_messages = _parse_messages(messages, add, multi_turn) if messages is not None and prompt is None else None
 
     images: list[Path] = []
     raw_images = obj.get("images")
@@ -285,7 +310,7 @@ def _parse_record(obj: Any, lineno: int, base: Path, check_images: bool,
         return None
     meta = {k: v for k, v in obj.items() if k not in KNOWN_KEYS}
     return Record(id=rid, images=tuple(images), prompt=prompt, messages=parsed_messages,
-                  answer=obj["answer"], capability=obj["capability"], line=lineno, meta=meta)
+                  answer=obj.get("answer"), capability=obj["capability"], line=lineno, meta=meta)
 
 
 def load_records(path: str | Path, *, check_images: bool = True) -> list[Record]:

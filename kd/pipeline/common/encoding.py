@@ -1,8 +1,16 @@
 """One dataset record -> teacher-forced model inputs, the same for every teacher engine and the student.
 
-Rule: full ids = tokens(chat-templated prompt up to the start of the assistant turn)
+Rule (one answer): full ids = tokens(chat-templated prompt up to the start of the assistant turn)
 + tokens(answer + end-of-turn). The answer is tokenized on its own, so its ids never depend on
 the prompt, and teacher and student (sharing a tokenizer) see the same answer tokens.
+
+Rule (a conversation whose ``messages`` end with an assistant turn, no ``answer``): every
+assistant turn is supervised, in one sequence. The chat template renders the whole
+conversation once; each assistant turn is its text as rendered there, from where the template's
+generation prompt for that turn ends up to and including the end-of-turn token. The pieces
+(prompt, turn 0, the text between turn 0 and turn 1, turn 1, ...) are tokenized each on its own
+and concatenated; ``turn_starts`` / ``turn_lengths`` say where the turns lie. Images must sit in
+the turns before the first assistant turn.
 
 Record format (JSONL, one per line)::
 
@@ -22,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from kd.cache_schema.turns import target_positions
 from kd.cache_schema.writer import hash_ids  # one definition: the cache's alignment proof
+from kd.pipeline.common.chat import (IMAGE_PLACEHOLDER, _image_token, _tokenizer_of, build_messages,  # noqa: F401
+                                     end_of_turn_token, render_pieces)
 from kd.pipeline.common.model_inputs import extend_per_token
 
-IMAGE_PLACEHOLDER = "<image>"
-_END_OF_TURN_CANDIDATES = ("<end_of_utterance>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 @dataclass
@@ -46,6 +55,8 @@ class EncodedSample:
         vllm_prompt_ids: what vLLM takes as prompt ids: the same sequence with each image still one
             unexpanded placeholder (vLLM expands it itself); equals ``input_ids`` for text-only samples.
         capability: the record's capability tag ("" when absent).
+        turn_starts / turn_lengths: ``[n]`` int64, where each supervised turn lies in ``input_ids``
+            (one turn at ``answer_start`` for a single answer); ``answer_ids`` is their tokens in order.
     """
 
     sample_id: str
@@ -57,6 +68,13 @@ class EncodedSample:
     images: list[Any] = field(default_factory=list)
     vllm_prompt_ids: list[int] = field(default_factory=list)
     capability: str = ""
+    turn_starts: np.ndarray | None = None
+    turn_lengths: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.turn_starts is None:
+            self.turn_starts = np.array([self.answer_start], np.int64)
+            self.turn_lengths = np.array([len(self.answer_ids)], np.int64)
 
     @property
     def num_answer_tokens(self) -> int:
@@ -64,8 +82,8 @@ class EncodedSample:
 
     @property
     def target_positions(self) -> np.ndarray:
-        """Positions whose outputs predict the answer tokens (``answer_start - 1 + j``)."""
-        return np.arange(self.answer_start - 1, self.answer_start - 1 + self.num_answer_tokens)
+        """Positions whose outputs predict the answer tokens (``start - 1 + j`` in each turn)."""
+        return target_positions(self.turn_starts, self.turn_lengths)
 
     @property
     def input_hash(self) -> str:
@@ -78,131 +96,55 @@ class EncodedSample:
 
 
 
-def _tokenizer_of(proc: Any) -> Any:
-    return getattr(proc, "tokenizer", proc)
-
-
-def end_of_turn_token(proc: Any) -> str:
-    """The token that closes an assistant turn: a known end-of-turn special if the vocab has one, else eos."""
-    tok = _tokenizer_of(proc)
-    cached = _END_OF_TURN.get(id(tok))
-    if cached is not None and cached[0] is tok:  # get_vocab() rebuilds a dict: ~1 ms per call
-        return cached[1]
-    vocab = tok.get_vocab()
-    for cand in _END_OF_TURN_CANDIDATES:
-        if cand in vocab:
-            break
-    else:
-        if tok.eos_token is None:
-            raise ValueError("tokenizer has neither a known end-of-turn token nor an eos token")
-        cand = tok.eos_token
-    _END_OF_TURN[id(tok)] = (tok, cand)
-    return cand
-
-
-_END_OF_TURN: dict[int, tuple[Any, str]] = {}  # id(tokenizer) -> (tokenizer, token); the few tokenizers of a run
-
-
-def _image_token(proc: Any) -> str:
-    return getattr(proc, "image_token", None) or IMAGE_PLACEHOLDER
-
-
-def build_messages(prompt_or_messages: str | Sequence[Mapping[str, Any]], num_images: int,
-                   image_token: str = IMAGE_PLACEHOLDER) -> list[dict[str, Any]]:
-    """Chat turns before the answer, with one image part per image placed before the user text.
-
-    Explicit placeholders place the images instead: the processor's own image token is left in
-    the text for the processor to expand; kd's generic ``<image>`` (LLaVA / ShareGPT data) with a
-    processor whose token differs (Qwen-VL's ``<|image_pad|>``, InternVL's ``<IMG_CONTEXT>``)
-    becomes an image part where it stands, so the family's chat template writes its own markup.
-    """
-    if isinstance(prompt_or_messages, str):
-        messages = [{"role": "user", "content": prompt_or_messages}]
-    else:
-        messages = [dict(m) for m in prompt_or_messages]
-    if not messages:
-        raise ValueError("no prompt: empty messages")
-    texts = [m["content"] for m in messages if isinstance(m.get("content"), str)]
-    explicit = sum(t.count(image_token) for t in texts)
-    if explicit:
-        if explicit != num_images:
-            raise ValueError(f"prompt has {explicit} {image_token} placeholders but {num_images} images")
-        return messages
-    generic = sum(t.count(IMAGE_PLACEHOLDER) for t in texts) if image_token != IMAGE_PLACEHOLDER else 0
-    if generic:
-        if generic != num_images:
-            raise ValueError(f"prompt has {generic} {IMAGE_PLACEHOLDER} placeholders but {num_images} images")
-        for m in messages:
-            if isinstance(m.get("content"), str) and IMAGE_PLACEHOLDER in m["content"]:
-                m["content"] = _image_parts(m["content"])
-        return messages
-    if num_images:
-        user = next((m for m in messages if m["role"] == "user"), None)
-        if user is None:
-            raise ValueError("images given but no user turn to place them in")
-        content = user["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        user["content"] = [{"type": "image"} for _ in range(num_images)] + parts
-    return messages
-
-
-def _image_parts(text: str) -> list[dict[str, str]]:
-    """``"a <image> b"`` -> text / image / text content parts (empty texts dropped)."""
-    parts: list[dict[str, str]] = []
-    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            parts.append({"type": "image"})
-        if chunk:
-            parts.append({"type": "text", "text": chunk})
-    return parts
-
-
 def encode_sample(
     processor_or_tokenizer: Any,
     prompt_or_messages: str | Sequence[Mapping[str, Any]],
-    answer: str,
+    answer: str | None,
     images: Sequence[Any] = (),
     *,
     sample_id: str = "",
     capability: str = "",
 ) -> EncodedSample:
-    """Encode one sample for teacher forcing (see the module docstring for the rule)."""
-    if not answer or not answer.strip():
-        raise ValueError(f"sample {sample_id!r}: empty answer")
+    """Encode one sample for teacher forcing (see the module docstring for the rules).
+
+    ``answer=None`` with ``messages`` that end with an assistant turn supervises every assistant turn.
+    """
     proc = processor_or_tokenizer
     tok = _tokenizer_of(proc)
     images = list(images)
-    image_token = _image_token(proc)
-    messages = build_messages(prompt_or_messages, len(images), image_token)
-    text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if isinstance(text, list):
-        text = text[0]
+    pieces = render_pieces(proc, prompt_or_messages, answer, len(images), sample_id=sample_id)
     # vLLM expands images itself: it takes the template's tokens with one placeholder per image.
-    unexpanded = list(tok(text, add_special_tokens=False)["input_ids"])
+    unexpanded = list(tok(pieces.prompt, add_special_tokens=False)["input_ids"])
     model_inputs: dict[str, np.ndarray] = {}
     if images:
         if tok is proc:
             raise ValueError(f"sample {sample_id!r}: images given but only a tokenizer (no processor)")
-        enc = proc(text=[text], images=[images], return_tensors="np", add_special_tokens=False)
+        enc = proc(text=[pieces.prompt], images=[images], return_tensors="np", add_special_tokens=False)
         prompt_ids = [int(i) for i in enc["input_ids"][0]]
         model_inputs = {k: np.asarray(v) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     else:
         prompt_ids = unexpanded
-    answer_ids = list(tok(answer + end_of_turn_token(proc), add_special_tokens=False)["input_ids"])
-    input_ids = np.asarray(prompt_ids + answer_ids, dtype=np.int32)
-    model_inputs = extend_per_token(model_inputs, len(input_ids))  # the answer's tokens are text
-    image_id = tok.convert_tokens_to_ids(image_token) if images else None
+    after = [list(ids) for ids in tok(list(pieces.after), add_special_tokens=False)["input_ids"]]
+    after_ids = [i for ids in after for i in ids]
+    lengths = np.array([len(ids) for ids in after], np.int64)
+    starts = len(prompt_ids) + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    input_ids = np.asarray(prompt_ids + after_ids, dtype=np.int32)
+    model_inputs = extend_per_token(model_inputs, len(input_ids))  # the tokens after the prompt are text
+    image_id = tok.convert_tokens_to_ids(_image_token(proc)) if images else None
     mask = input_ids == image_id if image_id is not None else np.zeros(len(input_ids), dtype=bool)
+    turn_ids = after[::2]
     return EncodedSample(
         sample_id=sample_id,
         input_ids=input_ids,
         answer_start=len(prompt_ids),
-        answer_ids=np.asarray(answer_ids, dtype=np.int32),
+        answer_ids=np.asarray([i for ids in turn_ids for i in ids], dtype=np.int32),
         image_token_mask=mask,
         model_inputs=model_inputs,
         images=images,
-        vllm_prompt_ids=unexpanded + answer_ids,
+        vllm_prompt_ids=unexpanded + after_ids,
         capability=capability,
+        turn_starts=starts[::2].astype(np.int64),
+        turn_lengths=lengths[::2],
     )
 
 
@@ -231,5 +173,5 @@ def encode_record(processor_or_tokenizer: Any, record: Mapping[str, Any],
     else:
         raise ValueError(f"record {sid!r}: needs 'prompt' or 'messages'")
     images = load_images(record.get("images") or [], base_dir)
-    return encode_sample(processor_or_tokenizer, prompt, record.get("answer", ""), images,
+    return encode_sample(processor_or_tokenizer, prompt, record.get("answer"), images,
                          sample_id=sid, capability=str(record.get("capability", "")))

@@ -1,13 +1,15 @@
 """The alignment proof: every cached answer token is the student's token, for every sample and teacher.
 
 Alignment is proved, not assumed. A cache row ``j`` belongs to the position that predicts answer
-token ``j`` (``answer_start - 1 + j``); it means the same thing for the student only when the
-student tokenizes the answer into the same ids. So for every sample and teacher:
+token ``j`` (``answer_start - 1 + j``; each turn's, for a conversation: ``kd.cache_schema.turns``);
+it means the same thing for the student only when the student tokenizes the answer into the same
+ids, split into the same turns. So for every sample and teacher:
 
 * without a vocabulary map, the hash of the student's answer ids must equal the cache's
   ``answer_ids_hash`` (checked for the whole dataset before training starts, from the index alone);
 * with a vocabulary map (teacher with another tokenizer), the cached answer ids mapped to student
   ids must equal the student's answer ids (checked when the sample is read);
+* every supervised turn has as many tokens for the student as in the cache (checked when read);
 * attention maps additionally need the same keys: ``t2v`` maps the same number of image tokens,
   ``full`` maps the same sequence length and answer start.
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from kd.cache_schema import hash_ids
 from kd.pipeline.common.dataset import Record
+from kd.pipeline.common.chat import render_pieces
 from kd.pipeline.common.encoding import end_of_turn_token
 from kd.pipeline.distill.teachers import AlignmentError, TeacherSource, _tokenizer_of
 
@@ -42,6 +45,22 @@ def answer_token_ids_many(processor: Any, answers: Sequence[str]) -> list[np.nda
     tok, end = _tokenizer_of(processor), end_of_turn_token(processor)
     encoded = tok([answer + end for answer in answers], add_special_tokens=False)["input_ids"]
     return [np.asarray(ids, np.int32) for ids in encoded]
+
+
+def record_answer_ids(processor: Any, records: Sequence[Record]) -> list[np.ndarray]:
+    """Each record's supervised ids as ``encoding.encode_sample`` makes them: one answer's, or every
+    assistant turn's of a conversation, rendered by the chat template (``chat.render_pieces``)."""
+    out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(records)
+    single = [i for i, rec in enumerate(records) if not rec.is_multi_turn]
+    for i, ids in zip(single, answer_token_ids_many(processor, [records[i].answer for i in single])):
+        out[i] = ids
+    tok = _tokenizer_of(processor)
+    for i, rec in enumerate(records):
+        if rec.is_multi_turn:
+            turns = render_pieces(processor, rec.prompt_or_messages, None, len(rec.images), sample_id=rec.id).turns
+            out[i] = np.asarray([t for ids in tok(list(turns), add_special_tokens=False)["input_ids"] for t in ids],
+                                np.int32)
+    return out
 
 
 _ALIGN_BATCH = 4096  # answers tokenized per call by check_alignment
@@ -77,7 +96,7 @@ def student_tokenizer_hash(processor: Any, field: str) -> tuple[str | None, str 
 def _answer_mismatch(rec: Record, src: TeacherSource, processor: Any, student_hash: str,
                      cached_hash: str) -> AlignmentError:
     """The first sample whose answer ids differ, explained by the tokenizers when they differ."""
-    ids = answer_token_ids(processor, rec.answer).tolist()
+    ids = record_answer_ids(processor, [rec])[0].tolist()
     what = f"student answer ids {ids} (hash {student_hash}) differ from the cached answer_ids_hash {cached_hash}"
     cache_tok = cache_tokenizer_hash(src)
     if cache_tok is not None:
@@ -131,7 +150,7 @@ def check_alignment(records: Sequence[Record], processor: Any, sources: Mapping[
     checked = [role for role, src in sources.items() if src.vocab_map is None]
     for start in range(0, len(present) if checked else 0, _ALIGN_BATCH):  # tokenized a batch at a time
         part = present[start : start + _ALIGN_BATCH]
-        answer_ids = answer_token_ids_many(processor, [records[i].answer for i in part])
+        answer_ids = record_answer_ids(processor, [records[i] for i in part])
         for i, ids in zip(part, answer_ids):
             student_hash = hash_ids(ids)
             for role in checked:

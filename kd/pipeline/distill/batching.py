@@ -17,7 +17,8 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
     """Right-padded student inputs plus teacher targets flattened over answer tokens.
 
     Row ``n`` of every token-level tensor is one answer token; sample ``b`` owns the
-    ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``. Attention maps are
+    ``num_tokens[b]`` consecutive rows starting at ``sum(num_tokens[:b])``, gathered at the input
+    positions ``target_positions[b]`` (every supervised turn's, in order). Attention maps are
     flattened too (``flatten_maps``: every sample's ``[T_b, K_b]`` map, row-major, concatenated), and
     ``attention_layout[kind]`` says where each element sits in the student's padded maps. A
     ``SampleBatch`` (the DataLoader's batches of a ``DistillDataset``) brings its teachers' targets
@@ -40,6 +41,8 @@ def collate(samples: Sequence[DistillSample], pad_id: int = 0) -> dict[str, Any]
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "answer_start": torch.tensor([s.answer_start for s in samples], dtype=torch.long),
         "num_tokens": torch.tensor([len(s.answer_ids) for s in samples], dtype=torch.long),
+        # where each sample's rows sit in its input (several turns of a conversation: kd.cache_schema.turns)
+        "target_positions": [torch.from_numpy(s.target_positions) for s in samples],
         "targets": torch.from_numpy(np.concatenate([s.answer_ids for s in samples])),
         "sample_ids": [s.sample_id for s in samples],
         "capabilities": [s.capability for s in samples],

@@ -67,7 +67,8 @@ class DistillDataset(Dataset):
                 per_sample[b][role] = sample_rows(targets, rows)
         samples = [DistillSample(sample_id=rec.id, capability=rec.capability, input_ids=enc.input_ids.astype(np.int64),
                                  answer_start=enc.answer_start, answer_ids=enc.answer_ids.astype(np.int64),
-                                 image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers)
+                                 image_token_mask=enc.image_token_mask, model_inputs=enc.model_inputs, teachers=teachers,
+                                 turn_starts=enc.turn_starts, turn_lengths=enc.turn_lengths)
                    for rec, enc, teachers in zip(recs, encs, per_sample)]
         return SampleBatch(samples, batch_targets)
 
@@ -80,11 +81,14 @@ class DistillDataset(Dataset):
             ok = cached.answer_ids_hash == list(hashes) and np.array_equal(cached.target_ids, answers)
         else:
             ok = np.array_equal(src.vocab_map.map_ids(cached.target_ids), answers)
+        if ok and cached.num_turns is not None:  # the same tokens, split into the same turns
+            ok = (np.array_equal(cached.num_turns, [len(enc.turn_lengths) for enc in encs])
+                  and np.array_equal(cached.turn_lengths, np.concatenate([enc.turn_lengths for enc in encs])))
         if ok and cached.attention_t2v:
             ok = np.array_equal(cached.attention_keys["t2v"], [int(enc.image_token_mask.sum()) for enc in encs])
         if ok and cached.attention_full:
             ok = (np.array_equal(cached.seq_len, [len(enc.input_ids) for enc in encs])
-                  and np.array_equal(cached.answer_start, [enc.answer_start for enc in encs]))
+                  and np.array_equal(cached.turn_starts, np.concatenate([enc.turn_starts for enc in encs])))
         if not ok:
             for b, (rec, enc) in enumerate(zip(recs, encs)):
                 self._check(rec.id, enc, hashes[b], cached.sample(b), src)
@@ -102,16 +106,20 @@ class DistillDataset(Dataset):
                 raise alignment_error(sid, src, f"cached answer ids {np.asarray(cached.target_ids).tolist()} map to "
                                 f"{mapped.tolist()} (vocab map {src.vocab_map.source}), student has "
                                 f"{enc.answer_ids.tolist()}")
+        if not np.array_equal(cached.turn_lengths, enc.turn_lengths):
+            raise alignment_error(sid, src, f"cached turns of {cached.turn_lengths.tolist()} tokens, the student's of "
+                            f"{enc.turn_lengths.tolist()}: the same tokens split into other assistant turns")
         if cached.attention_t2v:
             n_img = int(enc.image_token_mask.sum())
             keys = next(iter(cached.attention_t2v.values())).shape[1]
             if keys != n_img:
                 raise alignment_error(sid, src, f"cached t2v maps have {keys} image keys, the student input has {n_img} "
                                 "image tokens")
-        if cached.attention_full and (cached.seq_len != len(enc.input_ids) or cached.answer_start != enc.answer_start):
+        if cached.attention_full and (cached.seq_len != len(enc.input_ids)
+                                      or not np.array_equal(cached.turn_starts, enc.turn_starts)):
             raise alignment_error(sid, src, f"cached full attention maps cover {cached.seq_len} tokens with the answer at "
-                            f"{cached.answer_start}; the student input has {len(enc.input_ids)} tokens with the "
-                            f"answer at {enc.answer_start}")
+                            f"{cached.turn_starts.tolist()}; the student input has {len(enc.input_ids)} tokens with the "
+                            f"answer at {enc.turn_starts.tolist()}")
 
 
 class EpochSampler(Sampler[int]):

@@ -1,7 +1,8 @@
 """Greedy-decode answers and score them by exact match, per capability and on average.
 
-The prompt is encoded exactly as for training (``encoding.encode_record``, cut at
-``answer_start``), so the model is asked in the format it was taught. Decoding stops at the
+The prompt is encoded exactly as for training (``encoding.encode_record``, cut at the start of
+the last supervised turn: ``answer_start`` for one answer; for a conversation, everything before
+its last assistant turn, which is the reference), so the model is asked in the format it was taught. Decoding stops at the
 end-of-turn token. ``average`` is the mean of the per-capability accuracies (DriveBench's
 "Avg"), ``overall`` the accuracy over all samples.
 """
@@ -56,13 +57,18 @@ def greedy_answers(model: torch.nn.Module, processor: Any, records: Sequence[Rec
 
 def _prompt_inputs(samples: list[EncodedSample]) -> dict[str, np.ndarray] | None:
     """The prompts' extra processor inputs as one left-padded batch (None: they cannot share one)."""
-    return batch_model_inputs([truncate_per_token(s.model_inputs, s.answer_start) for s in samples],
-                              [s.answer_start for s in samples], padding_side="left")
+    return batch_model_inputs([truncate_per_token(s.model_inputs, _prompt_end(s)) for s in samples],
+                              [_prompt_end(s) for s in samples], padding_side="left")
+
+
+def _prompt_end(s: EncodedSample) -> int:
+    """Where generation starts: the last supervised turn (the one ``Record.final_answer`` holds)."""
+    return int(s.turn_starts[-1])
 
 
 def _generate(model, samples: list[EncodedSample], tok, stop: list[int], pad: int, device, dtype,
               max_new_tokens: int) -> list[str]:
-    prompts = [s.input_ids[: s.answer_start].astype(np.int64) for s in samples]
+    prompts = [s.input_ids[: _prompt_end(s)].astype(np.int64) for s in samples]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -88,7 +94,7 @@ def score(records: Sequence[Record], predictions: Sequence[str]) -> dict[str, An
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
     hits: dict[str, list[bool]] = defaultdict(list)
     for rec, pred in zip(records, predictions):
-        hits[rec.capability].append(exact_match(pred, rec.answer))
+        hits[rec.capability].append(exact_match(pred, rec.final_answer))
     accuracy = {cap: sum(h) / len(h) for cap, h in sorted(hits.items())}
     n = sum(len(h) for h in hits.values())
     return {
@@ -109,8 +115,8 @@ def evaluate_model(model: torch.nn.Module, processor: Any, records: Sequence[Rec
     result = score(records, preds)
     result["max_new_tokens"] = max_new_tokens
     if predictions_out is not None:
-        lines = [json.dumps({"id": r.id, "capability": r.capability, "answer": r.answer, "prediction": p,
-                             "correct": normalize_answer(p) == normalize_answer(r.answer)}, ensure_ascii=False)
+        lines = [json.dumps({"id": r.id, "capability": r.capability, "answer": r.final_answer, "prediction": p,
+                             "correct": normalize_answer(p) == normalize_answer(r.final_answer)}, ensure_ascii=False)
                  for r, p in zip(records, preds)]
         Path(predictions_out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return result

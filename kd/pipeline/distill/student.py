@@ -1,7 +1,8 @@
 """The student: loading it, and a teacher-forced forward that returns what the losses need.
 
 The forward mirrors the transformers teacher engine (``engines/hf_engine.py``) position for
-position: right-padded batch, only the answer-predicting positions (``answer_start - 1 + j``) go
+position: right-padded batch, only the answer-predicting positions (``answer_start - 1 + j``; each
+turn's, for a conversation) go
 through the LM head, hidden states come from ``hidden_states[layer]`` (0 = embeddings, ``L`` =
 final normed output) and attention maps are head-averaged softmax weights captured by a forward
 hook on each decoder layer's ``self_attn``: with ``MAPS_ATTENTION`` (sdpa, plus the weights of the
@@ -130,6 +131,10 @@ def student_dims(model: nn.Module) -> tuple[int, int]:
 
 
 def _positions(batch: dict[str, Any]) -> list[Tensor]:
+    """Each sample's answer-predicting positions: ``collate``'s ``target_positions`` (every turn's), or
+    one run from ``answer_start`` for a batch made without them."""
+    if batch.get("target_positions") is not None:
+        return [p.long() for p in batch["target_positions"]]
     return [torch.arange(int(a) - 1, int(a) - 1 + int(t)) for a, t in zip(batch["answer_start"], batch["num_tokens"])]
 
 

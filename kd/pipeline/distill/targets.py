@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kd.cache_schema import CachedBatch, CachedSample, SampleRows
+from kd.cache_schema.turns import target_positions
 from kd.pipeline.distill.teachers import VocabMap
 
 
@@ -76,6 +77,15 @@ class DistillSample:
     image_token_mask: np.ndarray  # [S] bool
     model_inputs: dict[str, np.ndarray]
     teachers: dict[str, TeacherTargets]
+    turn_starts: np.ndarray | None = None  # [n] each supervised turn's start (None: one turn at answer_start)
+    turn_lengths: np.ndarray | None = None
+
+    @property
+    def target_positions(self) -> np.ndarray:
+        """The input position predicting each answer token (``kd.cache_schema.turns``)."""
+        if self.turn_starts is None:
+            return target_positions([self.answer_start], [len(self.answer_ids)])
+        return target_positions(self.turn_starts, self.turn_lengths)
 
 
 class SampleBatch(list):

@@ -1,15 +1,20 @@
-"""LLaVA / ShareGPT conversations to kd records: one record per assistant (gpt) turn.
+"""LLaVA / ShareGPT conversations to kd records: one multi-turn record per conversation.
 
 Source: a JSON list, or JSONL, of ``{"id", "image": path | [paths] (optional),
 "conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`` (``role``/``content``
 keys and ``user``/``assistant`` names are read too).
 
-A kd record supervises one answer, so a conversation with ``n`` gpt turns gives ``n`` records,
-``<id>#<k>`` for its ``k``-th gpt turn (0-based), each with the turns before it as ``messages``
-(roles system/user/assistant) and that turn's text as ``answer``: every assistant turn is
-supervised, each in its own record, and each record repeats the earlier turns as prompt.
+A conversation becomes one record, id ``<id>``, whose ``messages`` (roles system / user /
+assistant) end with its last gpt turn and that has no ``answer``: every assistant turn is
+supervised in one sample (kd's multi-turn rule, ``kd.pipeline.common.encoding``), and the teacher
+runs the conversation once.
 
-``<image>`` placeholders stay where the source put them. A record gets the images whose
+A conversation whose images are not all shown before its first gpt turn (a placeholder in a later
+human turn), or every conversation with ``split_turns=True``, gives instead one record per gpt
+turn: ``<id>#<k>`` for its ``k``-th gpt turn (0-based), the turns before it as ``messages`` and
+that turn's text as ``answer``; each record repeats the earlier turns as prompt.
+
+``<image>`` placeholders stay where the source put them. A per-turn record gets the images whose
 placeholders its ``messages`` hold (images are numbered in placeholder order): an image that
 only a later human turn shows is not given to earlier answers. A conversation without any
 placeholder gives every record all its images (kd's encoder puts them before the first user
@@ -130,7 +135,7 @@ def _images(entry: dict, where: str, source: Path, paths: ImagePaths, problems: 
 
 
 def import_llava(src: str | Path, out: str | Path, *, images_root: str | Path | None = None,
-                 capability: str = "general", force: bool = False) -> ImportResult:
+                 capability: str = "general", split_turns: bool = False, force: bool = False) -> ImportResult:
     """Convert LLaVA / ShareGPT JSON or JSONL into ``out/data.jsonl`` (see the module docstring).
 
     ``capability`` tags every record, unless an entry carries its own ``capability`` field.
@@ -142,13 +147,13 @@ def import_llava(src: str | Path, out: str | Path, *, images_root: str | Path | 
     problems = Problems(FORMAT)
     with Staging(out, FORMAT, force=force) as staging:
         for where, entry in _entries(source, problems):
-            _entry(source, where, entry, capability, paths, problems, staging)
+            _entry(source, where, entry, capability, paths, problems, staging, split_turns)
         return staging.commit(problems, {"source": str(source.resolve()), "images_root": str(paths.root.resolve()),
-                                         "capability": capability})
+                                         "capability": capability, "split_turns": split_turns})
 
 
 def _entry(source: Path, where: str, entry: Any, capability: str, paths: ImagePaths, problems: Problems,
-           staging: Staging) -> None:
+           staging: Staging, split_turns: bool) -> None:
     if not isinstance(entry, dict):
         problems.add(source, where, "", f"an entry must be an object {{id, image, conversations}}, "
                                         f"got {type_name(entry)}")
@@ -178,6 +183,11 @@ def _entry(source: Path, where: str, entry: Any, capability: str, paths: ImagePa
                                                      f"{len(images)} image(s)")
         return
     meta = {k: v for k, v in entry.items() if k not in KNOWN_KEYS}
+    first_answer = next(t for t, (role, _) in enumerate(turns) if role == "assistant")
+    if not split_turns and sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns[:first_answer]) == total:
+        staging.add({"id": sid, "images": images, "messages": [{"role": r, "content": c} for r, c in turns],
+                     "capability": cap, **meta})
+        return
     seen = 0  # placeholders in the turns before the current one
     k = 0
     for t, (role, text) in enumerate(turns):

@@ -17,7 +17,7 @@ from kd.pipeline.common.model_inputs import batch_model_inputs
 from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
 from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_limits
 from kd.pipeline.common.model_files import engine_identity, num_text_layers
-from kd.pipeline.build.signals import TeacherSignals
+from kd.pipeline.build.signals import TeacherSignals, sample_fields
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -166,8 +166,7 @@ class HFEngine:
         return list(torch.split(logprobs, [len(p) for p in positions])), outputs
 
     def _logit_signals(self, s: EncodedSample, lp: torch.Tensor, spec: SignalSpec) -> TeacherSignals:
-        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
-                      answer_start=s.answer_start)
+        common = sample_fields(s)
         if spec.logits == "sampled":
             ids, vals, counts = sample_sparse(lp, spec.sampled_draws, sample_seed(spec.seed, s))
             tail = tail_logmass(torch.from_numpy(vals)).numpy()

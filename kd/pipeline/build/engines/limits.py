@@ -98,7 +98,8 @@ def _image_size(path: str | Path) -> tuple[int, int]:
 
 
 def sequence_lengths(processor: Any, records: Sequence[Any]) -> list[tuple[int, int, int]]:
-    """``(prompt tokens, image tokens, answer tokens)`` of each record's teacher-forced sequence.
+    """``(prompt tokens, image tokens, answer tokens)`` of each record's teacher-forced sequence
+    (a conversation's "answer": every token after the prompt, its turns and the text between them).
 
     Records need ``images``, ``prompt_or_messages`` and ``answer`` (``dataset.Record``). Computed
     as ``encoding.encode_sample`` builds the sequence, but without decoding a single image: the
@@ -106,19 +107,18 @@ def sequence_lengths(processor: Any, records: Sequence[Any]) -> list[tuple[int, 
     (processors such as Idefics3, LLaVA and Qwen2-VL expand by size alone), so checking 100k
     samples costs a tokenizer pass, not a processor pass.
     """
-    from kd.pipeline.common.encoding import _image_token, _tokenizer_of, build_messages, end_of_turn_token
+    from kd.pipeline.common.chat import _image_token, _tokenizer_of, render_pieces
 
     tok = _tokenizer_of(processor)
     image_token = _image_token(processor)
-    eot = end_of_turn_token(processor)
-    texts = []
-    for r in records:
-        messages = build_messages(r.prompt_or_messages, len(r.images), image_token)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        texts.append(text[0] if isinstance(text, list) else text)
-    prompts = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    answers = tok([r.answer + eot for r in records], add_special_tokens=False)["input_ids"] if texts else []
-    placeholder = len(tok(image_token, add_special_tokens=False)["input_ids"]) if texts else 0
+    pieces = [render_pieces(processor, r.prompt_or_messages, r.answer, len(r.images), sample_id=r.id) for r in records]
+    prompts = tok([p.prompt for p in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    after = tok([a for p in pieces for a in p.after], add_special_tokens=False)["input_ids"] if pieces else []
+    answers, at = [], 0
+    for p in pieces:  # a record's pieces after its prompt are consecutive in ``after``
+        answers.append(sum(len(ids) for ids in after[at : at + len(p.after)]))
+        at += len(p.after)
+    placeholder = len(tok(image_token, add_special_tokens=False)["input_ids"]) if pieces else 0
     per_size: dict[tuple[int, int], int] = {}
 
     def image_tokens(path: Any) -> int:
@@ -134,7 +134,7 @@ def sequence_lengths(processor: Any, records: Sequence[Any]) -> list[tuple[int, 
     for r, p, a in zip(records, prompts, answers):
         if r.images and tok is processor:
             raise ValueError(f"sample {r.id!r}: has images but the teacher has only a tokenizer (not a VLM)")
-        out.append((len(p) - placeholder * len(r.images), sum(image_tokens(path) for path in r.images), len(a)))
+        out.append((len(p) - placeholder * len(r.images), sum(image_tokens(path) for path in r.images), a))
     return out
 
 

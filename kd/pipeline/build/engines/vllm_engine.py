@@ -48,7 +48,7 @@ from kd.pipeline.build.engines import vllm_plumbing
 from kd.pipeline.build.engines.vllm_plumbing import (ARRAY_TAG, CONNECTOR, POSITIONS_KEY, ArrayPromptLogprobs,
                                                      aux_hidden_arch, install_array_prompt_logprobs)
 from kd.pipeline.build.engines.weight_names import vllm_model_dir
-from kd.pipeline.build.signals import TeacherSignals
+from kd.pipeline.build.signals import TeacherSignals, sample_fields
 
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
 # instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.
@@ -294,21 +294,20 @@ class VLLMEngine:
         if isinstance(pl, ArrayPromptLogprobs):
             # Row r predicts token r + 1; column 0 is the actual token, then the top-k in order.
             all_ids, all_lps = pl.arrays()
-            sel = np.arange(s.answer_start - 1, s.answer_start - 1 + s.num_answer_tokens)
+            sel = s.target_positions
             if all_ids.shape[0] != len(s.input_ids) - 1 or not np.array_equal(all_ids[sel, 0], s.answer_ids):
                 raise RuntimeError(f"sample {s.sample_id!r}: vLLM's prompt log-prob rows do not line up with the "
                                    f"answer tokens (layout changed?); "
                                    "array_prompt_logprobs=False makes the engine read vLLM's lists instead")
             return all_ids[sel, 1:], all_lps[sel, 1:]
         # Entry i holds the distribution that predicts token i (entry 0 is empty).
-        rows = [self._row(pl, s.answer_start + j) for j in range(s.num_answer_tokens)]
+        rows = [self._row(pl, int(p) + 1) for p in s.target_positions]
         width = min(len(r[0]) for r in rows)
         return (np.asarray([r[0][:width] for r in rows], dtype=np.int64),
                 np.asarray([r[1][:width] for r in rows], dtype=np.float32))
 
     def _signals(self, s: EncodedSample, scored: Any, spec: SignalSpec, hidden: torch.Tensor | None) -> TeacherSignals:
-        common = dict(sample_id=s.sample_id, target_ids=s.answer_ids.copy(), input_ids=s.input_ids.copy(),
-                      answer_start=s.answer_start)
+        common = sample_fields(s)
         if spec.logits == "sampled":
             if isinstance(scored, torch.Tensor):
                 dense = scored.double()
