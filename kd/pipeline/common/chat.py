@@ -139,23 +139,30 @@ def render_pieces(proc: Any, prompt_or_messages: str | Sequence[Mapping[str, Any
     after: list[str] = []
     end = 0
     for k, i in enumerate(assistant):
-        if not str(messages[i].get("content") or "").strip():
+        content = str(messages[i].get("content") or "").strip()
+        if not content:
             raise ValueError(f"{where}: assistant turn {k} (messages[{i}]) is empty")
         prefix = _render(proc, messages[:i], True)
-        if not full.startswith(prefix) or len(prefix) < end:
-            raise ValueError(f"{where}: the chat template renders the turns before assistant turn {k} (messages[{i}]) "
-                             "differently from the whole conversation (it rewrites earlier turns), so its turns cannot "
-                             "be supervised in one sequence; give each turn as its own record with 'answer'")
-        stop = full.find(eot, len(prefix))
-        if stop < 0:
-            raise ValueError(f"{where}: the chat template closes assistant turn {k} (messages[{i}]) without the "
-                             f"end-of-turn token {eot!r}")
+        # The turn starts where the template's generation prompt for it ends; a template whose
+        # history differs from its generation prompt (LLaVA-OneVision's "assistant \n") starts it at the text.
+        start = len(prefix) if full.startswith(prefix) and len(prefix) >= end else full.find(content, end)
+        text_at = full.find(content, start) if start >= 0 else -1
+        if text_at < 0:
+            raise ValueError(f"{where}: the chat template does not render assistant turn {k} (messages[{i}]) as its "
+                             "text (it rewrites turns), so its turns cannot be supervised in one sequence; give each "
+                             "turn as its own record with 'answer'")
+        text_end = text_at + len(content)
+        stop = full.find(eot, text_end)
         if k:
-            after.append(full[end : len(prefix)])
+            after.append(full[end:start])
         else:
-            prompt = prefix
-        end = stop + len(eot)
-        after.append(full[len(prefix) : end])
+            prompt = full[:start]
+        if stop >= 0 and not full[text_end:stop].strip():
+            end = stop + len(eot)
+            after.append(full[start:end])
+        else:  # the template closes turns without it (LLaVA-1.5): added, as in the single-answer rule
+            end = text_end
+            after.append(full[start:end] + eot)
     return TextPieces(prompt, tuple(after))
 
 

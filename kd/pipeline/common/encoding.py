@@ -10,7 +10,10 @@ conversation once; each assistant turn is its text as rendered there, from where
 generation prompt for that turn ends up to and including the end-of-turn token. The pieces
 (prompt, turn 0, the text between turn 0 and turn 1, turn 1, ...) are tokenized each on its own
 and concatenated; ``turn_starts`` / ``turn_lengths`` say where the turns lie. Images must sit in
-the turns before the first assistant turn.
+the turns before the first assistant turn. Two template quirks are met as follows (``chat``):
+history whose assistant header differs from the generation prompt (LLaVA-OneVision) starts the
+turn at its text; turns closed without the end-of-turn token (LLaVA-1.5) get it appended, as the
+single-answer rule does.
 
 Record format (JSONL, one per line)::
 
