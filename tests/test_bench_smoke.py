@@ -99,3 +99,13 @@ def test_growth_prints_the_grow_over_full_ratios():
         assert m and float(m.group(1)) > 0, what
     assert re.search(r"captured\s+3 samples", out), out[-2000:]  # +10% of 30: only the new records ran
     assert "same samples and targets True, max |difference| 0.00e+00" in out, out[-2000:]
+
+
+def test_multi_turn_prints_the_layout_ratios_and_equal_turns():
+    out = _run("multi_turn.py", "--conversations", "2", "--turns", "2", "--prompt-tokens", "60", "--layers", "2",
+               "--hidden-size", "64", "--repeats", "1")
+    assert "one sample / per turn: input tokens" in out
+    tokens = float(out.split("input tokens ")[-1].split("x")[0])
+    assert 0.3 < tokens < 1.0  # the prefix is run once, not once per turn
+    diff = float(out.split("same turns: ")[-1].split()[0])
+    assert diff < 1e-5
