@@ -33,7 +33,8 @@ IMPORT_HELP = "\n\n".join([  # one string per paragraph: the help reflows them t
     '(--split for a DatasetDict). One row per record; columns by --id-column, --prompt-column | '
     '--messages-column, --answer-column, --image-column (bytes, {bytes, path} structs as Hugging Face '
     'Image features store them, or paths) and --capability-column | --capability. Embedded image bytes '
-    'become OUT/images/<sha256>.<ext>.',
+    'become OUT/images/<sha256>.<ext>. A messages column without an answer column holds whole '
+    'conversations: every assistant turn is supervised.',
     "Relative image paths resolve against --images-root (default: the source file's folder). Every bad "
     'entry is reported (file, entry, field) and then nothing is written: OUT appears only complete and '
     'valid.',
@@ -61,7 +62,8 @@ def data_import(
                                                        "<file>-<row>)."),
     prompt_column: Optional[str] = typer.Option(None, help="parquet/hf: prompt column (default 'prompt')."),
     messages_column: Optional[str] = typer.Option(None, help="parquet/hf: column of chat turns before the answer "
-                                                             "([{role, content}] or its JSON)."),
+                                                             "([{role, content}] or its JSON), or of whole "
+                                                             "conversations when there is no answer column."),
     answer_column: str = typer.Option("answer", help="parquet/hf: answer column."),
     image_column: Optional[str] = typer.Option(None, help="parquet/hf: image column (default 'images' or 'image' "
                                                           "if present)."),

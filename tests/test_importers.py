@@ -247,6 +247,25 @@ def test_parquet_folder_messages_column_and_row_ids(tmp_path):
     assert recs[0].messages == (("system", "Be brief."), ("user", "Light?")) and recs[1].prompt is None
 
 
+def test_parquet_conversations_without_an_answer_column_supervise_every_turn(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chats = [[{"role": "user", "content": "Light?"}, {"role": "assistant", "content": "red"},
+              {"role": "user", "content": "Go?"}, {"role": "assistant", "content": "no"}],
+             json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Lane?"},
+                         {"role": "assistant", "content": "left"}])]
+    pq.write_table(pa.table({"id": ["c0", "c1"], "messages": [json.dumps(c) if not isinstance(c, str) else c
+                                                               for c in chats]}), tmp_path / "chat.parquet")
+    recs = load_records(import_dataset("parquet", tmp_path / "chat.parquet", tmp_path / "out").data)
+    assert [(r.id, r.is_multi_turn, len(r.messages)) for r in recs] == [("c0", True, 4), ("c1", True, 3)]
+    pq.write_table(pa.table({"id": ["open"], "messages": [json.dumps(chats[0][:3])]}), tmp_path / "bad.parquet")
+    with pytest.raises(ImportFailed, match=r"messages\[2\]\.role: last turn must be 'assistant'"):
+        import_dataset("parquet", tmp_path / "bad.parquet", tmp_path / "out2")
+    with pytest.raises(ImportFailed, match="no column 'response'"):  # a named answer column must exist
+        import_dataset("parquet", tmp_path / "chat.parquet", tmp_path / "out3", columns=Columns(answer="response"))
+
+
 def test_hf_dataset_dict_needs_a_split_when_it_has_several(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"prompt": ["a?"], "answer": ["b"], "capability": ["planning"]})

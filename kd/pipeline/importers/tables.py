@@ -7,7 +7,9 @@ names (``id``, ``prompt`` | ``messages``, ``answer``, ``images`` or ``image``, `
   ``<file>-<row>`` or ``<split>-<row>``: stable for an unchanged file.
 * prompt: ``prompt_column`` (a string), or ``messages_column`` (a list of ``{role, content}``, or
   the same as a JSON string; the turns before the answer, last one ``user``).
-* answer: ``answer_column``.
+* answer: ``answer_column``. A table of ``messages`` without an ``answer`` column (and no
+  ``answer_column`` named) holds conversations: each row's turns end with an assistant turn, and
+  the record supervises every assistant turn (kd's multi-turn record).
 * images: ``image_column``, one value or a list; each value is image bytes, a
   ``{"bytes", "path"}`` struct (how a Hugging Face ``Image`` feature stores pictures) or a path.
   Bytes are checked and written to ``OUT/images/`` under content-hashed names; paths resolve
@@ -51,7 +53,7 @@ class _Plan:
     id: str | None
     text: str
     is_messages: bool
-    answer: str
+    answer: str | None  # None: conversations, every assistant turn supervised
     image: str | None
     capability_column: str | None
     capability: str
@@ -70,17 +72,18 @@ def _plan(cols: Columns, names: Sequence[str], source: str, problems: Problems) 
         raise ValueError("give --prompt-column or --messages-column, not both")
     if cols.capability and cols.capability_column:
         raise ValueError("give --capability or --capability-column, not both")
-    need("--id-column", cols.id)
-    need("--prompt-column", cols.prompt)
-    need("--messages-column", cols.messages)
-    need("--answer-column", cols.answer)
-    need("--image-column", cols.image)
-    need("--capability-column", cols.capability_column)
     text, is_messages = cols.prompt or cols.messages, bool(cols.messages)
     if text is None:
         text, is_messages = ("prompt", False) if "prompt" in have else ("messages", True)
-        if text not in have:
-            missing.append(("--prompt-column or --messages-column", "prompt"))
+    conversations = is_messages and cols.answer == "answer" and "answer" not in have
+    need("--id-column", cols.id)
+    need("--prompt-column", cols.prompt)
+    need("--messages-column", cols.messages)
+    need("--answer-column", None if conversations else cols.answer)
+    need("--image-column", cols.image)
+    need("--capability-column", cols.capability_column)
+    if text not in have and not (cols.prompt or cols.messages):
+        missing.append(("--prompt-column or --messages-column", "prompt"))
     for option, name in missing:
         problems.add(source, "", option, f"no column {name!r} (columns: {list(names)})")
     if missing:
@@ -88,7 +91,8 @@ def _plan(cols: Columns, names: Sequence[str], source: str, problems: Problems) 
     image = cols.image or next((c for c in ("images", "image") if c in have), None)
     cap_col = cols.capability_column or ("capability" if cols.capability is None and "capability" in have else None)
     rid = cols.id or ("id" if "id" in have else None)
-    return _Plan(rid, text, is_messages, cols.answer, image, cap_col, cols.capability or "general")
+    return _Plan(rid, text, is_messages, None if conversations else cols.answer, image, cap_col,
+                 cols.capability or "general")
 
 
 def _jsonable(value: Any) -> Any:
@@ -106,7 +110,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)  # dates, decimals: their text
 
 
-def _messages(value: Any, fld: str, add) -> list[dict[str, str]] | None:
+def _messages(value: Any, fld: str, add, conversation: bool = False) -> list[dict[str, str]] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -126,9 +130,15 @@ def _messages(value: Any, fld: str, add) -> list[dict[str, str]] | None:
             add(f"{fld}[{i}].role", "a system turn may only come first")
             return None
         out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        add(f"{fld}[{len(out) - 1}].role", f"last turn must be 'user' (the answer is the next turn), "
-                                           f"got {out[-1]['role']!r}")
+    last = "assistant" if conversation else "user"
+    if out[-1]["role"] != last:
+        why = ("a conversation ends with the assistant turn it supervises" if conversation
+               else "the answer is the next turn")
+        add(f"{fld}[{len(out) - 1}].role", f"last turn must be {last!r} ({why}), got {out[-1]['role']!r}")
+        return None
+    empty = [i for i, m in enumerate(out) if conversation and m["role"] == "assistant" and not m["content"].strip()]
+    if empty:
+        add(f"{fld}[{empty[0]}].content", "empty assistant turn (a supervised turn must be non-empty)")
         return None
     return out
 
@@ -181,11 +191,11 @@ def _rows(plan: _Plan, rows: Iterator[tuple[int, dict]], source: str, id_prefix:
             add(plan.id or "id", f"duplicate id {rid!r} (first at {first})")
         text = values.get(plan.text)
         if plan.is_messages:
-            prompt = _messages(text, plan.text, add)
+            prompt = _messages(text, plan.text, add, conversation=plan.answer is None)
         elif not nonempty_str(text):
             add(plan.text, f"must be a non-empty string, got {text!r}")
-        answer = values.get(plan.answer)
-        if not nonempty_str(answer):
+        answer = values.get(plan.answer) if plan.answer else None
+        if plan.answer and not nonempty_str(answer):
             add(plan.answer, f"must be a non-empty string, got {answer!r}")
         cap = values.get(plan.capability_column) if plan.capability_column else plan.capability
         if not nonempty_str(cap):
@@ -195,7 +205,9 @@ def _rows(plan: _Plan, rows: Iterator[tuple[int, dict]], source: str, id_prefix:
             continue
         rec: dict[str, Any] = {"id": rid, "images": images}
         rec["messages" if plan.is_messages else "prompt"] = prompt if plan.is_messages else text
-        rec.update(answer=answer, capability=cap)
+        if plan.answer:
+            rec["answer"] = answer
+        rec["capability"] = cap
         for k, v in values.items():
             if k not in used and k not in rec:
                 try:
