@@ -130,10 +130,19 @@ class ShardWriter:
         self.signals = signals
         self._samples: list[tuple[SampleSignals, str]] = []
         self._content_hashes: list[str] = []
+        self._unchecked: list[SampleSignals] = []  # added with check=False: checked by commit
 
-    def add(self, sample: SampleSignals, capability: str, content_hash: str = "") -> None:
-        """Queue one sample; ``content_hash`` is its record's hash ("" = unknown: never reused by a child)."""
-        check_sample(sample, self.signals)
+    def add(self, sample: SampleSignals, capability: str, content_hash: str = "", *, check: bool = True) -> None:
+        """Queue one sample; ``content_hash`` is its record's hash ("" = unknown: never reused by a child).
+
+        ``check=False`` defers the sample's check (``check_sample``, ~1.5 us an answer token) to
+        ``commit``, which then refuses the shard before writing anything: a commit in a background
+        thread takes it off the teacher's critical path.
+        """
+        if check:
+            check_sample(sample, self.signals)
+        else:
+            self._unchecked.append(sample)
         if not isinstance(content_hash, str):
             raise ValueError(f"sample {sample.sample_id!r}: content_hash must be a string, got {type(content_hash).__name__}")
         fault_point("batch")  # teacher outputs in memory, nothing of this shard on disk yet
@@ -141,9 +150,15 @@ class ShardWriter:
         self._content_hashes.append(content_hash)
 
     def commit(self) -> ShardEntry:
-        """Write arrays + index under a fresh attempt dir, checksum them, publish the commit file."""
+        """Write arrays + index under a fresh attempt dir, checksum them, publish the commit file.
+
+        Safe in another thread than the one that added the samples, once it adds no more.
+        """
         if not self._samples:
             raise CacheError(f"shard {self.shard}: no samples to commit")
+        for sample in self._unchecked:  # deferred by add(check=False): nothing is written yet
+            check_sample(sample, self.signals)
+        self._unchecked.clear()
         rel = f"shards/{self.shard:05d}-{uuid.uuid4().hex[:12]}"
         arrays, index = self._assemble()
         where = f"shard {self.shard} ({self.cache.url}/{rel})"

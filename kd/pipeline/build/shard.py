@@ -1,7 +1,10 @@
 """One shard's work, the same in-process and in a dask worker: capture its samples, commit them.
 
 Each process keeps one warm teacher engine per (engine, model, device, dtype, layers) and the
-dataset's records by id across the shards it runs, so a worker pays start-up once.
+dataset's records by id across the shards it runs, so a worker pays start-up once. Given the
+process's ``BackgroundCommits``, a shard's commit (and its samples' checks) runs behind the
+capture of the next shard (``commits``); the job then returns before its commit is durable,
+saying so (``pending``), and only a published commit file counts the shard.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kd.cache_schema import CacheBuild, Location
+from kd.pipeline.build.commits import BackgroundCommits
 from kd.pipeline.build.request import BuildRequest
 from kd.pipeline.common.dataset import Record, RecordTable, fingerprint_and_hashes, load_records
 
@@ -27,6 +31,7 @@ class ShardJob:
     shard: int
     sample_ids: list[str]
     content_hashes: list[str] | None = None  # each sample's record hash (None: computed here)
+    run: str = ""  # the build run (``fanout.run_jobs``) whose background commits this shard's joins
 
 
 _WARM_ENGINES: dict[tuple, Any] = {}
@@ -88,12 +93,27 @@ def _records_by_id(path: str) -> _RecordsById:
     return _RECORDS[path]
 
 
-def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None) -> dict[str, int]:
-    """Capture and commit one shard; skipping it when another run already committed it."""
+def job_build(job: ShardJob) -> CacheBuild:
+    """The cache a job writes into."""
     request = BuildRequest(**job.request)
-    build = CacheBuild(Location.from_url(request.out), job.key_inputs, job.teacher_meta, request.signal_config())
+    return CacheBuild(Location.from_url(request.out), job.key_inputs, job.teacher_meta, request.signal_config())
+
+
+def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None,
+              commits: BackgroundCommits | None = None) -> dict[str, Any]:
+    """Capture one shard and commit it, skipping it when another run already committed it.
+
+    Without ``commits`` it returns once the shard is committed. With them, the commit (samples'
+    checks included) is handed to ``commits`` and the stats say ``pending``; they also carry the
+    finished commits of the job's run in this process (``committed``, ``failed``: earlier shards').
+    A failed earlier commit stops the capture (``aborted``): the build fails with its error.
+    """
+    request = BuildRequest(**job.request)
+    build = job_build(job)
+    stats: dict[str, Any] = {"shard": job.shard, "samples": 0, "tokens": 0, "skipped": 0, "pending": 0,
+                             "aborted": 0, "committed": [], "failed": []}
     if job.shard in build.committed():
-        return {"shard": job.shard, "samples": 0, "tokens": 0, "skipped": 1}
+        return {**stats, "skipped": 1}
     engine = warm_engine(request, job.engine)
     spec = request.signal_spec()
     records = _records_by_id(request.data)
@@ -103,14 +123,26 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None)
         hashes = fingerprint_and_hashes(records.get(job.sample_ids))[1]
     tokens = 0
     for i in range(0, len(job.sample_ids), request.batch_size):
+        if commits is not None and commits.has_failed(job.run):
+            return _reported({**stats, "aborted": 1}, commits, job.run)
         batch = records.get(job.sample_ids[i : i + request.batch_size])
         outputs = engine.capture([r.as_dict() for r in batch], spec)
         n_tok = 0
         for record, signals, content_hash in zip(batch, outputs, hashes[i : i + request.batch_size]):
-            writer.add(signals, record.capability, content_hash)
+            writer.add(signals, record.capability, content_hash, check=commits is None)
             n_tok += signals.num_tokens
         tokens += n_tok
         if on_batch:
             on_batch(len(batch), n_tok)
-    writer.commit()
-    return {"shard": job.shard, "samples": len(job.sample_ids), "tokens": tokens, "skipped": 0}
+    stats.update(samples=len(job.sample_ids), tokens=tokens)
+    if commits is None:
+        writer.commit()
+        return stats
+    if not commits.submit(job.run, job.shard, writer):
+        return _reported({**stats, "aborted": 1}, commits, job.run)
+    return _reported({**stats, "pending": 1}, commits, job.run)
+
+
+def _reported(stats: dict[str, Any], commits: BackgroundCommits, run: str) -> dict[str, Any]:
+    report = commits.collect(run)
+    return {**stats, "committed": report.committed, "failed": report.failed}
