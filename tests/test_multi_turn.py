@@ -349,3 +349,13 @@ def test_a_v4_cache_reads_as_one_turn_per_sample(conversation_world, tmp_path):
     assert was.turn_starts.tolist() == [was.answer_start] == new.turn_starts.tolist()
     assert was.turn_lengths.tolist() == [was.num_tokens] == new.turn_lengths.tolist()
     assert np.array_equal(was.logprobs, new.logprobs)
+
+
+def test_inspect_counts_the_conversations_and_their_turns(conversation_cache):
+    from kd.cache_schema import CacheReader
+    from kd.cache_schema.inspection import blocks, inspect_summary
+
+    s = inspect_summary(CacheReader(conversation_cache.path))
+    assert (s["n_conversations"], s["n_turns"]) == (2, 7)  # conv: 3 turns, text-conv: 2, two single ones
+    sizes = dict(dict(blocks(s))["size"])
+    assert sizes["samples"] == "4 in 2 shards (2 of them multi-turn, 7 turns in all)"

@@ -33,6 +33,9 @@ def inspect_summary(reader: "CacheReader") -> dict[str, Any]:
     s["role"] = m.teacher.get("role")
     s["kd_version"] = m.kd_version
     s["teacher_meta"] = dict(m.teacher)
+    turns = reader.num_turns
+    s["n_conversations"] = int((turns > 1).sum())  # samples supervising several assistant turns
+    s["n_turns"] = int(turns.sum())
     return s
 
 
@@ -95,7 +98,9 @@ def blocks(s: Mapping[str, Any]) -> list[Block]:
         identity.insert(3, ("model dir", str(meta["model_dir"])))
     n_tokens = s.get("n_tokens")
     per_token = s.get("bytes_per_token")
-    sizes = [("samples", f"{s.get('n_samples', 0):,} in {s.get('n_shards', 0)} shards"),
+    conversations = (f" ({s['n_conversations']:,} of them multi-turn, {s.get('n_turns', 0):,} turns in all)"
+                     if s.get("n_conversations") else "")
+    sizes = [("samples", f"{s.get('n_samples', 0):,} in {s.get('n_shards', 0)} shards{conversations}"),
              ("tokens", f"{n_tokens:,}" if isinstance(n_tokens, int) else str(n_tokens)),
              ("on disk", human_bytes(s.get("bytes_on_disk")) + (f" ({per_token} B/token)" if per_token else ""))]
     out = [("cache", cache), ("identity", identity), ("signals", signal_rows(s.get("signals") or {})), ("size", sizes)]

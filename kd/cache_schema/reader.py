@@ -200,6 +200,11 @@ class CacheReader:
         """Values of the index column ``name`` (``INDEX_SCHEMA``) at ``rows``, as Python objects."""
         return self.index.column(name).take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
+    @property
+    def num_turns(self) -> np.ndarray:
+        """Supervised turns of every sample, in index order (1 for a single answer; SPEC.md section 4)."""
+        return self._turns.count
+
     def capability(self, sample_id: str) -> str:
         return self._strings["capability"].take([self._row(sample_id)])[0]
 
