@@ -26,7 +26,7 @@ from kd.cache_schema.writer import CacheBuild, CacheNoSpaceError, ShardWriter
 from kd.pipeline.build import build_cache, prepare
 from kd.pipeline.build import fanout
 from kd.pipeline.build import recipe as recipe_mod
-from kd.pipeline.build.commits import COMMITS, BackgroundCommits, ShardCommitError
+from kd.pipeline.build.commits import COMMITS, BackgroundCommits, CommitReport, ShardCommitError
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("kd_bench_faults", ROOT / "bench" / "faults.py")
@@ -261,3 +261,12 @@ def test_commit_reports_come_once_and_failures_stop_later_commits(tmp_path):
         report.raise_failure()
     assert commits.collect("other", wait=True).committed == [5]
     assert commits.stats()["commit_s"] > 0
+
+    checked, broken = Writer(7), Writer(8)
+    checked.check_added = lambda: None
+    broken.check_added = lambda: (_ for _ in ()).throw(ValueError("sample 'y': NaN"))
+    commits.check("checks", 7, checked)
+    assert commits.collect("checks", wait=True) == CommitReport()  # a passed check is no commit
+    commits.check("checks", 8, broken)
+    report = commits.collect("checks", wait=True)
+    assert report.committed == [] and [s for s, _ in report.failed] == [8]

@@ -149,6 +149,14 @@ class ShardWriter:
         self._samples.append((sample, capability))
         self._content_hashes.append(content_hash)
 
+    def check_added(self) -> None:
+        """Check the samples added with ``check=False`` so far, while more may be added: one thread
+        adds, another (the one that commits) checks, each sample once."""
+        n = len(self._unchecked)
+        for sample in self._unchecked[:n]:
+            check_sample(sample, self.signals)
+        del self._unchecked[:n]  # add only appends: these are the n just checked
+
     def commit(self) -> ShardEntry:
         """Write arrays + index under a fresh attempt dir, checksum them, publish the commit file.
 
@@ -156,9 +164,7 @@ class ShardWriter:
         """
         if not self._samples:
             raise CacheError(f"shard {self.shard}: no samples to commit")
-        for sample in self._unchecked:  # deferred by add(check=False): nothing is written yet
-            check_sample(sample, self.signals)
-        self._unchecked.clear()
+        self.check_added()  # those deferred by add(check=False): nothing is written yet
         rel = f"shards/{self.shard:05d}-{uuid.uuid4().hex[:12]}"
         arrays, index = self._assemble()
         where = f"shard {self.shard} ({self.cache.url}/{rel})"

@@ -1,6 +1,7 @@
 """Shard commits off the teacher's critical path: a background thread per process encodes and
 writes shard N (``ShardWriter.commit``: sample checks, value and id coding, zstd, zarr, checksums,
-the commit file) while the teacher captures shard N+1.
+the commit file) while the teacher captures shard N+1, and checks each batch's samples
+(``check``) while the teacher captures the next batch.
 
 At most one commit runs behind the capture: ``submit`` first waits for the one before, so a
 process holds two shards' outputs at most, never a growing queue (and a commit slower than the
@@ -61,6 +62,7 @@ class _Pending:
     shard: int
     cache_url: str
     future: concurrent.futures.Future
+    commit: bool = True  # False: a check of samples added so far (reported only if it fails)
 
 
 class BackgroundCommits:
@@ -106,6 +108,13 @@ class BackgroundCommits:
             self._pending.append(_Pending(run, shard, writer.cache.url, future))
         return True
 
+    def check(self, run: str, shard: int, writer: ShardWriter) -> None:
+        """Check the samples added to ``writer`` so far in the background (``check_added``), so that its
+        commit, the one nothing hides at the end of a build, does less."""
+        future = self._executor().submit(writer.check_added)
+        with self._lock:
+            self._pending.append(_Pending(run, shard, writer.cache.url, future, commit=False))
+
     def has_failed(self, run: str) -> bool:
         """Whether a commit of ``run`` failed (its report is still to collect): stop capturing."""
         with self._lock:
@@ -125,7 +134,8 @@ class BackgroundCommits:
         for p in sorted(done, key=lambda p: p.shard):
             error = p.future.exception()
             if error is None:
-                report.committed.append(p.shard)
+                if p.commit:
+                    report.committed.append(p.shard)
             else:
                 report.failed.append((p.shard, commit_error(p.shard, p.cache_url, error)))
         return report

@@ -132,6 +132,8 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None,
             writer.add(signals, record.capability, content_hash, check=commits is None)
             n_tok += signals.num_tokens
         tokens += n_tok
+        if commits is not None:
+            commits.check(job.run, job.shard, writer)
         if on_batch:
             on_batch(len(batch), n_tok)
     stats.update(samples=len(job.sample_ids), tokens=tokens)
