@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import zarr
 from cache_helpers import build_cache, make_signals, rewrite_shard_array, shard_dir
+from large_vocab import large_vocab_samples
 
 from kd.cache_schema import CacheCorruptError, CacheReader, SignalConfig
 from kd.cache_schema.chunk_codec import decode_chunk, parse_array_meta
+from kd.cache_schema.zarr_io import array_codecs, shuffle_candidates
 
 
 @pytest.fixture
@@ -22,12 +24,28 @@ def cache(tmp_path):
     return build_cache(str(tmp_path), samples, sig, shard_size=3).location.path, samples
 
 
+@pytest.fixture(params=["u8", "bf16"])
+def large_vocab_cache(tmp_path, request):
+    sig = SignalConfig(top_k=64, value_coding=request.param)
+    return build_cache(str(tmp_path), large_vocab_samples(sig), sig, shard_size=2).location.path
+
+
 @pytest.mark.filterwarnings("ignore:Object at index.parquet is not recognized")  # the shard's own index file
 def test_every_array_decodes_exactly_as_zarr_reads_it(cache):
     path, _ = cache
+    names = _check_every_array(path)
+    assert {"ids", "logprobs", "tail_logmass", "hidden_L1", "attn_t2v_L0", "attn_full_L0"} <= set(names)
+
+
+@pytest.mark.filterwarnings("ignore:Object at index.parquet is not recognized")
+def test_large_vocab_arrays_decode_exactly_as_zarr_reads_them(large_vocab_cache):
+    """ids_hi, the uint16 ids, bit-shuffled u8 log-prob deltas and the per-array shuffle choices."""
+    assert {"ids", "ids_hi", "id_table", "logprobs", "target_ids"} <= set(_check_every_array(large_vocab_cache))
+
+
+def _check_every_array(path) -> list[str]:
     group = zarr.open_group(str(shard_dir(path)), mode="r")
     names = [name for name, _ in group.arrays()]
-    assert {"ids", "logprobs", "tail_logmass", "hidden_L1", "attn_t2v_L0", "attn_full_L0"} <= set(names)
     for name in names:
         meta = parse_array_meta(json.loads((shard_dir(path) / name / "zarr.json").read_text()))
         assert meta is not None, name  # kd's own chain is decoded directly
@@ -38,6 +56,27 @@ def test_every_array_decodes_exactly_as_zarr_reads_it(cache):
             got = decode_chunk(f.read_bytes(), meta, rows, str(f)) if f.exists() else meta.fill_chunk(rows)
             want = arr[c * meta.chunk_rows : c * meta.chunk_rows + rows]
             assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), (name, c)
+    return names
+
+
+@pytest.mark.parametrize("name, dtype, shape", [("ids", np.uint16, (5000, 64)), ("logprobs", np.uint8, (5000, 64)),
+                                                ("ids_hi", np.uint8, (5000, 1, 16)), ("logprobs", np.float32, (300, 64))])
+def test_each_tried_array_gets_the_smallest_candidate_shuffle(name, dtype, shape):
+    """The shuffle written to zarr.json is the candidate that compresses the array's first rows
+    smallest, whichever it is for the data (bench/cache_io.py measures which wins per coding)."""
+    from numcodecs import Blosc
+
+    rng = np.random.default_rng(0)
+    data = (np.minimum(rng.geometric(0.3, shape), 200) * (rng.random(shape) < 0.5)).astype(dtype)  # skewed small values
+    _, compressors, chunks = array_codecs(name, data)
+    blosc = compressors[0]
+    row_bytes = data.dtype.itemsize * int(np.prod(shape[1:]))
+    sizes = {}
+    for shuffle, size in shuffle_candidates(data.dtype.itemsize, row_bytes):
+        codec = Blosc(cname="zstd", clevel=1, shuffle={"shuffle": 1, "bitshuffle": 2}[shuffle], blocksize=1 << 20, typesize=size)
+        sizes[shuffle, size] = len(codec.encode(np.ascontiguousarray(data[:4096]).view(np.uint8).ravel()))
+    assert (blosc.shuffle.value, blosc.typesize) == min(sizes, key=sizes.get)
+    assert chunks[1:] == shape[1:] and blosc.clevel == 1
 
 
 def test_other_codec_chains_are_read_through_zarr(cache):

@@ -21,7 +21,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kd.cache_schema import BuildPlan, CacheBuild, CacheReader, Location, SignalConfig, key_inputs
-from kd.cache_schema.codecs import U8_BETA, U8_FOLD_NATS, U8_LEVELS, decode_logprobs, encode_logprobs, kl_topk_buckets
+from kd.cache_schema.codecs import (
+    U8_BETA,
+    U8_FOLD_NATS,
+    U8_LEVELS,
+    U8_PAD,
+    _encode_u8,
+    decode_logprobs,
+    encode_logprobs,
+    encode_logprobs_codes,
+    kl_topk_buckets,
+)
 from kd.pipeline.build.signals import TeacherSignals
 
 _H = 0.5 / U8_LEVELS  # half a u8 code step on the (p / p_top1)^(1/3) scale
@@ -148,6 +158,60 @@ def test_u8_kl_over_k_plus_one_buckets_is_bounded(lp, tail):
     assert np.all(kl >= -1e-9) and np.all(kl <= bound)
 
 
+def _u8_reference(lp: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SPEC.md section 6's u8 encoder, literally, in float64 (the writer evaluates it in float32 and
+    redoes the entries near a rounding boundary): codes (folded = 255) and the new tail."""
+    top1 = _row_top1(lp)
+    gap = top1[:, None] - lp.astype(np.float64)
+    folded = ~(gap < U8_FOLD_NATS)
+    codes = np.minimum(np.round(U8_LEVELS * -np.expm1(-np.clip(gap, 0.0, U8_FOLD_NATS) / U8_BETA)), U8_LEVELS - 1)
+    moved = np.where(folded & np.isfinite(lp), lp, -np.inf).astype(np.float64)
+    new_tail = np.logaddexp.reduce(np.concatenate([moved, tail[:, None].astype(np.float64)], 1), axis=1)
+    return np.where(folded, 255, codes).astype(np.uint8), new_tail.astype(np.float32)
+
+
+@st.composite
+def near_boundary_rows(draw) -> np.ndarray:
+    """Rows whose gaps to the top-1 sit on (within float32 rounding of) u8 rounding boundaries and the fold."""
+    n, k = draw(st.integers(1, 20)), draw(st.integers(1, 40))
+    top = draw(hnp.arrays(np.float32, (n, 1), elements=st.floats(-30.0, 0.0, width=32)))
+    half = draw(hnp.arrays(np.float64, (n, k), elements=st.integers(0, 2 * U8_LEVELS).map(lambda c: c / 2)))
+    gap = -U8_BETA * np.log1p(-np.minimum(half, U8_LEVELS - 0.5) / U8_LEVELS)  # code c + 1/2 (and c)
+    gap = np.where(half > U8_LEVELS, U8_FOLD_NATS, gap)
+    nudge = draw(hnp.arrays(np.int8, (n, k), elements=st.integers(-2, 2)))
+    x = (top - gap).astype(np.float32)
+    towards = np.where(nudge > 0, np.float32(np.inf), np.where(nudge < 0, np.float32(-np.inf), x))
+    x = np.nextafter(x, towards).astype(np.float32)  # one float32 step either way, or none
+    x[:, :1] = top
+    return -np.sort(-x, axis=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lp=st.one_of(logprob_rows(), near_boundary_rows()), tail=tails)
+def test_u8_fast_encoder_equals_the_float64_formula(lp, tail):
+    """Same codes as SPEC.md's float64 formula everywhere (ties to even, the fold at exactly 17 nats),
+    and the folded mass in the tail within float64 rounding of log-add-exp."""
+    tail_logmass = np.full(lp.shape[0], tail, np.float32)
+    want_codes, want_tail = _u8_reference(lp, tail_logmass)
+    codes, new_tail = _encode_u8(lp, tail_logmass, U8_PAD)
+    assert np.array_equal(codes, want_codes)
+    assert np.array_equal(np.isfinite(new_tail), np.isfinite(want_tail))
+    finite = np.isfinite(want_tail)
+    assert np.all(np.abs(new_tail[finite] - want_tail[finite]) <= 2 * np.spacing(np.abs(want_tail[finite])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lp=logprob_rows(), tail=tails)
+def test_u8_fold_code_160_decodes_as_255_does(lp, tail):
+    """schema_version 5 folds to code 160 (the row's last delta stays small), 1-4 to 255: any code
+    >= 160 decodes to -inf, so both give the same log-probs."""
+    tail_logmass = np.full(lp.shape[0], tail, np.float32)
+    v5, codes = encode_logprobs_codes(lp, tail_logmass, "u8")
+    v4, old_codes = encode_logprobs_codes(lp, tail_logmass, "u8", U8_PAD)
+    assert np.array_equal(codes == U8_LEVELS, old_codes == U8_PAD) and not ((codes > U8_LEVELS) & (codes != U8_PAD)).any()
+    assert bits_equal(decode_logprobs(v5, "u8"), decode_logprobs(v4, "u8"))
+
+
 # ------------------------------------------------------------------------- ids through a real cache
 
 
@@ -155,7 +219,7 @@ def test_u8_kl_over_k_plus_one_buckets_is_bounded(lp, tail):
 def id_samples(draw):
     """A few samples of ``[T, k]`` int32 ids drawn from a vocabulary, -1 entries, and a value coding."""
     k = draw(st.integers(1, 9))
-    vocab = draw(st.sampled_from([2, 1000, 70_000, 2**31 - 1]))
+    vocab = draw(st.sampled_from([2, 1000, 70_000, 151_936, 2**31 - 1]))
     coding = draw(st.sampled_from(["fp32", "fp16", "bf16", "u8"]))
     samples = []
     for i in range(draw(st.integers(1, 4))):

@@ -19,9 +19,11 @@ import zarr
 from .chunk_codec import ArrayMeta, decode_chunk, parse_array_meta
 from .codecs import undelta_logprobs
 from .errors import CacheCorruptError
-from .id_coding import ID_TABLE, decode_ids, unsort_ties
+from .id_coding import (HI_FIELDS, ID_TABLE, IDS_HI, decode_ids, decode_targets, hi_planes, join_codes, load_table,
+                        unsort_ties)
 from .manifest import ShardEntry
 from .storage import Location, checksum_bytes
+from .topk_coding import V5
 from .zarr_io import zarr_store
 
 
@@ -159,6 +161,8 @@ class ShardArrays:
             else:
                 chunk = self._read_chunk(name, h.meta, c, stop_c - c * step)
             if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
+                if self._has_ids_hi():  # v5, tables over 65536 ids: the codes' high bits (SPEC.md section 5)
+                    chunk = join_codes(chunk, self.rows(IDS_HI, c * step, stop_c))
                 if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
                     chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
                 chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
@@ -176,10 +180,33 @@ class ShardArrays:
             if f"{ID_TABLE}/zarr.json" in self.entry.files:
                 n = self.handle(ID_TABLE).shape[0]
                 table = self.rows(ID_TABLE, 0, n) if n else np.zeros(0, np.int32)
+                if self.reader.schema_version >= V5:  # stored as differences (SPEC.md section 5)
+                    table = load_table(table)
+                    self._check_ids_hi(len(table))
             elif self.reader.schema_version >= 2:  # v2 shards always code their ids (SPEC.md, Versioning)
                 raise CacheCorruptError(f"{self.where}: schema_version {self.reader.schema_version} shard has no id_table")
             self._id_table = table
         return self._id_table
+
+    def target_rows(self, start: int, stop: int) -> np.ndarray:
+        """v5 ``target_ids`` rows: a column of the row's ids, or a code into the id_table."""
+        stored = _gather("target_ids", [(self, start, stop)])
+        table = self.id_table()
+        try:
+            return decode_targets(stored, self.rows("ids", start, stop), table, f"{self.where}/target_ids")
+        except ValueError as e:
+            raise CacheCorruptError(str(e)) from None
+
+    def _has_ids_hi(self) -> bool:
+        return f"{IDS_HI}/zarr.json" in self.entry.files
+
+    def _check_ids_hi(self, table_len: int) -> None:
+        """A v5 table over 65536 ids needs the codes' high bits, in as many planes as it has bits."""
+        planes = hi_planes(table_len)
+        found = self.handle(IDS_HI).shape[1] if self._has_ids_hi() else 0
+        if found != planes or (planes and self.handle(IDS_HI).shape[2] != -(-self.handle("ids").shape[1] // HI_FIELDS)):
+            raise CacheCorruptError(f"{self.where}: a {table_len}-entry id_table needs {planes} {IDS_HI} planes, "
+                                    f"the shard has {found} (or a wrong width)")
 
     def _read_chunk(self, name: str, meta: ArrayMeta, c: int, rows: int) -> np.ndarray:
         """A chunk of kd's codec chain, read as bytes and decoded (``chunk_codec``): a listed chunk
@@ -210,6 +237,15 @@ def gather(name: str, spans: Sequence[tuple[ShardArrays, int, int]]) -> np.ndarr
     """Rows ``[start, stop)`` of array ``name`` of each ``(shard, start, stop)``, concatenated into one
     new array (never a view of the LRU). Each chunk is looked up once per call, however many spans
     it serves: a batch's samples mostly share a few chunks."""
+    if name == "target_ids" and any(shard.reader.schema_version >= V5 for shard, _, _ in spans):
+        # v5 targets are coded against their row's ids (SPEC.md section 5): decoded span by span
+        return np.concatenate([shard.target_rows(start, stop) if shard.reader.schema_version >= V5
+                               else _gather(name, [(shard, start, stop)]) for shard, start, stop in spans])
+    return _gather(name, spans)
+
+
+def _gather(name: str, spans: Sequence[tuple[ShardArrays, int, int]]) -> np.ndarray:
+    """:func:`gather` of the arrays as decoded chunk by chunk."""
     parts, chunks = [], {}
     for shard, start, stop in spans:
         h = shard.handle(name)

@@ -29,10 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .codecs import encode_hidden, encode_logprobs, folded_mask, undelta_logprobs
+from .codecs import encode_hidden
 from .errors import CacheCorruptError, CacheError
 from .faults import fault_point
-from .id_coding import encode_ids, sort_ties
 from .sample_check import SampleSignals, check_sample  # noqa: F401 - SampleSignals re-exported
 from .key import cache_dir_name, cache_key
 from .lineage_files import parent_ref
@@ -47,6 +46,7 @@ from .manifest import (
     SignalConfig,
 )
 from .storage import Location, checksum_bytes
+from .topk_coding import encode_topk
 from .turns import turns_of
 from .zarr_io import array_codecs, zarr_store
 
@@ -200,19 +200,9 @@ class ShardWriter:
         ids = np.concatenate([np.asarray(s.ids, np.int32) for s in samples])
         lp = np.concatenate([np.asarray(s.logprobs, np.float32) for s in samples])
         tail = np.concatenate([np.asarray(s.tail_logmass, np.float32) for s in samples])
-        coded = encode_logprobs(lp, tail, sig.value_coding)
-        folded = folded_mask(coded, sig.value_coding)
-        if folded is not None:
-            ids = np.where(folded, -1, ids).astype(np.int32)
-        id_codes, id_table = encode_ids(ids)  # frequency-rank coding, exact (SPEC.md section 5)
-        if sig.value_coding == "u8":  # entries of equal codes decode alike: their ids go in canonical order
-            id_codes, _ = sort_ties(id_codes, undelta_logprobs(coded["logprobs"], "u8"))
-        arrays: dict[str, np.ndarray] = {
-            "target_ids": np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples]),
-            "ids": id_codes,
-            "id_table": id_table,
-            **coded,
-        }
+        targets = np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples])
+        # value coding, u8 folding, frequency-rank id codes (SPEC.md sections 5 and 6)
+        arrays: dict[str, np.ndarray] = encode_topk(ids, lp, tail, targets, sig.value_coding)
         if sig.logits == "sampled":
             arrays["counts"] = np.concatenate([np.asarray(s.counts, np.uint16) for s in samples])
         for layer in sig.hidden_layers:
