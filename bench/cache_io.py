@@ -1,61 +1,40 @@
 """Cache I/O benchmark: bytes/token per value coding, coding error, write and read throughput.
 
-    python bench/cache_io.py [--tokens N] [--k 64] [--vocab 32768] [--batches 300]
+    python bench/cache_io.py [--tokens N] [--k 64] [--vocab 32768] [--batches 300] [--sizes-only]
 
 Everything is measured through the real library (``kd.cache_schema``): caches are written with
 ``CacheBuild``/``ShardWriter`` and sealed, sizes are the bytes of every file in the cache
 directory, reads go through ``CacheReader``/``JoinedReader``. Data is synthetic
 (``teacher_like_topk``), cut into samples of 512..1535 answer tokens.
 
-Read throughput counts answer tokens delivered to the caller, decoded to float32
-(ids int32 [k], log-probs float32 [k], tail, target). A joined read counts each token once
-although it carries both teachers' signals. "cold" = a fresh reader per batch (opening the
-cache, reading and checking its index, decompressing every chunk touched); the files are in
-the OS page cache, so cold does not include disk reads. "lru10%" = one reader whose chunk LRU
-holds a tenth of the cache's decoded chunks, after a first pass: the steady state of random
-reads over a cache ten times larger than the LRU (512 MiB by default), where most reads
-decompress the ~1 MiB chunks they touch. "warm" = one reader, its LRU holding the whole
-cache. "memcpy" copies the same decoded bytes with numpy; the ratio read/memcpy shows how close
-the reader gets to the machine. ``--sizes-only`` skips the reads (sizes, estimates, KL, writes).
+Write: answer tokens/s and us/token (wall and CPU) of writing and sealing a whole cache (value and
+id coding, zstd, zarr, checksums, commit files), and the coding alone (``encode_topk``, CPU, best
+of 3). Read throughput counts answer tokens delivered, decoded to float32 (ids int32 [k],
+log-probs float32 [k], tail, target); a joined read counts each token once. "cold" = a fresh
+reader per batch (files in the OS page cache); "lru10%" = one reader whose chunk LRU holds a
+tenth of the cache's decoded chunks, after a first pass (random reads over a cache 10x the LRU);
+"warm" = the LRU holds the whole cache; "memcpy" copies the same decoded bytes with numpy.
+``--sizes-only`` skips the reads. Sizes are broken down per array and set against entropy estimates
+of what each array holds (``floors``: what shuffle + zstd, LZ + order-0 Huffman of bytes, can approach).
 
-Sizes are broken down per array (``ids`` with its ``id_table``, ``zarr.json``, the indexes,
-manifest + commit files) and set against entropy estimates of what each array holds
-(``floors``): per-column order-0 entropy of the ids and of the log-prob codes, byte-plane
-order-0 entropy of the floats. zarr's codecs are shuffle + zstd (LZ matches + order-0 entropy
-coding), so these estimates are what any plain-zarr layout of the same content can approach.
+Results (200k tokens, k = 64, 2 shared cores, B/token; schema_version 4 -> 5: uint16 id codes +
+``ids_hi``, targets coded against their rows, the table as differences in count-class order, u8
+folded code 160, per-array shuffle by trial; SPEC.md sections 5 and 6):
 
-Results (200k tokens, k = 64, vocab 32768, 2 shared cores; B/token, before -> after the
-frequency-rank id codes and the per-array codec choices of kd.cache_schema.zarr_io):
+    vocab 32768:  fp32 308.3 -> 293.0   fp16 167.9 -> 165.3   bf16 145.2 -> 142.6   u8 104.0 -> 100.2
+    vocab 151936: bf16 163.2 -> 152.6 (ids + table + high bits 125.7 -> 116.7, targets 1.74 -> 0.24)
+                  u8 115.3 -> 109.6 (ids 92.3 -> 90.7, codes 17.5 -> 14.9, targets 1.74 -> 0.29)
 
-    fp32 321.9 -> 308.4   fp16 182.6 -> 168.0   bf16 160.6 -> 145.3   u8 153.1 -> 131.9 (-> 103.9: v3 u8)
-    ids 120.1 -> 107.9 (ordered estimate 99.5); bf16 log-prob deltas 35.4 -> 32.3 (estimate 30.1)
-    vocab 151936: bf16 182.2 -> 162.6 (ids 141.6 -> 125.1), u8 174.6 -> 153.2
-
-* lossless <= 160: PASS with bf16 at vocab 32768 (145.3; estimate 133.3); 2.6 B/token over at
-  vocab 151936 (splitting int32 codes into uint16 + uint8 high bits measured -2.6 more: not adopted).
-* lossy <= 110 at KL <= 1e-4: was a MISS with schema v2's u8 (131.9: square-root scale in the
-  gap, folding at 20 nats, a float32 reference per row). Schema v3's u8 (SPEC.md section 6:
-  uniform steps in (p / p_top1)^(1/3), folding at 17 nats, the row's level derived from the
-  tail; section 5: ids of tie groups sorted and delta-coded; ids at zstd level 1): 103.9
-  B/token (ids 81.1, codes 17.5, tail 3.5, targets 1.4) at mean KL 1.66e-5 over the k + 1
-  buckets and 7.84e-5 over the vocabulary (p99 4.2e-4): PASS. The steps, in B/token: scale +
-  folding + no reference 131.9 -> 109.3 (level 1 for ids is as small as 3), tie groups -5.4.
-  Cost: decoding u8 derives each row's top-1 (~0.12 us/token), warm joined u8 reads 2.7M ->
-  ~1.6-1.8M tokens/s (target >= 1M); each ids chunk read from disk also undoes the tie-group
-  deltas (~1.8 ms per 4096-row chunk, plus that chunk's u8 codes), so u8's random reads over a
-  cache 10x its LRU run at ~0.19M tokens/s against bf16's ~0.57M. At vocab 151936: u8 115.3 (MISS there;
-  ids 91.3: this generator draws half its candidates uniformly from the vocabulary, so a shard
-  holds > 65536 distinct ids and int32 codes, whose byte shuffle is 7.9 B/token smaller than
-  v2's bitshuffle; KL 1.4e-5 / 3.0e-5), bf16 163.2 (lossless target missed by 3.2 there, as before).
-* CPU per token (process time, old vs new, same machine): writes within noise, cold joined reads
-  ~0.09M tokens/cpu-s both, warm joined reads unchanged (the LRU holds decoded chunks).
-* Chunk reads without zarr (kd/cache_schema/chunk_codec.py: kd's own chain read as bytes, crc32c
-  checked, blosc-decompressed; 0.32 vs 1.69 ms per 1 MiB ids chunk): reads over a cache 10x the
-  LRU, bf16 0.26M -> 0.57M tokens/s, joined 0.14M -> 0.29M; cold bf16 0.19M -> 0.40M.
-  Tried and not adopted: column-major chunks (zarr ``transpose``: a further -4 B ids, -0.5 B
-  log-probs vs the row-typed shuffle, but 1.7x slower chunk decode); zstd level 5 for ids (same
-  size as 3 with one block per chunk, slower); target_ids XOR the top-1 id (-0.5 B/token);
-  tail/ref as fp16/bf16 (~-2 B/token but tests/test_cache_format.py requires them bit-exact).
+* lossy <= 110 at KL <= 1e-4 (vocab 151936): PASS, u8 109.6 at KL 1.4e-5 over the k + 1 buckets,
+  3.0e-5 over the vocabulary (p99 1.1e-4); at vocab 32768 100.2 at 7.8e-5 (the codes are those
+  of schema v4: the same KL). lossless <= 150 at vocab 151936: MISS, bf16 152.6; its ids are at
+  116.7 against a per-column byte-plane entropy of ~112 and a per-column symbol entropy of 108.
+* Coding (``encode_topk``, vocab 151936, 100k tokens): u8 5.3 -> ~1.7 us/token, bf16 ~1.0 -> ~0.8
+  (u8 codes in float32, float64 redone near boundaries; one sort per tie group; counts over every
+  4th row; row blocks that stay in cache); zstd adds ~0.5 and zarr's write ~1 us/token.
+* Not adopted: zarr ``transpose`` (bf16 -0.9 B/token, u8 ids +3, slower decode); ids at zstd 3/9
+  or zlib (-0.5 at 3x / 50x the time; larger); sorting bf16 ties (-0.7, reorders exact codings);
+  u8 folding at 16 nats (-4 B/token, KL 1.1e-4 at vocab 32768) or relative to the tail (4e-4).
 """
 
 from __future__ import annotations
@@ -85,6 +64,7 @@ from kd.cache_schema import (
 )
 from kd.cache_schema.codecs import encode_logprobs, folded_mask
 from kd.cache_schema.synthetic import teacher_like_topk
+from kd.cache_schema.topk_coding import encode_topk
 
 TARGET_LOSSLESS_BPT = 160.0
 TARGET_LOSSY_BPT = 110.0
@@ -113,7 +93,8 @@ def make_samples(data, rng, prefix: str, roll: int = 0) -> list[Sample]:
     return [Sample(f"{prefix}{i:06d}", *(a[lo:hi] for a in arrays)) for i, (lo, hi) in enumerate(itertools.pairwise(cuts))]
 
 
-def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teacher: str) -> tuple[str, float]:
+def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teacher: str) -> tuple[str, float, float]:
+    """Write and seal a cache: ``(path, wall seconds, CPU seconds of this process)``."""
     sig = SignalConfig(top_k=k, value_coding=coding)
     inputs = key_inputs(teacher={"name": teacher}, tokenizer_hash="bench-tok", template_hash="bench-tpl",
                         dataset_fingerprint="bench-data", signals=sig)
@@ -121,7 +102,7 @@ def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teac
     mean_len = np.mean([len(s.target_ids) for s in samples])
     plan = BuildPlan.from_ids([s.sample_id for s in samples], max(1, int(SHARD_TOKENS // mean_len)))
     by_id = {s.sample_id: s for s in samples}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     build.start(plan)
     for shard, ids in enumerate(plan.shards):
         writer = build.shard_writer(shard)
@@ -129,7 +110,18 @@ def write_cache(root: Location, samples: list[Sample], coding: str, k: int, teac
             writer.add(by_id[sid], "bench")
         writer.commit()
     build.seal("bench")
-    return build.location.path, time.perf_counter() - t0
+    return build.location.path, time.perf_counter() - t0, time.process_time() - c0
+
+
+def coding_seconds(data, coding: str, repeats: int = 3) -> float:
+    """CPU seconds of the value and id coding of every row (``encode_topk``, what ``ShardWriter``
+    runs per shard before zstd and zarr), best of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.process_time()
+        encode_topk(data.ids, data.logprobs, data.tail_logmass, data.target_ids, coding)
+        best = min(best, time.process_time() - c0)
+    return best
 
 
 def disk_bytes(path: str) -> dict[str, int]:
@@ -281,6 +273,13 @@ def print_vocab_kl(rows: list[dict]) -> None:
           + ", ".join(f"{r['coding']} {r['kl_vocab_mean']:.2e} / {r['kl_vocab_p99']:.2e}" for r in rows))
 
 
+def print_writes(rows: list[dict], vocab: int) -> None:
+    print(f"\nWrites at vocab {vocab} (one cache of every coding, sealed; coding = encode_topk alone, CPU, best of 3):")
+    for r in rows:
+        print(f"  {r['coding']:<6} {r['write'] / 1e3:7.1f}k answer tokens/s = {1e6 / r['write']:5.2f} us/token wall, "
+              f"{r['write_cpu_us']:5.2f} us/token CPU; coding {r['coding_us']:5.2f} us/token")
+
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1e6:7.2f}M"
 
@@ -288,10 +287,11 @@ def fmt_rate(x: float) -> str:
 def measure_coding(root: Location, coding: str, data, samples_a: list[Sample], samples_b: list[Sample],
                    batches: list[list[str]], args: argparse.Namespace) -> dict:
     """Write both caches of one coding; sizes, entropy estimates, coding error and read rates."""
-    path_a, dt_write = write_cache(root, samples_a, coding, args.k, "teacher-A")
+    path_a, dt_write, cpu_write = write_cache(root, samples_a, coding, args.k, "teacher-A")
     sizes = disk_bytes(path_a)
     row = {"coding": coding, "k": args.k, "bpt": sum(sizes.values()) / args.tokens, "sizes": {k: v / args.tokens for k, v in sizes.items()},
-           "write": args.tokens / dt_write, "floors": floors(data, coding)}
+           "write": args.tokens / dt_write, "write_cpu_us": cpu_write / args.tokens * 1e6,
+           "coding_us": coding_seconds(data, coding) / args.tokens * 1e6, "floors": floors(data, coding)}
     # Coding error against the fp32 originals, over every token.
     reader = CacheReader(path_a)
     kls, kls_vocab, kept = [], [], 0
@@ -306,7 +306,7 @@ def measure_coding(root: Location, coding: str, data, samples_a: list[Sample], s
     row["kept_per_row"] = kept / args.tokens
     if args.sizes_only:
         return row
-    path_b, _ = write_cache(root, samples_b, coding, args.k, "teacher-B")
+    path_b = write_cache(root, samples_b, coding, args.k, "teacher-B")[0]
     few, more = batches[: max(20, len(batches) // 10)], batches[: max(40, len(batches) // 5)]
     lru = decoded_chunk_bytes(coding, args.k, args.tokens) // 10
     row["cold"] = read_batches(lambda: CacheReader(path_a), few, fresh=True)
@@ -334,9 +334,9 @@ OVERHEAD = ("zarr.json", "index.parquet", "manifest+commit")
 
 
 def stored_bytes(row: dict, array: str) -> float:
-    """Bytes/token of one array; ``ids`` includes its ``id_table``."""
+    """Bytes/token of one array; ``ids`` includes its ``id_table`` and ``ids_hi``."""
     sizes = row["sizes"]
-    return sizes.get(array, 0.0) + (sizes.get("id_table", 0.0) if array == "ids" else 0.0)
+    return sizes.get(array, 0.0) + (sizes.get("id_table", 0.0) + sizes.get("ids_hi", 0.0) if array == "ids" else 0.0)
 
 
 def floor_total(row: dict) -> float:
@@ -353,7 +353,7 @@ def print_floors(rows: list[dict]) -> None:
         print(f"  {r['coding']}: {r['bpt']:.1f} B/token stored, {floor_total(r):.1f} estimated "
               "(ordered ids + each array's estimate + overhead as stored)")
         ids_total = stored_bytes(r, "ids")
-        print(f"    {'ids + id_table':<16} {ids_total:7.2f}  ordered {f['ids (ordered)'][0]:.2f} (gap {ids_total - f['ids (ordered)'][0]:+.2f}), "
+        print(f"    {'ids+table+hi':<16} {ids_total:7.2f}  ordered {f['ids (ordered)'][0]:.2f} (gap {ids_total - f['ids (ordered)'][0]:+.2f}), "
               f"order-0 {f['ids (order-0)'][0]:.2f}, set ~{f['ids (set)'][0]:.2f}")
         for name, (value, kind) in f.items():
             if not name.startswith("ids"):
@@ -443,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['coding']:<6} {r['bpt']:7.1f} " + " ".join(f"{r['sizes'].get(a, 0):15.2f}" for a in groups))
     print_floors(rows)
 
+    print_writes(rows, args.vocab)
     if args.sizes_only:
-        print("\nWrite rates (answer tokens/s): " + ", ".join(f"{r['coding']} {fmt_rate(r['write']).strip()}" for r in rows))
         print("KL mean: " + ", ".join(f"{r['coding']} {r['kl_mean']:.2e}" for r in rows))
         print_vocab_kl(rows)
         targets(rows, codings, reads=False)
