@@ -59,212 +59,26 @@ import argparse
 import cProfile
 import io
 import json
-import math
 import os
 import pstats
-import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU-backend warnings would bury the table
 
+# The script's parts, in bench/ (the script's own folder, on sys.path).
+from capture_data import SHAPES, build_llm_teacher, head_jsonl, write_llm_data, write_vlm_data  # noqa: E402
+from capture_report import ROW_LABELS, report  # noqa: E402
+from capture_timing import Row, Timers, drop_engines, forced, hf_batches, hf_forward, prefill_prompts  # noqa: E402
+
 from kd.pipeline.build import shard as build_mod  # noqa: E402
 from kd.pipeline.build import BuildRequest, build_cache  # noqa: E402
 from kd.pipeline.common.dataset import load_records  # noqa: E402
-from kd.pipeline.demo.tiny_models import DRIVING_WORDS, TEACHER, build_preset, build_tokenizer  # noqa: E402
-
-TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
-# --shape: (sequence tokens, answer tokens min, max) for --model llm.
-SHAPES = {"toy": (256, 10, 26), "real": (1600, 20, 40)}
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-def write_llm_data(path: Path, n: int, seq_tokens: int, seed: int,
-                   answer_tokens: tuple[int, int] = SHAPES["toy"][1:]) -> Path:
-    """Stage-one JSONL of ``n`` text-only records whose encoded sequences are ~``seq_tokens`` long.
-
-    Every driving word is a single BPE token (with its leading space), the answer adds ~2 tokens
-    ("." and the end-of-turn token) and the chat template ~6 around the prompt, so the word counts
-    below set the token counts: answers of ``answer_tokens`` (min, max) tokens.
-    """
-    rng = random.Random(seed)
-    words = [w for w in DRIVING_WORDS if w.isalpha()]
-    lines = []
-    for i in range(n):
-        answer_words = rng.randint(answer_tokens[0] - 2, answer_tokens[1] - 2)
-        prompt_words = max(8, seq_tokens - 8 - answer_words + rng.randint(-16, 16))
-        prompt = " ".join(rng.choices(words, k=prompt_words)) + "?"
-        answer = " ".join(rng.choices(words, k=answer_words)) + "."
-        lines.append(json.dumps({"id": f"s{i:06d}", "images": [], "prompt": prompt, "answer": answer,
-                                 "capability": rng.choice(["perception", "reasoning", "planning"])}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_vlm_data(root: Path, n: int, seed: int) -> Path:
-    """The first ``n`` records of the synthetic driving data (images relative to ``root``)."""
-    from kd.pipeline.demo.synth import synthesize
-
-    scenes = max(1, math.ceil(n / 3))  # 3 records per scene; all splits are pooled below
-    paths = synthesize(root, scenes, seed=seed)
-    lines = []
-    for split in ("train", "val", "test"):
-        if split in paths:
-            lines += [ln for ln in paths[split].read_text().splitlines() if ln.strip()]
-    out = root / "bench.jsonl"
-    out.write_text("\n".join(lines[:n]) + "\n")
-    return out
-
-
-def head_jsonl(src: Path, dst: Path, n: int) -> Path:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return dst
-
-
-def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int,
-                      hidden_size: int = TEACHER.hidden_size) -> Path:
-    """The teacher preset's Llama (4 layers; 128 wide unless ``hidden_size``, head_dim 32) with an LM head
-    of ``vocab`` ids (0: the tokenizer's size, rounded up to 64) and ``max_position`` positions; the
-    tokenizer is the tiny models' (~1k ids used)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer()
-    heads = hidden_size // 32  # vLLM's CPU attention needs head_dim >= 32
-    config = LlamaConfig(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=TEACHER.num_layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    config.architectures = ["LlamaForCausalLM"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Row:
-    label: str
-    seconds: float
-    prompt_tokens: int
-    answer_tokens: int
-    note: str = ""
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.seconds
-
-    @property
-    def answer_tps(self) -> float:
-        return self.answer_tokens / self.seconds
-
-
-class Timers:
-    """Wall time inside named functions during the timed builds (patched in, removed after)."""
-
-    def __init__(self, targets: list[tuple[type, str, str]]):
-        self.targets = targets
-        self.total: dict[str, float] = {}
-        self._undo: list[tuple[type, str, object]] = []
-
-    def install(self) -> None:
-        for owner, attr, name in self.targets:
-            raw = owner.__dict__[attr]
-            is_static = isinstance(raw, staticmethod)
-            orig = raw.__func__ if is_static else raw
-            totals = self.total
-
-            def timed(*a, _orig=orig, _name=name, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return _orig(*a, **kw)
-                finally:
-                    totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t0
-
-            setattr(owner, attr, staticmethod(timed) if is_static else timed)
-            self._undo.append((owner, attr, raw))
-
-    def reset(self) -> None:
-        self.total.clear()
-
-    def remove(self) -> None:
-        for owner, attr, raw in reversed(self._undo):
-            setattr(owner, attr, raw)
-        self._undo.clear()
-
-
-def drop_engines() -> None:
-    """Close and forget every warm engine."""
-    for eng in build_mod._WARM_ENGINES.values():
-        eng.close()
-    build_mod._WARM_ENGINES.clear()
-
-
-def forced(request: BuildRequest, **changes) -> BuildRequest:
-    return BuildRequest(**{**request.__dict__, "force": True, **changes})
-
-
-def prefill_prompts(engine, records) -> list:
-    """kd's own token prompts (one unexpanded placeholder per image, as kd sends them)."""
-    from vllm.inputs import TokensPrompt
-
-    prompts = []
-    for s in engine.encode([r.as_dict() for r in records]):
-        p = TokensPrompt(prompt_token_ids=list(s.vllm_prompt_ids))
-        if s.images:
-            p["multi_modal_data"] = {"image": list(s.images)}
-        prompts.append(p)
-    return prompts
-
-
-def hf_batches(engine, records, batch_size: int) -> list[dict]:
-    """The batches the hf engine forwards for these records (right-padded ids, mask, extra inputs)."""
-    import numpy as np
-    import torch
-
-    from kd.pipeline.build.engines import hf_engine
-
-    stack = getattr(hf_engine, "stack_model_inputs", None) or hf_engine._stack_model_inputs  # renamed upstream
-    samples = engine.encode([r.as_dict() for r in records])
-    batches = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        smax = max(len(s.input_ids) for s in chunk)
-        ids = torch.full((len(chunk), smax), engine.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), smax), dtype=torch.long)
-        for b, s in enumerate(chunk):
-            ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
-            mask[b, : len(s.input_ids)] = 1
-        extra = {k: torch.from_numpy(v) for k, v in (stack(chunk) or {}).items()}
-        extra = {k: v.to(engine.dtype) if v.is_floating_point() else v for k, v in extra.items()}
-        batches.append(dict(input_ids=ids, attention_mask=mask, **extra))
-    return batches
-
-
-def hf_forward(engine, batches: list[dict]) -> None:
-    """A plain transformers forward of each batch: no hidden states, logits of the last position only."""
-    import torch
-
-    with torch.inference_mode():
-        for b in batches:
-            engine.model(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False, logits_to_keep=1)
-
-
-# --------------------------------------------------------------------------------------- main
+from kd.pipeline.demo.tiny_models import TEACHER, build_preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -491,62 +305,6 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-ROW_LABELS = {"a": "(a) vLLM prefill, no logprobs", "b": "(b) kd capture top-k (vllm)",
-              "b0": "(b0) kd capture, prompt_logprobs", "c": "(c) kd capture top-k + hidden",
-              "d": "(d) kd capture top-k (hf)", "e": "(e) hf forward, no logits"}
-
-
-def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, setup: float,
-           times: dict[str, list[float]], load: list[float], head_choice) -> None:
-    import statistics
-
-    import torch
-    import vllm
-
-    by_key = dict(zip(times, rows))
-    a = by_key["a"]
-    n = len(records)
-    width = f"4 x {args.hidden_size}" if args.model == "llm" else "teacher preset"
-    print(f"\ncapture benchmark: model={args.model} ({width}), vocab {vocab_size:,}"
-          f"{' (the tokenizer' + chr(39) + 's)' if not vocab else ''}, shape {args.shape}: {n} samples, "
-          f"{a.prompt_tokens / n:.0f} prompt tokens/sample (answer {a.answer_tokens / n:.1f}), k={args.k}, "
-          f"best of {args.repeats} rounds; vllm {vllm.__version__}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'vLLM default'}, setup {setup:.1f}s")
-    print(f"vLLM engine head path: {head_choice.path} ({head_choice.reason})")
-    busy = max(load) > (os.cpu_count() or 1)  # the benchmark itself accounts for up to one per core
-    print(f"1-min load average at start / max after a phase: {load[0]:.1f} / {max(load):.1f}"
-          + ("  (machine busy: numbers are noisy" + ("; --threads 1 steadies them)" if args.threads != 1 else ")")
-             if busy else ""))
-    print(f"{'row':34} {'seconds':>8} {'prompt tok/s':>13} {'answer tok/s':>13} {'vs (a)':>7}  note")
-    for r in rows:
-        print(f"{r.label:34} {r.seconds:8.2f} {r.prompt_tps:13,.0f} {r.answer_tps:13,.0f} "
-              f"{r.prompt_tps / a.prompt_tps:7.2f}  {r.note}")
-    print("\nwhere the build time goes (best timed run; teacher = engine.capture, indented = inside it; "
-          "encode / commit = the shard writer; rest = validate, key, plan, seal):")
-    for r in rows:
-        if r.label not in splits:
-            continue
-        print(f"  {r.label}: {r.seconds:.2f}s")
-        for name, sec in splits[r.label].items():
-            print(f"    {name:42} {sec:7.2f}s")
-    print("\nratios of prompt tok/s: best-of-rounds, and the median of the per-round ratios (each round times"
-          "\nevery row once, so a burst of load from other users hits the rows of one round alike):")
-
-    def line(key: str, ref: str, target: bool) -> str:
-        best = by_key[ref].seconds / by_key[key].seconds
-        med = statistics.median(x / y for x, y in zip(times[ref], times[key]))
-        out = f"  ({key})/({ref}) = {best:.2f} best-of, {med:.2f} paired median"
-        if target:
-            out += f"   target >= {TARGET_RATIO} on CPU: {'PASS' if med >= TARGET_RATIO else 'MISS'}"
-        return out
-
-    for key in times:
-        if key != "a" and key != "e":
-            print(line(key, "a", key == "b"))
-    if "d" in times and "e" in times:
-        print(line("d", "e", True))
 
 
 if __name__ == "__main__":
