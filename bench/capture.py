@@ -1,7 +1,7 @@
 """Stage-one capture benchmark: vLLM prefill vs kd capture (top-k, + hidden states), and hf capture vs an hf forward.
 
     python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--hidden-size 128] [--samples N]
-                            [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-old]
+                            [--shards 4] [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-old]
 
 Everything runs on a tiny random-weight teacher built locally:
 
@@ -49,8 +49,17 @@ cannot run beside the plain one of (a): each round runs phase 1 ((a), (b0), (d),
 ((b)) and phase 3 ((c)), restarting the engines (not timed). The build's self-check (a one-off per
 build, not per shard) runs in the first warm-up build and is reported apart; timed builds skip it.
 ``--profile`` adds a cProfile of the timed (b) builds; the "where the time goes" table (teacher /
-encode / commit) comes from timers wrapped around the engines' methods, ``LLM.generate`` and
-``ShardWriter.add/commit``.
+writer / shard loop) comes from timers wrapped around the engines' methods, ``LLM.generate``,
+``ShardWriter.add`` (on the capture's thread: it queues a sample), ``check_added`` and ``commit``
+(in the commit thread: the samples' checks, encode, zarr + zstd, checksums), ``run_jobs`` and
+the capture thread's waits on commits.
+
+A build has ``--shards`` shards of equal size, and each shard's commit runs while the teacher
+captures the next (``kd.pipeline.build.commits``). Per build row, "kd on the teacher's critical
+path" is the shard loop's time less ``engine.capture``'s (what the teacher waited for kd), per
+answer token, with the share of the writer's work the capture's thread did not wait for (the last
+shard's commit it always waits for: with few shards, that tail weighs; bench/writer_overlap.py
+measures the writer alone at 100k tokens).
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU-backend warnings
 
 # The script's parts, in bench/ (the script's own folder, on sys.path).
 from capture_data import SHAPES, build_llm_teacher, head_jsonl, write_llm_data, write_vlm_data  # noqa: E402
-from capture_report import ROW_LABELS, report  # noqa: E402
+from capture_report import ADD, CHECKS, COMMIT, ENCODE, LOOP, ROW_LABELS, WAITS, report  # noqa: E402
 from capture_timing import Row, Timers, drop_engines, forced, hf_batches, hf_forward, prefill_prompts  # noqa: E402
 
 from kd.pipeline.build import shard as build_mod  # noqa: E402
@@ -96,8 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
     ap.add_argument("--seq-tokens", type=int, default=0, help="target sequence length (--model llm; default: --shape's)")
     ap.add_argument("--batch-size", type=int, default=0,
-                    help="samples per engine.capture call for vLLM (default 0: the whole shard = --samples)")
+                    help="samples per engine.capture call for vLLM (default 0: the whole shard)")
     ap.add_argument("--hf-batch-size", type=int, default=8, help="batch size of the hf engine")
+    ap.add_argument("--shards", type=int, default=4,
+                    help="shards per build (of equal size): a shard's commit overlaps the next one's capture")
     ap.add_argument("--hidden", default="", help="hidden layers for (c), comma-separated (default: middle,last)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each times every row once (best is reported)")
     ap.add_argument("--skip", default="", help="rows to skip among c,d,e, e.g. 'c,d'")
@@ -161,6 +172,8 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         print("vLLM is not installed: rows (a)-(c) need it (pip install -e '.[cpu]')", file=sys.stderr)
         return 2
     from kd.cache_schema.writer import ShardWriter
+    from kd.pipeline.build import recipe as recipe_mod
+    from kd.pipeline.build.commits import BackgroundCommits
     from kd.pipeline.build.engines.base import SignalSpec
     from kd.pipeline.build.engines.hf_engine import HFEngine
     from kd.pipeline.build.engines.vllm_engine import VLLMEngine
@@ -186,9 +199,10 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         text = config.get("text_config", config)
         num_layers = text["num_hidden_layers"]
         hidden = tuple(int(x) for x in args.hidden.split(",")) if args.hidden else (num_layers // 2, num_layers)
-        batch = args.batch_size or len(records)
+        shard_size = -(-len(records) // max(1, min(args.shards, len(records))))
+        batch = args.batch_size or shard_size
         base = dict(teacher=str(teacher), data=str(data), top_k=args.k, value_coding="fp16", hidden_coding="fp16",
-                    shard_size=len(records), batch_size=batch)
+                    shard_size=shard_size, batch_size=batch)
         # (b0)'s engine (the old path, no connector) also serves (a): its LLM is a plain one.
         requests = {"b": BuildRequest(engine="vllm", out=str(work / "cache-b"), **base),
                     "b0": BuildRequest(engine="vllm", out=str(work / "cache-b0"),
@@ -200,9 +214,10 @@ def run(args: argparse.Namespace, vocab: int) -> int:
                                          **{**base, "batch_size": args.hf_batch_size})
         timed_rows = ["a"] + ["b0"] * args.compare_old + [k for k in ("d", "e") if k not in skip] + ["b"] \
             + ["c"] * ("c" in requests)
-        notes = {"a": "plain LLM, pre-tokenized, 1 call", "b": f"batch {batch}, sealed cache",
+        sharded = f"shards of {shard_size}, sealed cache"
+        notes = {"a": "plain LLM, pre-tokenized, 1 call", "b": f"batch {batch}, {sharded}",
                  "b0": "as (b), head='prompt_logprobs' (old path)",
-                 "c": f"hidden layers {list(hidden)}", "d": f"batch {args.hf_batch_size}, sealed cache",
+                 "c": f"hidden layers {list(hidden)}", "d": f"batch {args.hf_batch_size}, {sharded}",
                  "e": f"batch {args.hf_batch_size}, pre-tokenized, logits_to_keep=1"}
 
         timers = Timers([(VLLMEngine, "capture", "teacher: engine.capture (vllm)"),
@@ -212,7 +227,9 @@ def run(args: argparse.Namespace, vocab: int) -> int:
                          (VLLMEngine, "_score_answers", "  answer head (kd: norm, lm_head, top-k)"),
                          (VLLMEngine, "_signals", "  to TeacherSignals"),
                          (HFEngine, "capture", "teacher: engine.capture (hf)"),
-                         (ShardWriter, "add", "encode: writer.add"), (ShardWriter, "commit", "commit: writer.commit")])
+                         (ShardWriter, "add", ADD), (ShardWriter, "check_added", CHECKS),
+                         (ShardWriter, "commit", COMMIT), (ShardWriter, "_assemble", ENCODE),
+                         (recipe_mod, "run_jobs", LOOP), (BackgroundCommits, "_wait", WAITS)])
         profile = cProfile.Profile() if args.profile else None
         times: dict[str, list[float]] = {k: [] for k in timed_rows}
         splits: dict[str, dict[str, float]] = {}
@@ -275,7 +292,7 @@ def run(args: argparse.Namespace, vocab: int) -> int:
                         profile.disable()
                     timers.remove()
                     if not times[key] or dt < min(times[key]):
-                        splits[key] = dict(timers.total)
+                        splits[key] = {n: timers.total[n] for _, _, n in timers.targets if n in timers.total}
                     times[key].append(dt)
                     tokens["answer"] = res.tokens
                 round_times += [f"({k}) {times[k][-1]:.2f}s" for k in phase]

@@ -8,6 +8,14 @@ import os
 from capture_timing import Row
 
 TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
+TARGET_KD_US = 2.0  # kd's cost on the teacher's critical path per answer token
+# Timer labels of the shard loop and the writer (capture.py times these functions).
+ADD = "encode: writer.add"  # on the capture's thread: queues the sample (its checks run in the commit thread)
+CHECKS = "  commit thread: batch checks"
+COMMIT = "commit: writer.commit"  # in the commit thread: left checks, encode, zarr + zstd, checksums
+ENCODE = "  of the commit: encode (_assemble)"
+LOOP = "shard loop: run_jobs"
+WAITS = "  capture thread: waits on commits"
 
 
 ROW_LABELS = {"a": "(a) vLLM prefill, no logprobs", "b": "(b) kd capture top-k (vllm)",
@@ -41,13 +49,15 @@ def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, 
         print(f"{r.label:34} {r.seconds:8.2f} {r.prompt_tps:13,.0f} {r.answer_tps:13,.0f} "
               f"{r.prompt_tps / a.prompt_tps:7.2f}  {r.note}")
     print("\nwhere the build time goes (best timed run; teacher = engine.capture, indented = inside it; "
-          "encode / commit = the shard writer; rest = validate, key, plan, seal):")
+          "writer.add on the capture's thread, batch checks and commit in the commit thread; "
+          "rest = validate, key, plan, seal):")
     for r in rows:
         if r.label not in splits:
             continue
         print(f"  {r.label}: {r.seconds:.2f}s")
         for name, sec in splits[r.label].items():
             print(f"    {name:42} {sec:7.2f}s")
+    critical_path(rows, splits, a.answer_tokens)
     print("\nratios of prompt tok/s: best-of-rounds, and the median of the per-round ratios (each round times"
           "\nevery row once, so a burst of load from other users hits the rows of one round alike):")
 
@@ -64,3 +74,24 @@ def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, 
             print(line(key, "a", key == "b"))
     if "d" in times and "e" in times:
         print(line("d", "e", True))
+
+
+def critical_path(rows: list[Row], splits: dict[str, dict[str, float]], answer_tokens: int) -> None:
+    """Per build row: what the teacher waited for kd (the shard loop less engine.capture), per answer
+    token, and the share of the writer's work (batch checks + commits) the teacher did not wait for."""
+    us = 1e6 / answer_tokens
+    print("\nkd on the teacher's critical path (best timed run): the shard loop (run_jobs) less engine.capture, "
+          "per answer token;\nhidden = the share of the writer's work (batch checks + commits, in the commit "
+          "thread) the capture's thread did not wait for (the last shard's commit it always waits for):")
+    for r in rows:
+        split = splits.get(r.label, {})
+        if LOOP not in split:
+            continue
+        teacher = sum(sec for name, sec in split.items() if name.startswith("teacher:"))
+        kd = split[LOOP] - teacher
+        work = split.get(COMMIT, 0.0) + split.get(CHECKS, 0.0)
+        waits = split.get(WAITS, 0.0)
+        hidden = 1 - waits / work if work else 0.0
+        print(f"  {r.label:34} kd {kd * us:6.2f} us/token (writer.add {split.get(ADD, 0.0) * us:.2f}, waits on "
+              f"commits {waits * us:.2f}); writer work {work * us:.2f} us/token, hidden {hidden:.0%}   "
+              f"target <= {TARGET_KD_US:g} us/token: {'PASS' if kd * us <= TARGET_KD_US else 'MISS'}")

@@ -1,9 +1,12 @@
 """Stage one on a real dask cluster: `dask scheduler` + two `dask worker` processes on loopback.
 
 ``kd cache build --scheduler tcp://127.0.0.1:PORT`` must write the same arrays as an in-process
-build. Then a worker is SIGKILLed in the middle of a shard (its arrays written, its commit not
-yet published): the scheduler reruns that shard on another worker, and the build still seals a
-complete cache equal to the in-process one that ``verify`` passes, with the dead attempt swept.
+build. Then a worker is SIGKILLed in the middle of a shard commit (its arrays written, its commit
+not yet published). Commits run in each worker's commit thread behind the next shard's capture
+(``kd.pipeline.build.commits``), so the shard's task may have returned already: either the
+scheduler reruns the task that was running, or the driver finds the shard uncommitted once every
+worker's commits are done and reruns it; in both cases on another worker, and the build still
+seals a complete cache equal to the in-process one that ``verify`` passes, the dead attempt swept.
 
 The kill is deterministic: a worker preload (written below, armed by a file) makes the first
 worker that is about to publish a shard commit record its pid and stall, and the test kills
