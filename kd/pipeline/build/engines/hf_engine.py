@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd.pipeline.build.engines.head_kernels import TiledHead
+from kd.pipeline.build.engines.vllm_head import HEAD_MODIFIERS
 from kd.pipeline.common.encoding import EncodedSample
 from kd.pipeline.common.model_inputs import batch_model_inputs
 from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
@@ -29,6 +31,24 @@ def stack_model_inputs(samples: list[EncodedSample], padding_side: str = "right"
     ``None`` when they cannot share a forward."""
     return batch_model_inputs([s.model_inputs for s in samples], [len(s.input_ids) for s in samples],
                               padding_side=padding_side)
+
+
+def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head when the model's logits are exactly ``head(base model's last hidden state)``, else None.
+
+    True of every family kd tests (Llama, Qwen2 / 2.5 / 3-VL, InternVL, LLaVA, Idefics3, SmolVLM,
+    Gemma 3 without soft-capping); a config that scales or soft-caps logits after the head
+    (``vllm_head.HEAD_MODIFIERS``), or a model without a ``.model`` base, keeps the model's forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not isinstance(getattr(model, "model", None), torch.nn.Module):
+        return None
+    config = model.config
+    configs = [config.to_dict()] + ([config.get_text_config().to_dict()] if hasattr(config, "get_text_config") else [])
+    for name, neutral in HEAD_MODIFIERS.items():
+        if any(c.get(name) is not None and c.get(name) != neutral for c in configs):
+            return None
+    return head
 
 
 class HFEngine:
@@ -55,6 +75,10 @@ class HFEngine:
                                                attn_implementation="sdpa")
         self.model.to(self.device).eval()
         self._attn_impl = "sdpa"
+        head = plain_lm_head(self.model)
+        # A plain float32 head is scored by kd's kernel on each sample's own rows; else the model's forward.
+        self._kernel = TiledHead(head.weight, head.bias) if head is not None and head.weight.dtype == torch.float32 \
+            else None
         self.num_layers = num_text_layers(config)
         self.limits = engine_limits(self.name, config, where=f"teacher {self.model_dir}")
         tok = getattr(self.processor, "tokenizer", self.processor)
@@ -125,15 +149,15 @@ class HFEngine:
         hooks = self._attention_hooks(spec.attention_layers, keep, attn) if spec.attention_layers else []
         positions = [torch.from_numpy(s.target_positions).to(self.device) for s in samples]
         try:
-            logprobs, outputs = self._answer_logprobs(ids.to(self.device), mask.to(self.device), extra, keep,
-                                                      positions, bool(spec.hidden_layers))
+            scores, outputs = self._answer_scores(ids.to(self.device), mask.to(self.device), extra, keep, positions,
+                                                  spec)
         finally:
             for h in hooks:
                 h.remove()
         results = []
         for b, s in enumerate(samples):
             rows = torch.from_numpy(np.searchsorted(keep_np, s.target_positions)).to(self.device)
-            signals = self._logit_signals(s, logprobs[b], spec)
+            signals = self._logit_signals(s, scores[b], spec)
             pos = positions[b]
             for layer in spec.hidden_layers:
                 signals.hidden[layer] = outputs.hidden_states[layer][b, pos].float().cpu().numpy()
@@ -147,33 +171,48 @@ class HFEngine:
             results.append(signals)
         return results
 
-    def _answer_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor], keep: torch.Tensor,
-                         positions: list[torch.Tensor], hidden: bool) -> tuple[list[torch.Tensor], Any]:
-        """Each sample's ``[T_b, V]`` log-probs at its own answer-predicting positions, and the outputs.
+    def _answer_scores(self, ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor], keep: torch.Tensor,
+                       positions: list[torch.Tensor], spec: SignalSpec) -> tuple[list[Any], Any]:
+        """Per sample, its answer rows' ``(logprobs [T, k], ids [T, k])`` (top-k) or dense ``[T, V]``
+        log-probs (sampling); and the model outputs.
 
-        The model's own forward computes logits at the union of the batch's answer positions
-        (``logits_to_keep``), which keeps its head and any logit scaling or soft-capping; the
-        log-softmax then runs on each sample's own rows only, not on the ~B times larger union.
-        (Running the head on the own rows alone was tried: at small row counts MKL's matmul result
-        depends on the thread count, and tests/test_cluster.py's dask-built cache then differed
-        from the in-process one in the last bit.)
+        With a plain float32 head (``plain_lm_head``) the base model runs and ``TiledHead`` scores
+        each sample's own rows: a right-padded batch's union of answer positions is ~B times more
+        rows, and at a 152k vocabulary the head over it dominated the forward. The kernel's result
+        for a row does not depend on the rows scored beside it or on the thread count (a plain
+        matmul's does, at small row counts: tests/test_cluster.py's dask build then differed from
+        the in-process one in the last bit). Other heads: the model's own forward at the union
+        (``logits_to_keep``), which keeps any logit scaling or soft-capping, then a log-softmax on
+        each sample's rows.
         """
+        hidden, sizes = bool(spec.hidden_layers), [len(p) for p in positions]
+        if self._kernel is not None:
+            outputs = self.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden,
+                                       use_cache=False, **extra)
+            width = ids.shape[1]
+            rows = outputs.last_hidden_state.flatten(0, 1)[torch.cat([p + b * width for b, p in enumerate(positions)])]
+            if spec.logits == "sampled":
+                return list(torch.split(self._kernel.logprobs(rows), sizes)), outputs
+            vals, idx = self._kernel.topk(rows, spec.top_k)
+            return list(zip(torch.split(vals, sizes), torch.split(idx, sizes))), outputs
         outputs = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False,
                              logits_to_keep=keep, **extra)
         rows = [torch.searchsorted(keep, p) for p in positions]
-        logits = torch.cat([outputs.logits[b, r] for b, r in enumerate(rows)])
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return list(torch.split(logprobs, [len(p) for p in positions])), outputs
+        logprobs = torch.log_softmax(torch.cat([outputs.logits[b, r] for b, r in enumerate(rows)]).float(), dim=-1)
+        dense = list(torch.split(logprobs, sizes))
+        if spec.logits == "sampled":
+            return dense, outputs
+        return [tuple(torch.topk(lp, spec.top_k, dim=-1, sorted=True)) for lp in dense], outputs
 
-    def _logit_signals(self, s: EncodedSample, lp: torch.Tensor, spec: SignalSpec) -> TeacherSignals:
+    def _logit_signals(self, s: EncodedSample, scored: Any, spec: SignalSpec) -> TeacherSignals:
         common = sample_fields(s)
         if spec.logits == "sampled":
-            ids, vals, counts = sample_sparse(lp, spec.sampled_draws, sample_seed(spec.seed, s))
+            ids, vals, counts = sample_sparse(scored, spec.sampled_draws, sample_seed(spec.seed, s))
             tail = tail_logmass(torch.from_numpy(vals)).numpy()
             return TeacherSignals(ids=ids, logprobs=vals, tail_logmass=tail, counts=counts, **common)
-        vals, idx = torch.topk(lp, spec.top_k, dim=-1, sorted=True)
-        return TeacherSignals(ids=idx.to(torch.int32).cpu().numpy(), logprobs=vals.cpu().numpy(),
-                              tail_logmass=tail_logmass(vals).cpu().numpy(), **common)
+        vals, idx = scored
+        return TeacherSignals(ids=idx.to(torch.int32).cpu().numpy(), logprobs=vals.float().cpu().numpy(),
+                              tail_logmass=tail_logmass(vals.float()).cpu().numpy(), **common)
 
     def close(self) -> None:
         self.model = None

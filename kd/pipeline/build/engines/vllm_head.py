@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import torch
 
+from kd.pipeline.build.engines.head_kernels import TiledHead
+
 HeadPath = Literal["answer_only", "prompt_logprobs"]
 
 # Text model types whose final norm is y = x / rms(x) * w (not Gemma's 1 + w) and whose logits are
@@ -45,10 +47,6 @@ HEAD_MODIFIERS: dict[str, Any] = {"final_logit_softcapping": None, "logit_softca
 # Where the text model's weights live in the checkpoints transformers writes (LLM, then VLM layouts).
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.text_model.")
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
-# Rows of logits per matmul. On a CPU a small block ([32, 152k] float32: ~19 MiB) stays in the
-# last-level cache between the matmul that writes it and the top-k / exp passes that read it
-# (~1.4 s instead of ~3 s for 1,933 rows at 128 x 152k on one core); a GPU wants big blocks.
-ROWS_PER_CHUNK = {"cpu": 32, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -160,11 +158,12 @@ def _read_tensor(model_dir: Path, key: str) -> torch.Tensor:
 
 
 class AnswerHead:
-    """The teacher's final norm + LM head in float32, applied to residual-stream rows in chunks.
+    """The teacher's final norm + LM head in float32, applied to residual-stream rows.
 
-    Log-probs are ``logit - logsumexp(logits)`` per row: the top-k is taken on the logits (same
-    order), then the block is turned in place into ``exp(logit - max)`` for the normaliser, so no
-    ``[rows, vocab]`` log-softmax is written; ``logprobs`` gives the dense rows for sparse sampling.
+    The rows are normed here and scored by ``head_kernels.TiledHead`` (the top-k and logsumexp
+    taken tile by tile, so no ``[rows, vocab]`` log-softmax is written, and each row's result is
+    independent of the rows scored with it and of the thread count); ``logprobs`` gives the dense
+    rows for sparse sampling.
     """
 
     def __init__(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, device: str | torch.device = "cpu",
@@ -173,8 +172,7 @@ class AnswerHead:
         self.norm_weight = norm_weight.to(self.device, torch.float32)
         self.eps = float(eps)
         self.weight = weight.to(self.device, torch.float32).contiguous()  # [V, H]
-        self.rows_per_chunk = rows_per_chunk or ROWS_PER_CHUNK.get(self.device.type, 256)
-        self._linear = _fast_linear(self.weight)
+        self.kernel = TiledHead(self.weight, rows=rows_per_chunk, prepare=self._normed)
 
     @classmethod
     def from_model(cls, model_dir: str | Path, choice: HeadChoice, device: str | torch.device = "cpu") -> AnswerHead:
@@ -190,51 +188,25 @@ class AnswerHead:
     def vocab_size(self) -> int:
         return int(self.weight.shape[0])
 
-    def _logits(self, residual: torch.Tensor) -> torch.Tensor:
-        x = residual.to(self.device, torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
-        return self._linear(x.contiguous(), self.weight)
+    @property
+    def rows_per_chunk(self) -> int:
+        """Rows per block of the kernel (every block is padded to it)."""
+        return self.kernel.rows
+
+    @rows_per_chunk.setter
+    def rows_per_chunk(self, rows: int) -> None:
+        self.kernel.rows = rows
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm of a block of float32 rows."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
 
     @torch.inference_mode()
     def topk(self, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprobs [N, k] float32, ids [N, k] int64)`` sorted by descending log-prob, on the CPU."""
-        vals, ids = [], []
-        for i in range(0, residual.shape[0], self.rows_per_chunk):
-            logits = self._logits(residual[i : i + self.rows_per_chunk])
-            top, idx = torch.topk(logits, k, dim=-1, sorted=True)
-            peak = top[:, :1]  # the row max: logsumexp = max + log(sum(exp(logits - max)))
-            norm = logits.sub_(peak).exp_().sum(-1, keepdim=True).log_()  # in place: no second [rows, V] block
-            vals.append((top - peak - norm).cpu())
-            ids.append(idx.cpu())
-        if not vals:
-            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-        return torch.cat(vals), torch.cat(ids)
+        return self.kernel.topk(residual, k)
 
     @torch.inference_mode()
     def logprobs(self, residual: torch.Tensor) -> torch.Tensor:
         """Dense ``[N, V]`` float32 log-probs (for sparse sampling, which needs the whole distribution)."""
-        out = [torch.log_softmax(self._logits(residual[i : i + self.rows_per_chunk]), dim=-1).cpu()
-               for i in range(0, residual.shape[0], self.rows_per_chunk)]
-        return torch.cat(out) if out else torch.empty(0, self.vocab_size)
-
-
-def _fast_linear(weight: torch.Tensor):
-    """``x @ weight.T``: through oneDNN on a CPU where it agrees with ``F.linear``, else ``F.linear``.
-
-    torch's default CPU matmul (MKL) ran the ``[rows, H] x [H, 152k]`` head at ~half oneDNN's speed
-    here (MKL takes a slow path on AMD CPUs); oneDNN is what vLLM's own CPU layers use. The op is a
-    private one of torch, so it is used only after a probe shows it exists and matches.
-    """
-    plain = torch.nn.functional.linear
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return plain
-
-    def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-    try:
-        probe = torch.linspace(-1, 1, 3 * weight.shape[1]).reshape(3, -1)
-        ok = torch.allclose(onednn(probe, weight), plain(probe, weight), rtol=1e-4, atol=1e-5)
-    except (RuntimeError, AttributeError):
-        ok = False
-    return onednn if ok else plain
+        return self.kernel.logprobs(residual)
