@@ -164,7 +164,7 @@ def _encode_u8(lp: np.ndarray, tail: np.ndarray, fold_code: int) -> tuple[np.nda
         top1 = _row_max(block) if k else np.zeros(len(block), np.float32)
         top1 = np.where(np.isfinite(top1), top1, np.float32(0.0))
         codes[r0 : r0 + _BLOCK_ROWS], folded = _u8_codes(block, top1, fold_code)
-        new_tail[r0 : r0 + _BLOCK_ROWS] = _fold_into_tail(block, tail[r0 : r0 + _BLOCK_ROWS], folded)
+        new_tail[r0 : r0 + _BLOCK_ROWS] = _fold_into_tail(block, tail[r0 : r0 + _BLOCK_ROWS], folded, top1)
     return codes, new_tail
 
 
@@ -204,26 +204,35 @@ def _row_max(x: np.ndarray) -> np.ndarray:
     return x[:, 0]
 
 
-def _fold_into_tail(lp: np.ndarray, tail: np.ndarray, folded: np.ndarray) -> np.ndarray:
+def _fold_into_tail(lp: np.ndarray, tail: np.ndarray, folded: np.ndarray, top1: np.ndarray) -> np.ndarray:
     """``log(exp(tail) + sum(exp(folded finite entries)))`` per row, in float64, stored as float32.
 
     In float64: up to k float32 log-adds would drift by ~k ulps, and the decoder derives the
-    top-1 from the tail. Only the folded entries are touched (a fifth of a teacher's row)."""
+    top-1 from the tail. Only the folded entries are touched (a fifth of a teacher's row), summed
+    relative to ``max(tail, top1 - G)``, above every folded entry; the rare rows whose terms all
+    fall below 1e-280 of that are summed relative to their own largest term instead."""
     moved = np.flatnonzero(folded & np.isfinite(lp))
     if moved.size == 0:
         return tail.copy()
     rows = moved // lp.shape[1]
     values = lp.ravel()[moved].astype(np.float64)
-    ref = np.full(len(lp), -np.inf)
-    np.maximum.at(ref, rows, values)
-    ref = np.maximum(ref, tail.astype(np.float64))  # finite in every row that moves mass
-    touched = np.isfinite(ref)
-    ref = np.where(touched, ref, 0.0)
+    tail64 = tail.astype(np.float64)
+    ref = np.maximum(tail64, top1.astype(np.float64) - U8_FOLD_NATS)
     mass = np.bincount(rows, weights=np.exp(values - ref[rows]), minlength=len(lp))
-    with np.errstate(divide="ignore"):
-        mass += np.exp(tail.astype(np.float64) - ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mass += np.exp(tail64 - ref)
+        weak = np.flatnonzero((mass < 1e-280) & (np.bincount(rows, minlength=len(lp)) > 0))
+        if weak.size:  # every term underflows against ref: sum against the row's own largest instead
+            own = np.full(len(lp), -np.inf)
+            np.maximum.at(own, rows, values)
+            ref[weak] = np.maximum(own[weak], tail64[weak])
+            pick = np.isin(rows, weak)
+            mass[weak] = np.bincount(rows[pick], weights=np.exp(values[pick] - ref[rows[pick]]), minlength=len(lp))[weak]
+            mass[weak] += np.exp(tail64[weak] - ref[weak])
         out = ref + np.log(mass)
-    return np.where(touched, out, tail).astype(np.float32)
+    touched = np.zeros(len(lp), bool)
+    touched[rows] = True
+    return np.where(touched, out, tail64).astype(np.float32)
 
 
 def folded_mask(arrays: dict[str, np.ndarray], coding: str) -> np.ndarray | None:

@@ -30,9 +30,6 @@ U16_CODES_MAX = 1 << 16  # tables up to this many entries store codes as uint16 
 HI_FIELD_BITS = 2  # ids_hi: bits per packed field
 HI_FIELDS = 4  # ids_hi: fields per byte
 _CLASS_BITS = 3  # v5 table order: counts compared on their 3 leading binary digits
-COUNT_STRIDE = 4  # v5 table order: counted over every 4th row (4x faster than every row, same order)
-_ABSENT = np.uint32(0xFFFFFFFF)  # lookup entry of an id not (yet) in the table
-_MISSING_ROWS = 8192  # rows looked up per step when completing the table
 
 
 def encode_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,64 +49,40 @@ def encode_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class IdRanks:
     """schema_version 5's table of a shard's ids and targets, and each id's code in it.
 
-    ``table`` (int32) holds the distinct values of ``ids`` and ``targets``, ordered by descending
-    count class (counts over every 4th row of ``ids`` and every target, rounded down to their 3
-    leading binary digits), ties by ascending value, then the ids that only the other rows hold,
-    ascending: frequent ids get small codes, and equal-frequency ids ascending runs whose
+    ``table`` (int32) holds the distinct values of ``ids`` and ``targets`` by descending count
+    class (the count rounded down to its 3 leading binary digits), ties by ascending value:
+    frequent ids get small codes, and ids of about equal frequency ascending runs whose
     differences are small. ``codes(x)`` is uint32 (``split_codes`` stores them).
     """
 
     def __init__(self, ids: np.ndarray, targets: np.ndarray):
-        ids = np.asarray(ids, dtype=np.int32)
-        targets = np.asarray(targets, dtype=np.int32).ravel()
-        parts = [a for a in (ids, targets) if a.size]
+        parts = [a for a in (np.asarray(ids, np.int32).ravel(), np.asarray(targets, np.int32).ravel()) if a.size]
         self._lo = min((int(a.min()) for a in parts), default=0)
         hi = max((int(a.max()) for a in parts), default=0)
-        counted = [np.ascontiguousarray(ids[::COUNT_STRIDE]).ravel(), targets]
-        if hi - self._lo < _BINCOUNT_SPAN:
-            # ids index the lookup directly: negative ones from its end (numpy's wrap-around)
-            direct = self._lo < 0 or hi < _BINCOUNT_SPAN  # else an offset range far from 0: index by x - lo
-            self._size = max(hi + 1, 0) + max(0, -self._lo) if direct else None
-            base = self._lo if self._size is None else min(self._lo, 0)
-            counts = np.zeros(hi - base + 1, np.int64)
-            for a in counted:
-                if a.size:
-                    counts += np.bincount(a - np.int32(base) if base else a, minlength=hi - base + 1)
-            values = np.flatnonzero(counts)
-            order = np.argsort(-_count_class(counts[values]), kind="stable")
-            self.table = (values[order] + base).astype(np.int32)
-            self._rank = np.full(self._size or hi - self._lo + 1, _ABSENT, np.uint32)
-            self._rank[self._index(self.table)] = np.arange(len(self.table))
-        else:  # ids spread over more than 2^24: sorted lookups (only strange data lands here)
-            self._size, self._rank = None, None
-            values, counts = np.unique(np.concatenate([ids.ravel(), targets]), return_counts=True)
+        self._rank = None
+        if hi - self._lo >= _BINCOUNT_SPAN:  # ids spread over more than 2^24: sorted lookups (strange data only)
+            values, counts = np.unique(np.concatenate(parts), return_counts=True)
             self.table = values[np.argsort(-_count_class(counts), kind="stable")].astype(np.int32)
             self._sorted = np.argsort(self.table, kind="stable")
+            return
+        # ids index the lookup directly, negative ones from its end (numpy's wrap-around), unless
+        # they lie far from 0: then by their offset from the smallest
+        self._direct = self._lo < 0 or hi < _BINCOUNT_SPAN
+        base = min(self._lo, 0) if self._direct else self._lo
+        counts = np.zeros(hi - base + 1, np.int64)
+        for a in parts:
+            counts += np.bincount(a - np.int32(base) if base else a, minlength=hi - base + 1)
+        values = np.flatnonzero(counts)
+        order = np.argsort(-_count_class(counts[values]), kind="stable")  # values ascend: ties by value
+        self.table = (values[order] + base).astype(np.int32)
+        self._rank = np.zeros(max(hi + 1, 0) + max(0, -self._lo) if self._direct else hi - self._lo + 1, np.uint32)
+        self._rank[self._index(self.table)] = np.arange(len(self.table))
 
     def _index(self, x: np.ndarray) -> np.ndarray:
-        return x if self._size is not None else x - np.int32(self._lo)
-
-    def complete(self, ids: np.ndarray) -> np.ndarray:
-        """The codes (uint32) of ``ids``, appending to the table, ascending, the ids that the counted
-        rows lack (codes already handed out never change)."""
-        ids = np.asarray(ids, np.int32)
-        if self._rank is None:
-            return self.codes(ids)
-        out = np.empty(ids.shape, np.uint32)
-        for r0 in range(0, len(ids), _MISSING_ROWS):
-            part = ids[r0 : r0 + _MISSING_ROWS]
-            codes = out[r0 : r0 + _MISSING_ROWS]
-            np.take(self._rank, self._index(part), out=codes)
-            if part.size and int(codes.max()) == _ABSENT:
-                missing = codes == _ABSENT
-                extra = np.unique(part[missing])
-                self._rank[self._index(extra)] = len(self.table) + np.arange(len(extra))
-                self.table = np.concatenate([self.table, extra.astype(np.int32)])
-                codes[missing] = self._rank[self._index(part[missing])]
-        return out
+        return x if self._direct else x - np.int32(self._lo)
 
     def codes(self, x: np.ndarray) -> np.ndarray:
-        """The codes (uint32) of ``x``, each of which must be in the table."""
+        """The codes (uint32) of ``x``, each of which is in the table (ids or targets given)."""
         x = np.asarray(x, np.int32)
         if self._rank is not None:
             return self._rank[self._index(x)]
@@ -202,12 +175,27 @@ def join_codes(low: np.ndarray, high: np.ndarray | None) -> np.ndarray:
     if high is None:
         return low
     n, k = low.shape
-    codes = low.astype(np.uint32)
-    shifts = HI_FIELD_BITS * np.arange(HI_FIELDS, dtype=np.uint8)
-    for p in range(high.shape[1]):
-        fields = ((high[:, p, :, None] >> shifts) & np.uint8(3)).reshape(n, high.shape[2] * HI_FIELDS)[:, :k]
-        codes |= fields.astype(np.uint32) << np.uint32(16 + HI_FIELD_BITS * p)
+    codes = None
+    for p in range(high.shape[1]):  # each byte's 4 fields at once, already shifted into place
+        fields = _HIGH_FIELDS[p][high[:, p]].reshape(n, high.shape[2] * HI_FIELDS)
+        fields = fields if fields.shape[1] == k else np.ascontiguousarray(fields[:, :k])
+        if codes is None:
+            codes = fields
+        else:
+            codes |= fields
+    if codes is None:  # no planes
+        return low.astype(np.uint32)
+    codes |= low
     return codes
+
+
+def _high_fields(plane: int) -> np.ndarray:
+    """[256, 4] uint32: the 4 two-bit fields of each byte value, shifted to bits ``16 + 2 * plane``."""
+    byte = np.arange(256, dtype=np.uint32)[:, None]
+    return ((byte >> (HI_FIELD_BITS * np.arange(HI_FIELDS, dtype=np.uint32))) & 3) << np.uint32(16 + HI_FIELD_BITS * plane)
+
+
+_HIGH_FIELDS = [_high_fields(p) for p in range(8)]  # codes below 2^32: at most 8 planes
 
 
 def store_table(table: np.ndarray) -> np.ndarray:
@@ -247,20 +235,14 @@ def sort_ties(codes: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """In each run of equal adjacent ``groups`` values of a row, the codes sorted ascending and
     stored as differences to the previous code of the run (the run's first as is); same dtype.
 
-    Entries move only within their runs, so ``groups`` is unchanged by the reordering.
+    Entries move only within their runs, so ``groups`` is unchanged by the reordering. One sort
+    of ``run << bits | code`` keys per row; the run key is ``groups`` itself where it never falls
+    along a row (u8 codes of rows sorted by descending log-prob), else the run's index.
     """
-    return sorted_ties(codes, groups)[1]
-
-
-def sorted_ties(codes: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(ordered, stored)``: the codes with each run sorted ascending, and :func:`sort_ties`'s
-    stored differences. One sort of ``run << bits | code`` keys per row; the run key is ``groups``
-    itself where it never falls along a row (u8 codes of rows sorted by descending log-prob),
-    else the run's index."""
     codes = np.asarray(codes)
     groups = np.asarray(groups)
     if codes.size == 0:
-        return codes.copy(), codes.copy()
+        return codes.copy()
     n, k = codes.shape
     code_bits = max(int(codes.max()).bit_length(), 1)
     if k == 1 or bool((groups[:, 1:] >= groups[:, :-1]).all()):
@@ -273,38 +255,10 @@ def sorted_ties(codes: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.n
     key.sort(axis=1)
     # stored = key - base, base = the previous key in the same run, else the run's own key bits
     # (the previous key is smaller than those when the run changes: run keys rise along a row)
-    run_part = key_dtype(~((1 << code_bits) - 1) & np.iinfo(key_dtype).max)
-    base = key & run_part
-    ordered = (key - base).astype(codes.dtype)
+    base = key & key_dtype(~((1 << code_bits) - 1) & np.iinfo(key_dtype).max)
     np.maximum(base[:, 1:], key[:, :-1], out=base[:, 1:])
     key -= base
-    return ordered, key.astype(codes.dtype)
-
-
-def code_targets(row_codes: np.ndarray, target_codes: np.ndarray) -> np.ndarray:
-    """schema_version 5's ``target_ids`` (int32): ``-1 - j`` where the row's entry j (in the order a
-    reader returns the row, its first such entry) has the target's code, else the target's code."""
-    n, k = row_codes.shape
-    target_codes = np.asarray(target_codes, np.int32)
-    if k == 0 or n == 0:
-        return target_codes.copy()
-    hit = row_codes == target_codes.astype(row_codes.dtype)[:, None]
-    col = hit.argmax(axis=1)
-    found = hit[np.arange(n), col]
-    return np.where(found, -1 - col, target_codes).astype(np.int32)
-
-
-def decode_targets(stored: np.ndarray, row_ids: np.ndarray, table: np.ndarray, where: str = "target_ids") -> np.ndarray:
-    """Inverse of :func:`code_targets` given the rows' decoded ids and the table (int32)."""
-    stored = np.asarray(stored, np.int64)
-    n, k = row_ids.shape
-    if stored.size and (stored.min() < -k or stored.max() >= len(table)):
-        raise ValueError(f"{where}: target code outside the row's {k} entries and the {len(table)}-entry id_table")
-    in_row = stored < 0
-    out = np.take(np.asarray(table, np.int32), np.maximum(stored, 0)) if len(table) else np.zeros(n, np.int32)
-    if k:
-        out = np.where(in_row, row_ids[np.arange(n), np.clip(-1 - stored, 0, k - 1)], out)
-    return out.astype(np.int32)
+    return key.astype(codes.dtype)
 
 
 def unsort_ties(stored: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -19,8 +19,7 @@ import zarr
 from .chunk_codec import ArrayMeta, decode_chunk, parse_array_meta
 from .codecs import undelta_logprobs
 from .errors import CacheCorruptError
-from .id_coding import (HI_FIELDS, ID_TABLE, IDS_HI, decode_ids, decode_targets, hi_planes, join_codes, load_table,
-                        unsort_ties)
+from .id_coding import HI_FIELDS, ID_TABLE, IDS_HI, decode_ids, hi_planes, join_codes, load_table, unsort_ties
 from .manifest import ShardEntry
 from .storage import Location, checksum_bytes
 from .topk_coding import V5
@@ -166,6 +165,8 @@ class ShardArrays:
                 if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
                     chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
                 chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
+            elif name == "target_ids" and self.reader.schema_version >= V5:  # v5: codes into the id_table
+                chunk = decode_ids(chunk, self.id_table(), f"{self.where}/target_ids chunk {c}")
         except CacheCorruptError:
             raise
         except Exception as e:  # zarr raises ValueError on crc32c mismatch, others on truncation
@@ -187,15 +188,6 @@ class ShardArrays:
                 raise CacheCorruptError(f"{self.where}: schema_version {self.reader.schema_version} shard has no id_table")
             self._id_table = table
         return self._id_table
-
-    def target_rows(self, start: int, stop: int) -> np.ndarray:
-        """v5 ``target_ids`` rows: a column of the row's ids, or a code into the id_table."""
-        stored = _gather("target_ids", [(self, start, stop)])
-        table = self.id_table()
-        try:
-            return decode_targets(stored, self.rows("ids", start, stop), table, f"{self.where}/target_ids")
-        except ValueError as e:
-            raise CacheCorruptError(str(e)) from None
 
     def _has_ids_hi(self) -> bool:
         return f"{IDS_HI}/zarr.json" in self.entry.files
@@ -237,15 +229,6 @@ def gather(name: str, spans: Sequence[tuple[ShardArrays, int, int]]) -> np.ndarr
     """Rows ``[start, stop)`` of array ``name`` of each ``(shard, start, stop)``, concatenated into one
     new array (never a view of the LRU). Each chunk is looked up once per call, however many spans
     it serves: a batch's samples mostly share a few chunks."""
-    if name == "target_ids" and any(shard.reader.schema_version >= V5 for shard, _, _ in spans):
-        # v5 targets are coded against their row's ids (SPEC.md section 5): decoded span by span
-        return np.concatenate([shard.target_rows(start, stop) if shard.reader.schema_version >= V5
-                               else _gather(name, [(shard, start, stop)]) for shard, start, stop in spans])
-    return _gather(name, spans)
-
-
-def _gather(name: str, spans: Sequence[tuple[ShardArrays, int, int]]) -> np.ndarray:
-    """:func:`gather` of the arrays as decoded chunk by chunk."""
     parts, chunks = [], {}
     for shard, start, stop in spans:
         h = shard.handle(name)

@@ -2,8 +2,8 @@
 
 The writer's one call for the token-level top-k signal: the value coding (``codecs``), the folding
 of ``u8``, the frequency-rank id codes and their tie order (``id_coding``), for the layout of the
-cache's ``schema_version``: 5 (what kd writes: uint16 codes + ``ids_hi``, targets coded against
-their rows, the table as differences) or 2-4 (what tests write to check that old shards read).
+cache's ``schema_version``: 5 (what kd writes: uint16 codes + ``ids_hi``, targets as codes, the
+table as differences) or 2-4 (what tests write to check that old shards read).
 After the table is built, rows are coded in blocks whose temporaries stay in the CPU's cache.
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .codecs import U8_FOLDED, U8_LEVELS, U8_PAD, encode_logprobs_codes
-from .id_coding import (HI_FIELDS, ID_TABLE, IDS_HI, IdRanks, code_targets, encode_ids, hi_planes, pack_high,
-                        sort_ties, sorted_ties, store_table)
+from .id_coding import HI_FIELDS, ID_TABLE, IDS_HI, IdRanks, encode_ids, hi_planes, pack_high, sort_ties, store_table
 
 V5 = 5  # the first schema_version of the layout above (SPEC.md, Versioning)
 _BLOCK_ROWS = 2048
@@ -34,23 +33,21 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, targets
             id_codes = sort_ties(id_codes, codes)
         return {"target_ids": targets, "ids": id_codes, ID_TABLE: table, **coded}
     ranks = IdRanks(ids, targets)
-    id_codes = ranks.complete(ids)
+    id_codes = ranks.codes(ids)
     target_codes = ranks.codes(targets)
     n, k = ids.shape
     planes = hi_planes(len(ranks.table))
     low = np.empty((n, k), np.uint16)
     high = np.empty((n, planes, -(-k // HI_FIELDS)), np.uint8) if planes else None
-    stored_targets = np.empty(n, np.int32)
     for r0 in range(0, n, _BLOCK_ROWS):
         rows = slice(r0, r0 + _BLOCK_ROWS)
-        ordered = stored = id_codes[rows]
+        stored = id_codes[rows]
         if codes is not None:  # entries of equal codes decode alike: their ids go in canonical order
-            ordered, stored = sorted_ties(stored, codes[rows])
+            stored = sort_ties(stored, codes[rows])
         low[rows] = stored  # the low 16 bits
         if high is not None:
             pack_high(stored, high[rows])
-        stored_targets[rows] = code_targets(ordered, target_codes[rows])
-    arrays = {"target_ids": stored_targets, "ids": low}
+    arrays = {"target_ids": target_codes.astype(np.int32), "ids": low}
     if high is not None:
         arrays[IDS_HI] = high
     return {**arrays, ID_TABLE: store_table(ranks.table), **coded}
