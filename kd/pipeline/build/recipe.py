@@ -6,7 +6,9 @@ edited) dataset grows a sealed cache of the same teacher and signals under the s
 (``kd.cache_schema.lineage``): only the samples that cache lacks are captured, into a child cache
 naming it as its parent (``reuse=False`` or ``force``: a full build). Shards run
 in-process by default or as dask tasks (``fanout``), one task per shard (``shard.run_shard``),
-one warm engine per worker process. What a build is asked for lives in ``request``.
+one warm engine per worker process, each shard committed behind the next one's capture
+(``commits``); ``run_jobs`` returns once every commit is durable, so the seal counts only
+committed shards. What a build is asked for lives in ``request``.
 """
 
 from __future__ import annotations
