@@ -30,6 +30,7 @@ U16_CODES_MAX = 1 << 16  # tables up to this many entries store codes as uint16 
 HI_FIELD_BITS = 2  # ids_hi: bits per packed field
 HI_FIELDS = 4  # ids_hi: fields per byte
 _CLASS_BITS = 3  # v5 table order: counts compared on their 3 leading binary digits
+_COUNT_BLOCK = 1 << 18  # ids counted per bincount call
 
 
 def encode_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +71,10 @@ class IdRanks:
         self._direct = self._lo < 0 or hi < _BINCOUNT_SPAN
         base = min(self._lo, 0) if self._direct else self._lo
         counts = np.zeros(hi - base + 1, np.int64)
-        for a in parts:
-            counts += np.bincount(a - np.int32(base) if base else a, minlength=hi - base + 1)
+        for a in parts:  # in blocks: bincount's int64 copy of its input stays in the CPU's cache
+            for b0 in range(0, a.size, _COUNT_BLOCK):
+                block = a[b0 : b0 + _COUNT_BLOCK]
+                counts += np.bincount(block - np.int32(base) if base else block, minlength=hi - base + 1)
         values = np.flatnonzero(counts)
         order = np.argsort(-_count_class(counts[values]), kind="stable")  # values ascend: ties by value
         self.table = (values[order] + base).astype(np.int32)

@@ -33,21 +33,19 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, targets
             id_codes = sort_ties(id_codes, codes)
         return {"target_ids": targets, "ids": id_codes, ID_TABLE: table, **coded}
     ranks = IdRanks(ids, targets)
-    id_codes = ranks.codes(ids)
-    target_codes = ranks.codes(targets)
     n, k = ids.shape
     planes = hi_planes(len(ranks.table))
     low = np.empty((n, k), np.uint16)
     high = np.empty((n, planes, -(-k // HI_FIELDS)), np.uint8) if planes else None
     for r0 in range(0, n, _BLOCK_ROWS):
         rows = slice(r0, r0 + _BLOCK_ROWS)
-        stored = id_codes[rows]
+        stored = ranks.codes(ids[rows])
         if codes is not None:  # entries of equal codes decode alike: their ids go in canonical order
             stored = sort_ties(stored, codes[rows])
         low[rows] = stored  # the low 16 bits
         if high is not None:
             pack_high(stored, high[rows])
-    arrays = {"target_ids": target_codes.astype(np.int32), "ids": low}
+    arrays = {"target_ids": ranks.codes(targets).astype(np.int32), "ids": low}
     if high is not None:
         arrays[IDS_HI] = high
     return {**arrays, ID_TABLE: store_table(ranks.table), **coded}
