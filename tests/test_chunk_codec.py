@@ -109,3 +109,44 @@ def test_damaged_chunk_bytes_are_refused_naming_the_file(cache):
     other = parse_array_meta(json.loads((shard_dir(path) / "tail_logmass" / "zarr.json").read_text()))
     with pytest.raises(CacheCorruptError, match="decompresses to .* bytes, its shape needs"):
         decode_chunk(raw, other, 10, str(f))  # a valid chunk of another shape
+
+
+@pytest.mark.parametrize("kind", ["small", "large_vocab_u8", "large_vocab_bf16"])
+def test_write_chunks_writes_the_files_zarr_writes(tmp_path, kind):
+    """write_chunks (kd's direct chunk writer) against zarr's own writes of every array of a shard:
+    the same chunk files, byte for byte (partial last chunks, all-zero chunks left out, 1-3 dims)."""
+    import warnings
+
+    from kd.cache_schema.chunk_codec import write_chunks
+    from kd.cache_schema.storage import Location
+    from kd.cache_schema.topk_coding import encode_topk
+    from kd.cache_schema.zarr_io import zarr_store
+
+    if kind == "small":
+        sig = SignalConfig(top_k=8, value_coding="fp16")
+        samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([700, 3, 40])]
+    else:
+        sig = SignalConfig(top_k=64, value_coding=kind.rsplit("_", 1)[1])
+        samples = large_vocab_samples(sig, (2500, 1700))
+    cat = {f: np.concatenate([getattr(s, f) for s in samples]) for f in ("ids", "logprobs", "tail_logmass", "target_ids")}
+    arrays = encode_topk(cat["ids"], cat["logprobs"], cat["tail_logmass"], cat["target_ids"], sig.value_coding)
+    arrays["zeros"] = np.zeros((5000, 3), np.float32)  # every chunk the fill value: none written
+    arrays["tail_zero"] = np.concatenate([np.ones(300, np.float32), np.zeros(300, np.float32)])
+    arrays["empty"] = np.zeros((0, 4), np.uint16)
+    trees = {}
+    for how in ("zarr", "kd"):
+        root = tmp_path / how
+        group = zarr.open_group(store=zarr_store(Location.from_url(str(root))), mode="w", zarr_format=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, data in arrays.items():
+                filters, compressors, chunks = array_codecs(name, data)
+                arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters,
+                                         compressors=compressors)
+                if how == "zarr" and data.size:
+                    arr[...] = data
+                elif how == "kd":
+                    write_chunks(Location.from_url(str(root)), name, data, compressors[0], chunks)
+        trees[how] = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert trees["kd"].keys() == trees["zarr"].keys() and trees["kd"] == trees["zarr"]
+    assert any(k.startswith("tail_zero/c/") for k in trees["kd"]) and not any(k.startswith("zeros/c/") for k in trees["kd"])
