@@ -16,6 +16,7 @@ zarr release the GIL for most of a commit, so one thread overlaps it with the ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import os
@@ -73,6 +74,7 @@ class BackgroundCommits:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = 0
         self._pending: list[_Pending] = []
+        self._failures: collections.Counter[str] = collections.Counter()  # failed, not yet collected, by run
         self.commit_s = 0.0  # seconds inside commits (the work moved off the critical path)
         self.wait_s = 0.0  # seconds callers were blocked on commits (the part that was not hidden)
 
@@ -103,23 +105,30 @@ class BackgroundCommits:
         self._wait(running)
         if self.has_failed(run):
             return False
-        future = self._executor().submit(self._commit, writer)
-        with self._lock:
-            self._pending.append(_Pending(run, shard, writer.cache.url, future))
+        self._track(_Pending(run, shard, writer.cache.url, self._executor().submit(self._commit, writer)))
         return True
 
     def check(self, run: str, shard: int, writer: ShardWriter) -> None:
         """Check the samples added to ``writer`` so far in the background (``check_added``), so that its
         commit, the one nothing hides at the end of a build, does less."""
         future = self._executor().submit(writer.check_added)
+        self._track(_Pending(run, shard, writer.cache.url, future, commit=False))
+
+    def _track(self, pending: _Pending) -> None:
         with self._lock:
-            self._pending.append(_Pending(run, shard, writer.cache.url, future, commit=False))
+            self._pending.append(pending)
+
+        def count_failure(future: concurrent.futures.Future) -> None:
+            if future.exception() is not None:
+                with self._lock:
+                    self._failures[pending.run] += 1
+
+        pending.future.add_done_callback(count_failure)
 
     def has_failed(self, run: str) -> bool:
-        """Whether a commit of ``run`` failed (its report is still to collect): stop capturing."""
-        with self._lock:
-            return any(p.run == run and p.future.done() and p.future.exception() is not None
-                       for p in self._pending)
+        """Whether a commit of ``run`` failed (its report is still to collect): stop capturing.
+        A dict lookup: the capture asks after every batch."""
+        return self._failures.get(run, 0) > 0
 
     def collect(self, run: str, *, wait: bool = False) -> CommitReport:
         """Report (once) the commits of ``run`` that finished; with ``wait``, first wait for all of them."""
@@ -128,8 +137,9 @@ class BackgroundCommits:
         if wait:
             self._wait([p.future for p in mine if not p.future.done()])
         done = [p for p in mine if p.future.done()]
+        gone = {id(p) for p in done}
         with self._lock:
-            self._pending = [p for p in self._pending if not any(p is d for d in done)]
+            self._pending = [p for p in self._pending if id(p) not in gone]
         report = CommitReport()
         for p in sorted(done, key=lambda p: p.shard):
             error = p.future.exception()
@@ -138,6 +148,10 @@ class BackgroundCommits:
                     report.committed.append(p.shard)
             else:
                 report.failed.append((p.shard, commit_error(p.shard, p.cache_url, error)))
+        with self._lock:  # reported: these no longer stop the capture (the callback may still count one: 0 then)
+            self._failures[run] -= len(report.failed)
+            if not self._failures[run]:
+                del self._failures[run]
         return report
 
     def stats(self) -> dict[str, float]:
