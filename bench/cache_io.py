@@ -18,23 +18,23 @@ tenth of the cache's decoded chunks, after a first pass (random reads over a cac
 of what each array holds (``floors``: what shuffle + zstd, LZ + order-0 Huffman of bytes, can approach).
 
 Results (200k tokens, k = 64, 2 shared cores, B/token; schema_version 4 -> 5: uint16 id codes +
-``ids_hi``, targets coded against their rows, the table as differences in count-class order, u8
-folded code 160, per-array shuffle by trial; SPEC.md sections 5 and 6):
+``ids_hi``, targets as codes, the table as differences in count-class order, u8 folded code 160,
+per-array shuffle by trial; SPEC.md sections 5 and 6):
 
-    vocab 32768:  fp32 308.3 -> 293.0   fp16 167.9 -> 165.3   bf16 145.2 -> 142.6   u8 104.0 -> 100.2
-    vocab 151936: bf16 163.2 -> 152.6 (ids + table + high bits 125.7 -> 116.7, targets 1.74 -> 0.24)
-                  u8 115.3 -> 109.6 (ids 92.3 -> 90.7, codes 17.5 -> 14.9, targets 1.74 -> 0.29)
+    vocab 32768:  fp32 308.3 -> 293.3   fp16 167.9 -> 165.6   bf16 145.2 -> 142.9   u8 104.0 -> 100.4
+    vocab 151936: bf16 163.2 -> 152.6 (ids + table + high bits 125.7 -> 116.3, targets 1.74 -> 0.64)
+                  u8 115.3 -> 109.6 (ids 92.3 -> 90.4, codes 17.5 -> 14.9, targets 1.74 -> 0.65)
 
 * lossy <= 110 at KL <= 1e-4 (vocab 151936): PASS, u8 109.6 at KL 1.4e-5 over the k + 1 buckets,
-  3.0e-5 over the vocabulary (p99 1.1e-4); at vocab 32768 100.2 at 7.8e-5 (the codes are those
-  of schema v4: the same KL). lossless <= 150 at vocab 151936: MISS, bf16 152.6; its ids are at
-  116.7 against a per-column byte-plane entropy of ~112 and a per-column symbol entropy of 108.
-* Coding (``encode_topk``, vocab 151936, 100k tokens): u8 5.3 -> ~1.7 us/token, bf16 ~1.0 -> ~0.8
-  (u8 codes in float32, float64 redone near boundaries; one sort per tie group; counts over every
-  4th row; row blocks that stay in cache); zstd adds ~0.5 and zarr's write ~1 us/token.
-* Not adopted: zarr ``transpose`` (bf16 -0.9 B/token, u8 ids +3, slower decode); ids at zstd 3/9
-  or zlib (-0.5 at 3x / 50x the time; larger); sorting bf16 ties (-0.7, reorders exact codings);
-  u8 folding at 16 nats (-4 B/token, KL 1.1e-4 at vocab 32768) or relative to the tail (4e-4).
+  3.0e-5 over the vocabulary (p99 1.1e-4); vocab 32768: 100.4 at 7.8e-5 (v4's codes, v4's KL).
+  lossless <= 150 at vocab 151936: MISS, bf16 152.6 (ids 116.3; per-column entropy ~112 in bytes, 108).
+* Coding (ShardWriter._assemble, vocab 151936, 100k tokens, CPU): u8 5.2 -> 1.6 us/token, bf16
+  1.1 -> 0.75 (u8 codes in float32, float64 redone near boundaries; one sort per tie group; row
+  blocks that stay in cache); a whole commit (zstd, zarr, checksums) u8 6.8 -> 3.2, bf16 2.9 -> 2.5.
+* Not adopted: zarr ``transpose`` (bf16 -0.9 B/token, u8 ids +3, slower decode); ids at zstd 3/9 or
+  zlib (-0.5 at 3x / 50x the time; larger); targets as columns of their rows (-0.36, every target
+  read needs its row's ids); counting every 4th row (-0.15 us, +0.4 B); sorting bf16 ties (-0.7,
+  reorders exact codings); u8 folding at 16 nats (-4 B, KL 1.1e-4 at vocab 32768).
 """
 
 from __future__ import annotations
