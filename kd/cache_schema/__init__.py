@@ -1,4 +1,4 @@
-"""The on-disk contract for teacher-output caches (format v4; v1 to v3 caches still read) and the library that implements it.
+"""The on-disk contract for teacher-output caches (format v5; v1 to v4 caches still read) and the library that implements it.
 
 Depends on numpy, zarr, pyarrow, fsspec and xxhash only: no torch and no ``kd.pipeline``, so
 any tool can read a cache. SPEC.md beside this file specifies the bytes.
