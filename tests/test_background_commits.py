@@ -26,6 +26,7 @@ from kd.cache_schema.writer import CacheBuild, CacheNoSpaceError, ShardWriter
 from kd.pipeline.build import build_cache, prepare
 from kd.pipeline.build import fanout
 from kd.pipeline.build import recipe as recipe_mod
+from kd.pipeline.build import shard as shard_mod
 from kd.pipeline.build.commits import COMMITS, BackgroundCommits, CommitReport, ShardCommitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +123,14 @@ def test_a_failed_background_commit_fails_the_build_naming_the_shard(work, seque
     assert_same_bytes(res.path, sequential)
 
 
-def test_a_broken_sample_checked_in_the_background_fails_the_build_naming_it(work, sequential, monkeypatch, tmp_path):
-    """Samples are checked by the background commit (off the critical path), still before anything is written."""
+@pytest.mark.parametrize("check_every", [1, shard_mod.CHECK_EVERY], ids=["checked-during-capture", "checked-by-commit"])
+def test_a_broken_sample_checked_in_the_background_fails_the_build_naming_it(work, sequential, monkeypatch, tmp_path,
+                                                                           check_every):
+    """Samples are checked in the commit thread (off the critical path): a batch's while the teacher captures a
+    later one, the rest by the commit, still before anything of the shard is written."""
     from kd.pipeline.build.engines.hf_engine import HFEngine
+
+    monkeypatch.setattr(shard_mod, "CHECK_EVERY", check_every)
 
     real_capture = HFEngine.capture
 
@@ -135,13 +141,23 @@ def test_a_broken_sample_checked_in_the_background_fails_the_build_naming_it(wor
                 s.logprobs[1, 0] = float("nan")
         return out
 
+    committing: list[int] = []
+    real_commit = ShardWriter.commit
+
+    def commit(self):
+        committing.append(self.shard)
+        return real_commit(self)
+
     monkeypatch.setattr(HFEngine, "capture", capture)
+    monkeypatch.setattr(ShardWriter, "commit", commit)
     req = bench.make_request(work, tmp_path / "caches")
     broken = rf"shard 1 of .*ValueError: sample '{sequential.ids[4]}': logprobs has NaN"
     with pytest.raises(ShardCommitError, match=broken):
         build_cache(req)
     build = prepare(req)[0]
     assert sorted(build.committed()) == [0] and not list(Path(build.location.path, "shards").glob("00001-*"))
+    # Checked during the capture: shard 1's commit never starts; else its commit refuses the sample.
+    assert committing == ([0] if check_every == 1 else [0, 1])
 
 
 def test_a_full_disk_in_a_dask_workers_background_commit_fails_the_build(work, sequential, monkeypatch, tmp_path):
