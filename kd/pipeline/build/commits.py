@@ -1,7 +1,7 @@
 """Shard commits off the teacher's critical path: a background thread per process encodes and
 writes shard N (``ShardWriter.commit``: sample checks, value and id coding, zstd, zarr, checksums,
-the commit file) while the teacher captures shard N+1, and checks each batch's samples
-(``check``) while the teacher captures the next batch.
+the commit file) while the teacher captures shard N+1, and checks the samples added so far
+(``check``, every few batches) while the teacher captures the next batch.
 
 At most one commit runs behind the capture: ``submit`` first waits for the one before, so a
 process holds two shards' outputs at most, never a growing queue (and a commit slower than the
@@ -10,7 +10,8 @@ of one build's ``run_jobs``) exactly once, by ``collect``: a shard counts only o
 file is published, and a failed commit comes back as the build's error naming the shard
 (``commit_error``). ``collect(wait=True)`` returns only when every commit of the run is done: a
 build never returns, raises or seals while one of its commits still writes. Numpy, zstd and
-zarr release the GIL for most of a commit, so one thread overlaps it with the capture.
+zarr release the GIL for most of a commit, so one thread overlaps it with the capture
+(bench/writer_overlap.py measures what the teacher still waits for).
 """
 
 from __future__ import annotations
