@@ -80,6 +80,27 @@ def test_hf_batching_does_not_change_results(tiny_vlm_dir, hf, vlm_samples):
         np.testing.assert_allclose(a.hidden[1], b.hidden[1], atol=TOL)
 
 
+def test_hf_kernel_head_equals_the_models_own_forward(tiny_vlm_dir, hf, vlm_samples):
+    """The plain-head path (base model, then head_kernels.TiledHead on each sample's own rows) against
+    the model's own forward at the union of answer positions, the path of heads kd cannot apply."""
+    from kd.pipeline.build.engines.hf_engine import plain_lm_head
+
+    assert hf._kernel is not None
+    own = load_engine("hf", tiny_vlm_dir)
+    own._kernel = None
+    for spec in (SignalSpec(top_k=8, hidden_layers=(2,)), SignalSpec(logits="sampled", sampled_draws=12, seed=7)):
+        for a, b in zip(hf.capture(vlm_samples, spec), own.capture(vlm_samples, spec)):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+            if spec.logits == "sampled":
+                assert np.array_equal(a.ids, b.ids) and np.array_equal(a.counts, b.counts)
+            else:
+                assert_same_topk(a.ids, a.logprobs, b.ids, b.logprobs, 1e-6)
+                np.testing.assert_allclose(a.hidden[2], b.hidden[2], atol=1e-6)
+    own.model.config.get_text_config().final_logit_softcapping = 30.0  # a head kd must leave to the model
+    assert plain_lm_head(own.model) is None
+    own.close()
+
+
 def test_hf_hidden_states_match_reference(hf, vlm_samples, reference):
     spec = SignalSpec(top_k=4, hidden_layers=(0, 1, 2))
     for sig, s in zip(hf.capture(vlm_samples, spec), vlm_samples):

@@ -15,14 +15,14 @@ matmul cost as much as the matmul, and a matmul of a few rows against the whole 
 * the top-k: a row's top-k ids all lie in the ``k`` sub-blocks with the largest maxima (if an
   id's sub-block is not among them, ``k`` other sub-blocks each hold a larger-or-equal logit),
   so ``torch.topk`` runs on ``V / B`` sub-block maxima and then on those ``k * B`` candidates
-  instead of on ``V`` logits. The top-k *values* are exactly the plain top-k's; among logits
+  instead of on ``V`` logits. The top-k logits are exactly the plain top-k's; among logits
   that tie exactly, which id is reported may differ.
 
 Determinism: a row's result must not depend on the other rows scored with it (batch
 composition, a shard boundary) nor on the thread count (tests/test_cluster.py: 1-thread dask
 workers against an in-process build). BLAS gives neither for free: its result for a column
-changes with the number of columns, and above ~512 hidden dims with the thread count (it splits
-the reduction). So every block has exactly ``rows`` rows (zero-padded) and the reduction over
+changes with the number of columns, and (MKL 2024, from ~1,024 hidden dims) with the thread
+count. So every block has exactly ``rows`` rows (zero-padded) and the reduction over
 the hidden size runs in fixed ``k_chunk`` slices, summed in a fixed order; within those shapes
 the GEMM's per-column result is the same for any companions, position or thread count
 (tests/test_head_kernels.py checks bit equality across all three).
@@ -56,8 +56,8 @@ class TiledHead:
     ``weight``: ``[V, H]`` float32 (kept by reference, not copied); ``bias``: ``[V]`` or None;
     ``prepare``: applied to each padded ``[rows, H]`` block before the head (e.g. the final norm:
     a row-wise reduction that, like the GEMM, gives each row the same bits whatever its block-mates
-    only when every block has the same shape). Results come back on the CPU. One instance keeps its ``[V, rows]`` buffer between calls
-    (~78 MiB at 152k x 128), so it is not safe to share between threads.
+    only when every block has the same shape). Results come back on the CPU. One instance keeps
+    its ``[V, rows]`` buffer between calls (~78 MiB at 152k x 128): not safe to share between threads.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, rows: int | None = None,

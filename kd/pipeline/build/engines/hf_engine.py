@@ -215,4 +215,4 @@ class HFEngine:
                               tail_logmass=tail_logmass(vals.float()).cpu().numpy(), **common)
 
     def close(self) -> None:
-        self.model = None
+        self.model, self._kernel = None, None  # the kernel holds the head's weight
