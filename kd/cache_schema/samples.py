@@ -8,7 +8,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .turns import target_positions
+from .turns import single_turn, target_positions
 
 
 @dataclass
@@ -34,8 +34,7 @@ class CachedSample:
 
     def __post_init__(self) -> None:
         if self.turn_starts is None:
-            self.turn_starts = np.array([self.answer_start], np.int64)
-            self.turn_lengths = np.array([self.num_tokens], np.int64)
+            self.turn_starts, self.turn_lengths = single_turn(self.answer_start, self.num_tokens)
 
     @property
     def num_tokens(self) -> int:

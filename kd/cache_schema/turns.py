@@ -46,11 +46,15 @@ def turn_problem(turn_starts: np.ndarray, turn_lengths: np.ndarray, seq_len: int
     return None
 
 
+def single_turn(answer_start: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(turn_starts, turn_lengths)`` of a sample without turn columns: one turn of all its
+    ``num_tokens`` tokens at ``answer_start`` (a single answer, or a cache before schema_version 5)."""
+    return np.array([int(answer_start)], np.int64), np.array([int(num_tokens)], np.int64)
+
+
 def turns_of(sample: object) -> tuple[np.ndarray, np.ndarray]:
-    """``(turn_starts, turn_lengths)`` of a sample object: its own, or one turn at ``answer_start``
-    covering all its tokens (a single-turn sample, or one from a cache before schema_version 5)."""
+    """``(turn_starts, turn_lengths)`` of a sample object: its own, or ``single_turn``'s."""
     starts = getattr(sample, "turn_starts", None)
     if starts is not None:
         return np.asarray(starts, np.int64), np.asarray(getattr(sample, "turn_lengths"), np.int64)
-    return (np.array([int(getattr(sample, "answer_start"))], np.int64),
-            np.array([len(getattr(sample, "target_ids"))], np.int64))
+    return single_turn(getattr(sample, "answer_start"), len(getattr(sample, "target_ids")))

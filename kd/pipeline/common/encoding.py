@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from kd.cache_schema.turns import target_positions
+from kd.cache_schema.turns import single_turn, target_positions
 from kd.cache_schema.writer import hash_ids  # one definition: the cache's alignment proof
 from kd.pipeline.common.chat import (IMAGE_PLACEHOLDER, _image_token, _tokenizer_of, build_messages,  # noqa: F401
                                      end_of_turn_token, render_pieces)
@@ -76,8 +76,7 @@ class EncodedSample:
 
     def __post_init__(self) -> None:
         if self.turn_starts is None:
-            self.turn_starts = np.array([self.answer_start], np.int64)
-            self.turn_lengths = np.array([len(self.answer_ids)], np.int64)
+            self.turn_starts, self.turn_lengths = single_turn(self.answer_start, len(self.answer_ids))
 
     @property
     def num_answer_tokens(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kd.cache_schema import CachedBatch, CachedSample, SampleRows
-from kd.cache_schema.turns import target_positions
+from kd.cache_schema.turns import single_turn, target_positions
 from kd.pipeline.distill.teachers import VocabMap
 
 
@@ -84,7 +84,7 @@ class DistillSample:
     def target_positions(self) -> np.ndarray:
         """The input position predicting each answer token (``kd.cache_schema.turns``)."""
         if self.turn_starts is None:
-            return target_positions([self.answer_start], [len(self.answer_ids)])
+            return target_positions(*single_turn(self.answer_start, len(self.answer_ids)))
         return target_positions(self.turn_starts, self.turn_lengths)
 
 
