@@ -10,13 +10,13 @@ from kd.pipeline.build import shard as build_mod
 from kd.pipeline.build import BuildRequest
 
 
-@dataclass
-class Row:
-    label: str
-    seconds: float
+class TokenRates:
+    """Tokens/s of a timed run with ``prompt_tokens``, ``answer_tokens`` and ``seconds`` (capture's
+    rows and gpu_check's rates report both the same way)."""
+
     prompt_tokens: int
     answer_tokens: int
-    note: str = ""
+    seconds: float
 
     @property
     def prompt_tps(self) -> float:
@@ -25,6 +25,15 @@ class Row:
     @property
     def answer_tps(self) -> float:
         return self.answer_tokens / self.seconds
+
+
+@dataclass
+class Row(TokenRates):
+    label: str
+    seconds: float
+    prompt_tokens: int
+    answer_tokens: int
+    note: str = ""
 
 
 class Timers:

@@ -48,6 +48,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_ENABLE_
 
 import numpy as np
 from capture import write_llm_data  # bench/capture.py
+from capture_timing import TokenRates
 
 from kd.pipeline.common.dataset import load_records
 from kd.pipeline.build.engines import SignalSpec, load_engine
@@ -118,7 +119,7 @@ def compare(vllm_out: list, hf_out: list, lp_atol: float, hidden_atol: float, hi
 
 
 @dataclass
-class Rate:
+class Rate(TokenRates):
     engine: str
     k: int
     hidden_layers: list[int]
@@ -127,14 +128,6 @@ class Rate:
     prompt_tokens: int
     answer_tokens: int
     seconds: float
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.seconds
-
-    @property
-    def answer_tps(self) -> float:
-        return self.answer_tokens / self.seconds
 
 
 def vllm_prefill_hidden(engine, batch: list[dict], layers: tuple[int, ...]) -> list[dict[int, np.ndarray]]:
