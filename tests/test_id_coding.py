@@ -27,10 +27,12 @@ from hypothesis.extra import numpy as hnp
 
 from kd.cache_schema import (
     CacheCorruptError,
+    SCHEMA_VERSION,
     CacheReader,
     SignalConfig,
     verify_cache,
 )
+from kd.cache_schema.codecs import undelta_logprobs
 from kd.cache_schema.id_coding import (
     IDS_HI,
     U16_CODES_MAX,
@@ -46,7 +48,7 @@ from kd.cache_schema.id_coding import (
     unsort_ties,
 )
 from kd.cache_schema.synthetic import teacher_like_topk
-from kd.cache_schema.topk_coding import encode_topk
+from kd.cache_schema.topk_coding import encode_topk, resolve_targets, ties_sorted
 
 SPEC = __import__("pathlib").Path(__file__).resolve().parents[1] / "kd" / "cache_schema" / "SPEC.md"
 any_int32 = st.one_of(st.integers(-1, 20), st.integers(-(2**31), 2**31 - 1))
@@ -181,19 +183,21 @@ def test_tie_sorting_round_trips_and_moves_entries_only_within_runs(shape, seed,
 
 
 def _decode_in_memory(arrays: dict, coding: str) -> tuple[np.ndarray, np.ndarray]:
-    """A v5 shard's ids and targets from ``encode_topk``'s arrays, as the reader decodes them."""
+    """A v6 shard's ids and targets from ``encode_topk``'s arrays, as the reader decodes them."""
     table = load_table(arrays["id_table"])
     codes = join_codes(arrays["ids"], arrays.get(IDS_HI))
-    if coding == "u8":
-        codes = unsort_ties(codes, np.cumsum(arrays["logprobs"], axis=1, dtype=np.uint32).astype(np.uint8))
-    return decode_ids(codes, table), decode_ids(arrays["target_ids"], table)
+    if ties_sorted(coding, "topk", SCHEMA_VERSION):
+        codes = unsort_ties(codes, undelta_logprobs(arrays["logprobs"], coding))
+    ids = decode_ids(codes, table)
+    return ids, resolve_targets(arrays["target_ids"], ids, table, "targets")
 
 
 @pytest.mark.parametrize("coding", ["fp32", "fp16", "bf16", "u8"])
 @pytest.mark.parametrize("vocab, n, spread", [(151_936, 6000, False), (151_936, 3000, True), (50, 300, False)])
-def test_v5_topk_arrays_round_trip_exactly(coding, vocab, n, spread):
+def test_topk_arrays_round_trip_exactly(coding, vocab, n, spread):
     """A real vocabulary (151936: > 65536 distinct ids in the shard), its ids spread over all of int32
-    (the sort path) and a small one, every coding: ids (u8: folded -1, ties in canonical order), targets."""
+    (the sort path) and a small one, every coding: ids (u8: folded -1; ties of every 16-bit coding in
+    canonical order), targets (in their rows: stored as columns; not in them: as codes)."""
     syn = teacher_like_topk(n, 64 if vocab > 50 else 40, vocab=vocab, seed=3)
     ids, targets = syn.ids, syn.target_ids.copy()
     targets[::7] = (targets[::7] + 12345) % vocab  # targets not in their rows too
@@ -203,14 +207,26 @@ def test_v5_topk_arrays_round_trip_exactly(coding, vocab, n, spread):
     arrays = encode_topk(ids, syn.logprobs, syn.tail_logmass, targets, coding)
     if vocab == 151_936 and not spread:
         assert len(arrays["id_table"]) > U16_CODES_MAX and arrays[IDS_HI].shape[1] == 1
-    ids, got_targets = _decode_in_memory(arrays, coding)
-    assert np.array_equal(got_targets, targets)
     expected = ids
     if coding == "u8":
         expected = np.where(np.cumsum(arrays["logprobs"], axis=1, dtype=np.uint32).astype(np.uint8) >= 160, -1, ids)
-        assert all(sorted(a) == sorted(b) for a, b in zip(ids.tolist(), expected.tolist()))
-    else:
-        assert np.array_equal(ids, expected)
+    in_row = (expected == targets[:, None]).any(axis=1)  # u8: a folded target has no id in its row
+    assert in_row.mean() > 0.5 and np.array_equal(arrays["target_ids"] < 0, in_row)
+    got_ids, got_targets = _decode_in_memory(arrays, coding)
+    assert np.array_equal(got_targets, targets)
+    if coding == "fp32":
+        assert np.array_equal(got_ids, expected)
+    else:  # ties come back in canonical order: the same entries per row, and the same id at each value
+        assert all(sorted(a) == sorted(b) for a, b in zip(got_ids.tolist(), expected.tolist()))
+        values = undelta_logprobs(arrays["logprobs"], coding)
+        assert np.array_equal(same_value_sets(got_ids, values), same_value_sets(expected, values))
+        assert not np.array_equal(got_ids, expected)  # ties were reordered: the check above can fail
+
+
+def same_value_sets(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each row's ids sorted within runs of equal values (what tie order may change)."""
+    key = values.astype(np.int64) << 32 | (ids.astype(np.int64) & 0xFFFFFFFF)
+    return np.sort(key, axis=1)
 
 
 def test_v5_topk_of_no_rows():
@@ -247,49 +263,57 @@ def test_large_vocab_cache_round_trips_through_kd_spec_example_and_plain_zarr(tm
         assert got.ids.dtype == np.int32 and np.array_equal(got.target_ids, s.target_ids)
         plain_ids, plain_lp, plain_tail = read_topk(path, s.sample_id)
         assert np.array_equal(plain_ids, got.ids) and np.array_equal(plain_lp.view(np.int32), got.logprobs.view(np.int32))
-        if coding == "u8":  # ties come back in canonical order, folded entries as -1
+        if coding != "fp32":  # ties come back in canonical order, u8's folded entries as -1
             assert same_entries_per_row(got.ids, got.logprobs, np.where(np.isneginf(got.logprobs), -1, s.ids))
         else:
             assert np.array_equal(got.ids, s.ids)
     assert verify_cache(path).ok
 
 
-def _rewrite_as_v4(path: str, samples, sig: SignalConfig) -> None:
-    """Shard 0 rewritten with schema_version 4's arrays (int32 codes for big tables, raw targets, a plain
-    table, u8 folded code 255) and the manifest saying 4."""
+def _rewrite_as(path: str, samples, sig: SignalConfig, version: int) -> None:
+    """Shard 0 rewritten with an older schema_version's arrays and the manifest saying it. v4: int32
+    codes for big tables, raw targets, a plain table, u8 folded code 255; v5: targets as codes, float32
+    tails, no tie order for fp16 / bf16."""
     cat = {name: np.concatenate([getattr(s, name) for s in samples]) for name in ("ids", "logprobs", "tail_logmass", "target_ids")}
-    old = encode_topk(cat["ids"], cat["logprobs"], cat["tail_logmass"], cat["target_ids"], sig.value_coding, schema_version=4)
+    old = encode_topk(cat["ids"], cat["logprobs"], cat["tail_logmass"], cat["target_ids"], sig.value_coding,
+                      schema_version=version)
     group = zarr.open_group(str(shard_dir(path)), mode="r")
-    if IDS_HI in group:
+    if IDS_HI in group and IDS_HI not in old:
         rewrite_shard_array(path, IDS_HI, None, drop=IDS_HI)
     for name, data in old.items():
         rewrite_shard_array(path, name, data)
     doc = read_manifest(path)
-    doc["schema_version"] = 4
+    doc["schema_version"] = version
     write_manifest(path, doc)
 
 
+@pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("coding, vocab", [("bf16", 151_936), ("u8", 151_936), ("fp16", 4096), ("u8", 4096)])
-def test_schema_v4_shards_still_read(tmp_path, coding, vocab):
-    """A shard as kd wrote it before v5 (int32 codes over 65536 ids, targets as ids, the table as
-    values) reads the same ids, targets and log-probs as the v5 shard of the same samples."""
+def test_older_schema_shards_still_read(tmp_path, coding, vocab, version):
+    """A shard as kd wrote it before (v4: int32 codes over 65536 ids, targets as ids, the table as
+    values; v5: float32 tails, targets as codes, fp16 / bf16 ties in the teacher's order) reads the
+    same ids, targets and log-probs as the current shard of the same samples, and fp32 tails."""
     sig = SignalConfig(top_k=64, value_coding=coding)
     samples = large_vocab_samples(sig, (2500, 1500), vocab)
     path = build_cache(str(tmp_path), samples, sig, shard_size=2).location.path
-    v5 = [CacheReader(path).get(s.sample_id) for s in samples]
-    _rewrite_as_v4(path, samples, sig)
+    current = [CacheReader(path).get(s.sample_id) for s in samples]
+    _rewrite_as(path, samples, sig, version)
     group = zarr.open_group(str(shard_dir(path)), mode="r")
-    assert IDS_HI not in group and group["ids"].dtype == (np.int32 if vocab > 65536 else np.uint16)
+    wide = vocab > 65536 and version == 4
+    assert (IDS_HI in group) == (vocab > 65536 and version == 5) and group["ids"].dtype == (np.int32 if wide else np.uint16)
+    assert group["tail_logmass"].dtype == np.float32 and (group["target_ids"][...] >= 0).all()
     reader, read_topk = CacheReader(path), spec_example()
-    for s, want in zip(samples, v5):
+    for s, want in zip(samples, current):
         got = reader.get(s.sample_id)
         assert np.array_equal(got.target_ids, s.target_ids)
         assert np.array_equal(got.logprobs.view(np.int32), want.logprobs.view(np.int32))
         if coding == "u8":  # a tie group's canonical order is by code, and v4's table orders ids otherwise
             assert same_entries_per_row(got.ids, got.logprobs, want.ids)
-        else:
-            assert np.array_equal(got.ids, want.ids)
-        assert np.array_equal(read_topk(path, s.sample_id)[0], got.ids)
+        else:  # fp16 / bf16: the teacher's order in v4 / v5, tie groups sorted since v6
+            assert np.array_equal(got.ids, s.ids) and same_entries_per_row(got.ids, got.logprobs, want.ids)
+            assert np.array_equal(got.tail_logmass, s.tail_logmass)
+        plain_ids, _, plain_tail = read_topk(path, s.sample_id)
+        assert np.array_equal(plain_ids, got.ids) and np.array_equal(plain_tail, got.tail_logmass)
     assert verify_cache(path).ok
 
 
@@ -341,13 +365,24 @@ def test_target_code_outside_the_table_is_a_corrupt_cache(small_cache):
     stored = group["target_ids"][...]
     stored[0] = group["id_table"].shape[0]  # one past the table
     rewrite_shard_array(cache, "target_ids", stored)
-    with pytest.raises(CacheCorruptError, match="target_ids chunk 0: id code outside"):
+    with pytest.raises(CacheCorruptError, match="target_ids: id code outside"):
+        CacheReader(cache).get("s-0")
+
+
+def test_target_column_outside_the_row_is_a_corrupt_cache(small_cache):
+    cache, samples = small_cache
+    group = zarr.open_group(str(shard_dir(cache)), mode="r")
+    stored = group["target_ids"][...]
+    assert (stored < 0).any()  # targets the rows hold are stored as columns
+    stored[0] = -(group["ids"].shape[1] + 1)  # column k: one past the row
+    rewrite_shard_array(cache, "target_ids", stored)
+    with pytest.raises(CacheCorruptError, match="target_ids: a target names column 8 of a 8-entry row"):
         CacheReader(cache).get("s-0")
 
 
 def test_single_distinct_id_whose_chunks_zarr_leaves_unwritten(tmp_path):
-    """Codes all 0 and table [0]: zarr writes no chunk of ids, targets or the table (all fill
-    value); reads are still exact."""
+    """Codes all 0 and table [0]: zarr writes no chunk of ids or the table (all fill value; the
+    targets are column 0 of their rows, -1); reads are still exact."""
     sig = SignalConfig(top_k=1, value_coding="fp32")
     samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([3, 4])]
     for s in samples:
@@ -355,7 +390,8 @@ def test_single_distinct_id_whose_chunks_zarr_leaves_unwritten(tmp_path):
         s.target_ids = np.zeros_like(s.target_ids)
         s.input_ids[s.answer_start:] = 0
     path = build_cache(str(tmp_path), samples, sig, shard_size=2).location.path
-    assert not any((shard_dir(path) / name / "c").exists() for name in ("id_table", "ids", "target_ids"))
+    assert not any((shard_dir(path) / name / "c").exists() for name in ("id_table", "ids"))
+    assert (zarr.open_group(str(shard_dir(path)), mode="r")["target_ids"][...] == -1).all()  # column 0 of its row
     reader = CacheReader(path)
     for s in samples:
         got = reader.get(s.sample_id)

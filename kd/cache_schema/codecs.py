@@ -72,31 +72,51 @@ def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict
     """Encode ``[N, k]`` log-probs (rows sorted descending) into the arrays SPEC.md names.
 
     Returns ``{"logprobs": ..., "tail_logmass": ...}``. ``u8`` may move entries far below the
-    top-1 into the tail; the returned tail includes them (and the decoder needs it).
+    top-1 into the tail; the returned tail includes them (and the decoder needs it). ``fp16`` /
+    ``bf16`` store the tail in their own dtype, as bit patterns (schema_version 6).
     """
-    return encode_logprobs_codes(logprobs, tail, coding)[0]
+    return encode_logprobs_codes(logprobs, tail, coding, tail_in_coding=True)[0]
 
 
-def encode_logprobs_codes(logprobs: np.ndarray, tail: np.ndarray, coding: str,
-                          fold_code: int = U8_FOLDED) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """:func:`encode_logprobs` plus, for ``u8``, the codes before the row-wise delta (what the
-    writer's folding and tie order need; ``None`` for the other codings). ``u8`` folded entries get
-    ``fold_code``: 160 in schema_version 5 (the row's last delta stays small), 255 before."""
+def encode_logprobs_codes(logprobs: np.ndarray, tail: np.ndarray, coding: str, fold_code: int = U8_FOLDED, *,
+                          tail_in_coding: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """:func:`encode_logprobs` plus the value codes before the row-wise delta (``u8``: gap codes;
+    ``fp16`` / ``bf16``: bit patterns; ``None`` for ``fp32``): what the writer's folding and tie
+    order need. ``u8`` folded entries get ``fold_code``: 160 in schema_version 5 and up (the row's
+    last delta stays small), 255 before. ``tail_in_coding`` (schema_version 6 and up): ``fp16`` /
+    ``bf16`` tails are stored as that dtype's bit patterns, else as float32."""
     lp = np.asarray(logprobs, dtype=np.float32)
     tail = np.asarray(tail, dtype=np.float32)
     if coding == "fp32":
         return {"logprobs": lp, "tail_logmass": tail}, None
-    if coding == "fp16":
-        return {"logprobs": _row_delta(lp.astype(np.float16).view(np.uint16)), "tail_logmass": tail}, None
-    if coding == "bf16":  # in row blocks: the uint32 temporaries stay in the CPU's cache (2x faster)
-        out = np.empty(lp.shape, np.uint16)
-        for r0 in range(0, len(lp), _BLOCK_ROWS):
-            out[r0 : r0 + _BLOCK_ROWS] = _row_delta(f32_to_bf16_bits(lp[r0 : r0 + _BLOCK_ROWS]))
-        return {"logprobs": out, "tail_logmass": tail}, None
+    if coding in ("fp16", "bf16"):
+        bits, out = np.empty(lp.shape, np.uint16), np.empty(lp.shape, np.uint16)
+        for r0 in range(0, len(lp), _BLOCK_ROWS):  # in row blocks: the temporaries stay in the CPU's cache (2x faster)
+            rows = slice(r0, r0 + _BLOCK_ROWS)
+            bits[rows] = _float16_bits(lp[rows], coding)
+            out[rows] = _row_delta(bits[rows])
+        stored_tail = _float16_bits(tail, coding) if tail_in_coding else tail
+        return {"logprobs": out, "tail_logmass": stored_tail}, bits
     if coding == "u8":
         codes, new_tail = _encode_u8(lp, tail, fold_code)
         return {"logprobs": _row_delta(codes), "tail_logmass": new_tail}, codes
     raise ValueError(f"unknown value coding {coding!r}; expected one of {VALUE_CODINGS}")
+
+
+def _float16_bits(x: np.ndarray, coding: str) -> np.ndarray:
+    """float32 -> the bit patterns (uint16) of ``fp16`` or ``bf16``, round to nearest even."""
+    return x.astype(np.float16).view(np.uint16) if coding == "fp16" else f32_to_bf16_bits(x)
+
+
+def decode_tail(stored: np.ndarray, coding: str) -> np.ndarray:
+    """A stored ``tail_logmass`` as float32: schema_version 6 ``fp16`` / ``bf16`` tails are that
+    dtype's bit patterns (uint16), every other tail float32 as is."""
+    stored = np.asarray(stored)
+    if stored.dtype != np.uint16:
+        return stored.astype(np.float32, copy=False)
+    if coding not in ("fp16", "bf16"):
+        raise ValueError(f"a uint16 tail_logmass needs value coding fp16 or bf16, not {coding!r}")
+    return logprobs_from_codes(stored, coding)
 
 
 def decode_logprobs(arrays: dict[str, np.ndarray], coding: str) -> np.ndarray:
@@ -154,7 +174,7 @@ def _fp16_table() -> np.ndarray:
     return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-_BLOCK_ROWS = 2048  # rows per step of the u8 encoder: its float32 temporaries stay in the CPU's cache
+_BLOCK_ROWS = 2048  # rows per step of the encoders: their temporaries stay in the CPU's cache
 
 
 def _encode_u8(lp: np.ndarray, tail: np.ndarray, fold_code: int) -> tuple[np.ndarray, np.ndarray]:

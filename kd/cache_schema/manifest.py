@@ -16,7 +16,7 @@ from kd import __version__
 from .errors import CacheCorruptError, CachePathError, SchemaVersionError
 from .storage import safe_relpath
 
-SCHEMA_VERSION = 5  # 2: id codes + id_table; 3: u8 power-law scale; 4: content_hash, parent; 5: turns (SPEC.md, Versioning)
+SCHEMA_VERSION = 6  # 2: id codes + id_table; 3: u8 power-law scale; 4: content_hash, parent; 5: turns; 6: smaller top-k (SPEC.md, Versioning)
 FORMAT_NAME = "kd-teacher-cache"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
@@ -24,7 +24,7 @@ PLAN_FILE = "plan.json"
 DROPPED_FILE = "dropped.parquet"
 
 
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4, SCHEMA_VERSION)  # v1 shards hold raw int32 ids, v1/v2 u8 a logprob_ref
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, SCHEMA_VERSION)  # v1 shards hold raw int32 ids, v1/v2 u8 a logprob_ref
 PARENT_VERSION = 4  # the first schema_version with per-sample content hashes and parent caches
 # A parent is named by its directory name under the same root: one plain path component.
 PARENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")

@@ -16,14 +16,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .codecs import decode_hidden, logprobs_from_codes, undelta_logprobs
+from .codecs import decode_hidden, decode_tail, logprobs_from_codes, undelta_logprobs
 from .errors import CacheCorruptError, CacheError, CacheUnsealedError
 from .id_lookup import SampleIdIndex, StringColumn
 from .manifest import INDEX_FILE, MANIFEST_FILE, Manifest, ShardEntry, SignalConfig, check_schema_version
 from .samples import CachedBatch, CachedSample, SampleRows  # noqa: F401 - re-exported with the reader
-from .shard_reader import ChunkLRU, ShardArrays, ShardSource, gather, read_parquet
+from .shard_reader import ChunkLRU, ShardArrays, ShardSource, gather, gather_targets, read_parquet
 from .storage import Location, checksum_bytes
 from .summary import manifest_summary
+from .topk_coding import ties_sorted
 from .writer import SHARD_INDEX_FILE, shard_commit_name
 from .chain import ChainLink, open_parent, with_current_columns
 
@@ -84,9 +85,9 @@ class CacheReader:
                 "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
             )
         self.index = with_current_columns(self.index, self.location.url)
-        # v3 u8 shards store each tie group's id codes sorted, as differences (SPEC.md section 5)
-        self.ties_sorted = self.signals.value_coding == "u8" and self.schema_version >= 3
-        source = ShardSource(self.location, self._lru, self.schema_version, self.ties_sorted)
+        # shards that store each tie group's id codes sorted, as differences (SPEC.md section 5)
+        self.ties_sorted = ties_sorted(self.signals.value_coding, self.signals.logits, self.schema_version)
+        source = ShardSource(self.location, self._lru, self.schema_version, self.ties_sorted, self.signals.value_coding)
         self._shards = {e.shard: ShardArrays(source, e) for e in entries}
         shard_col = self.index.column("shard").to_numpy()
         self._ids = SampleIdIndex(self.index.column("sample_id"))
@@ -244,7 +245,9 @@ class CacheReader:
         # Undo the row-wise delta on the samples' rows only: with random reads over a large cache
         # most chunks serve one sample, so undoing whole chunks would cost ~10x more.
         codes = undelta_logprobs(tokens("logprobs"), sig.value_coding)
-        tail = tokens("tail_logmass")
+        tail = decode_tail(tokens("tail_logmass"), sig.value_coding)
+        ids = tokens("ids")
+        targets = gather_targets(token_spans, ids)
         # schema_version <= 2 u8 caches store each row's top-1; v3 derives it from the codes and the tail
         ref = tokens("logprob_ref") if sig.value_coding == "u8" and self.schema_version <= 2 else None
         batch = CachedBatch(
@@ -255,8 +258,8 @@ class CacheReader:
             seq_len=c["seq_len"][rows].astype(np.int64),
             input_ids_hash=strings["input_ids_hash"],
             answer_ids_hash=strings["answer_ids_hash"],
-            target_ids=tokens("target_ids"),
-            ids=tokens("ids"),
+            target_ids=targets,
+            ids=ids,
             logprobs=logprobs_from_codes(codes, sig.value_coding, tail=tail, ref=ref),
             tail_logmass=tail,
             counts=tokens("counts") if sig.logits == "sampled" else None,

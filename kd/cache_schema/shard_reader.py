@@ -22,19 +22,20 @@ from .errors import CacheCorruptError
 from .id_coding import HI_FIELDS, ID_TABLE, IDS_HI, decode_ids, hi_planes, join_codes, load_table, unsort_ties
 from .manifest import ShardEntry
 from .storage import Location, checksum_bytes
-from .topk_coding import V5
+from .topk_coding import V5, V6, resolve_targets
 from .zarr_io import zarr_store
 
 
 @dataclass
 class ShardSource:
     """What every shard of one cache reads through: its location, the decoded-chunk LRU, and the
-    two format facts that change decoding (schema version, sorted u8 tie groups)."""
+    format facts that change decoding (schema version, sorted tie groups, the value coding)."""
 
     location: Location
     _lru: "ChunkLRU"
     schema_version: int
     ties_sorted: bool
+    value_coding: str
 
 
 def read_parquet(data: bytes) -> pa.Table:
@@ -162,10 +163,11 @@ class ShardArrays:
             if name == "ids" and self.id_table() is not None:  # decoded once per chunk, then cached
                 if self._has_ids_hi():  # v5, tables over 65536 ids: the codes' high bits (SPEC.md section 5)
                     chunk = join_codes(chunk, self.rows(IDS_HI, c * step, stop_c))
-                if self.reader.ties_sorted:  # v3 u8: codes of a tie group are stored as differences
-                    chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), "u8"))
+                if self.reader.ties_sorted:  # codes of a tie group are stored as differences
+                    coding = self.reader.value_coding
+                    chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), coding))
                 chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
-            elif name == "target_ids" and self.reader.schema_version >= V5:  # v5: codes into the id_table
+            elif name == "target_ids" and self.reader.schema_version == V5:  # v5: codes into the id_table
                 chunk = decode_ids(chunk, self.id_table(), f"{self.where}/target_ids chunk {c}")
         except CacheCorruptError:
             raise
@@ -246,3 +248,17 @@ def gather(name: str, spans: Sequence[tuple[ShardArrays, int, int]]) -> np.ndarr
         dtype = np.int32 if name == "ids" else (h.meta.dtype if h.meta is not None else h.zarr_array.dtype)
         return np.zeros((0,) + h.shape[1:], dtype)
     return np.concatenate(parts)
+
+
+def gather_targets(spans: Sequence[tuple[ShardArrays, int, int]], ids: np.ndarray) -> np.ndarray:
+    """``gather("target_ids", spans)`` as token ids, given the spans' decoded ``ids`` rows: from
+    schema_version 6 a target its row holds is stored as the row's column (SPEC.md section 5)."""
+    stored = gather("target_ids", spans)
+    if not spans or spans[0][0].reader.schema_version < V6:
+        return stored
+    out, at = np.empty(stored.shape, np.int32), 0
+    for shard, start, stop in spans:
+        n = max(stop - start, 0)
+        out[at : at + n] = resolve_targets(stored[at : at + n], ids[at : at + n], shard.id_table(), f"{shard.where}/target_ids")
+        at += n
+    return out

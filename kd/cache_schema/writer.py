@@ -205,7 +205,7 @@ class ShardWriter:
         tail = np.concatenate([np.asarray(s.tail_logmass, np.float32) for s in samples])
         targets = np.concatenate([np.asarray(s.target_ids, np.int32) for s in samples])
         # value coding, u8 folding, frequency-rank id codes (SPEC.md sections 5 and 6)
-        arrays: dict[str, np.ndarray] = encode_topk(ids, lp, tail, targets, sig.value_coding)
+        arrays: dict[str, np.ndarray] = encode_topk(ids, lp, tail, targets, sig.value_coding, logits=sig.logits)
         if sig.logits == "sampled":
             arrays["counts"] = np.concatenate([np.asarray(s.counts, np.uint16) for s in samples])
         for layer in sig.hidden_layers:
