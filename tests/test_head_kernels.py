@@ -26,15 +26,15 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return torch.log_softmax(logits, dim=-1)
 
 
-def assert_topk_matches(vals: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor, k: int) -> None:
+def assert_topk_matches(vals: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor, k: int, tol: float = TOL) -> None:
     ref_vals, ref_ids = torch.topk(ref, k, dim=-1)
     assert vals.shape == ids.shape == (ref.shape[0], k) and vals.dtype == torch.float32 and ids.dtype == torch.int64
-    np.testing.assert_allclose(vals.numpy(), ref_vals.numpy(), atol=TOL)
+    np.testing.assert_allclose(vals.numpy(), ref_vals.numpy(), atol=tol)
     assert (vals[:, :-1] >= vals[:, 1:]).all(), "not sorted by descending log-prob"
     assert all(len(set(row)) == k for row in ids.tolist()), "an id reported twice"
     # each id carries its own log-prob (not just the same sorted values), and the sets agree but for ties
-    np.testing.assert_allclose(vals.numpy(), ref.gather(1, ids).numpy(), atol=TOL)
-    assert_same_topk(ids.numpy(), vals.numpy(), ref_ids.numpy(), ref_vals.numpy(), TOL)
+    np.testing.assert_allclose(vals.numpy(), ref.gather(1, ids).numpy(), atol=tol)
+    assert_same_topk(ids.numpy(), vals.numpy(), ref_ids.numpy(), ref_vals.numpy(), tol)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_boundaries_of_tiles_sub_blocks_and_row_blocks(vocab, k, tile):
     for n in (1, 3, 4, 5, 9):
         vals, ids = TiledHead(weight, bias, rows=4, vocab_tile=tile).topk(x[:n], k)
         assert (ids < vocab).all()
-        assert_topk_matches(vals, ids, ref[:n], k)
+        # planted logits of 30+ put log-probs near -30, where a float32 ulp is 2e-6: 2x the usual tolerance
+        assert_topk_matches(vals, ids, ref[:n], k, tol=2 * TOL)
 
 
 def test_k_outside_the_vocabulary_is_refused():

@@ -19,6 +19,7 @@ import torch
 from family_archs import TEXT_ARCHS, VLM_ARCHS
 from fixtures_models import assert_same_topk, llm_tokenizer, make_image, tiny_llm_dir  # noqa: F401 - fixtures
 
+from kd.cache_schema import SCHEMA_VERSION
 from kd.pipeline.build.engines import SignalSpec, load_engine
 from kd.pipeline.common.chat import build_messages, end_of_turn_token, render_pieces
 from kd.pipeline.common.encoding import encode_sample
@@ -263,7 +264,7 @@ def test_the_cache_holds_every_turn_and_reads_it_back(conversation_world, conver
     from kd.pipeline.common.encoding import encode_record
 
     reader = CacheReader(conversation_cache.path)
-    assert reader.schema_version == 5 and len(reader) == 4
+    assert reader.schema_version == SCHEMA_VERSION and len(reader) == 4
     processor = AutoProcessor.from_pretrained(conversation_world["teacher"])
     batch = reader.get_batch(["text-conv", "conv", "single"])  # across both shards, out of order
     for b, rec in enumerate(load_records(conversation_world["data"])[i] for i in (2, 0, 1)):
