@@ -259,6 +259,7 @@ def gather_targets(spans: Sequence[tuple[ShardArrays, int, int]], ids: np.ndarra
     out, at = np.empty(stored.shape, np.int32), 0
     for shard, start, stop in spans:
         n = max(stop - start, 0)
-        out[at : at + n] = resolve_targets(stored[at : at + n], ids[at : at + n], shard.id_table(), f"{shard.where}/target_ids")
+        rows = slice(at, at + n)
+        out[rows] = resolve_targets(stored[rows], ids[rows], shard.id_table(), f"{shard.where}/target_ids")
         at += n
     return out
