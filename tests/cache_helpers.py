@@ -6,13 +6,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import zarr
 
 from kd.cache_schema import BuildPlan, CacheBuild, Location, Manifest, SignalConfig, checksum_bytes, key_inputs
 from kd.cache_schema.synthetic import teacher_like_topk
+from kd.cache_schema.zarr_io import array_codecs, zarr_store
 from kd.pipeline.build.signals import TeacherSignals
 
 PROMPT = 6  # prompt tokens before the answer in every synthetic sample
@@ -162,3 +163,30 @@ def same_entries_per_row(got_ids: np.ndarray, got_logprobs: np.ndarray, expected
         return ids.ravel()[order]
 
     return bool(np.array_equal(pairs(got_ids), pairs(expected_ids)))
+
+
+def file_tree(root: str | Path) -> dict[str, bytes]:
+    """Every file below ``root`` (its path relative to ``root``) with its bytes: how two writers'
+    outputs are compared."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_zarr_group(root: str | Path, arrays: dict[str, np.ndarray], attrs: dict | None = None,
+                     write: Callable[[str, np.ndarray, object, tuple], None] | None = None) -> dict[str, bytes]:
+    """``arrays`` as one zarr v3 group at ``root`` with kd's codecs (``array_codecs``), each array's data
+    written by zarr (``arr[...] = data``) or by ``write(name, data, compressor, chunks)``; its ``file_tree``.
+    The reference the chunk-writing tests compare kd's own chunk files against."""
+    group = zarr.open_group(store=zarr_store(Location.from_url(str(root))), mode="w", zarr_format=3)
+    group.attrs.update(attrs or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, data in arrays.items():
+            filters, compressors, chunks = array_codecs(name, data)
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters,
+                                     compressors=compressors)
+            if write is not None:
+                write(name, data, compressors[0], chunks)
+            elif data.size:
+                arr[...] = data
+    return file_tree(root)

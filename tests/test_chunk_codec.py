@@ -8,7 +8,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import zarr
-from cache_helpers import build_cache, make_signals, rewrite_shard_array, shard_dir
+from cache_helpers import build_cache, make_signals, rewrite_shard_array, shard_dir, write_zarr_group
 from large_vocab import large_vocab_samples
 
 from kd.cache_schema import CacheCorruptError, CacheReader, SignalConfig
@@ -115,12 +115,9 @@ def test_damaged_chunk_bytes_are_refused_naming_the_file(cache):
 def test_write_chunks_writes_the_files_zarr_writes(tmp_path, kind):
     """write_chunks (kd's direct chunk writer) against zarr's own writes of every array of a shard:
     the same chunk files, byte for byte (partial last chunks, all-zero chunks left out, 1-3 dims)."""
-    import warnings
-
     from kd.cache_schema.chunk_codec import write_chunks
     from kd.cache_schema.storage import Location
     from kd.cache_schema.topk_coding import encode_topk
-    from kd.cache_schema.zarr_io import zarr_store
 
     if kind == "small":
         sig = SignalConfig(top_k=8, value_coding="fp16")
@@ -133,20 +130,8 @@ def test_write_chunks_writes_the_files_zarr_writes(tmp_path, kind):
     arrays["zeros"] = np.zeros((5000, 3), np.float32)  # every chunk the fill value: none written
     arrays["tail_zero"] = np.concatenate([np.ones(300, np.float32), np.zeros(300, np.float32)])
     arrays["empty"] = np.zeros((0, 4), np.uint16)
-    trees = {}
-    for how in ("zarr", "kd"):
-        root = tmp_path / how
-        group = zarr.open_group(store=zarr_store(Location.from_url(str(root))), mode="w", zarr_format=3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, data in arrays.items():
-                filters, compressors, chunks = array_codecs(name, data)
-                arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters,
-                                         compressors=compressors)
-                if how == "zarr" and data.size:
-                    arr[...] = data
-                elif how == "kd":
-                    write_chunks(Location.from_url(str(root)), name, data, compressors[0], chunks)
-        trees[how] = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    kd_root = Location.from_url(str(tmp_path / "kd"))
+    trees = {"zarr": write_zarr_group(tmp_path / "zarr", arrays),
+             "kd": write_zarr_group(tmp_path / "kd", arrays, write=lambda *args: write_chunks(kd_root, *args))}
     assert trees["kd"].keys() == trees["zarr"].keys() and trees["kd"] == trees["zarr"]
     assert any(k.startswith("tail_zero/c/") for k in trees["kd"]) and not any(k.startswith("zeros/c/") for k in trees["kd"])

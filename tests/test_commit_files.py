@@ -5,17 +5,14 @@ coding, both attention maps) and at a real vocabulary."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
-import zarr
 
-from cache_helpers import inputs_for, make_signals
+from cache_helpers import file_tree, inputs_for, make_signals, write_zarr_group
 from large_vocab import large_vocab_samples
 
 from kd.cache_schema import BuildPlan, CacheBuild, Location, SignalConfig
-from kd.cache_schema.zarr_io import array_codecs, zarr_store
 
 CASES = {
     "fp32-hidden-attention": SignalConfig(top_k=8, value_coding="fp32", hidden_layers=(0, 2), hidden_coding="fp32",
@@ -29,10 +26,6 @@ CASES = {
 }
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def commit_one_shard(root: Path, sig: SignalConfig, samples):
     """(the committed shard's files, the arrays it was written from)."""
     build = CacheBuild(Location.from_url(str(root)), inputs_for(sig), {"name": "t"}, sig)
@@ -41,22 +34,7 @@ def commit_one_shard(root: Path, sig: SignalConfig, samples):
     for s in samples:
         writer.add(s, "cap", "h")
     arrays, _ = writer._assemble()
-    return tree(Path(build.location.path, writer.commit().path)), arrays
-
-
-def zarr_written(root: Path, sig: SignalConfig, arrays) -> dict[str, bytes]:
-    """The same group written by zarr alone (``arr[...] = data``: the commit before write_chunks)."""
-    group = zarr.open_group(store=zarr_store(Location.from_url(str(root))), mode="w", zarr_format=3)
-    group.attrs.update({"kd_shard": 0, "kd_signals": sig.to_dict()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, data in arrays.items():
-            filters, compressors, chunks = array_codecs(name, data)
-            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, filters=filters,
-                                     compressors=compressors)
-            if data.size:
-                arr[...] = data
-    return tree(root)
+    return file_tree(Path(build.location.path, writer.commit().path)), arrays
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -67,7 +45,7 @@ def test_committed_files_are_the_files_zarr_writes(case, tmp_path):
     else:
         samples = [make_signals(f"s-{i}", n, sig, seed=i) for i, n in enumerate([700, 3, 40, 1])]
     committed, arrays = commit_one_shard(tmp_path / "cache", sig, samples)
-    reference = zarr_written(tmp_path / "zarr", sig, arrays)
+    reference = write_zarr_group(tmp_path / "zarr", arrays, {"kd_shard": 0, "kd_signals": sig.to_dict()})
     assert committed.pop("index.parquet")
     assert committed.keys() == reference.keys()
     assert [n for n in committed if committed[n] != reference[n]] == []
