@@ -10,7 +10,7 @@ from capture_timing import Row
 TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
 TARGET_KD_US = 2.0  # kd's cost on the teacher's critical path per answer token
 # Timer labels of the shard loop and the writer (capture.py times these functions).
-ADD = "encode: writer.add"  # on the capture's thread: queues the sample (its checks run in the commit thread)
+ADD = "queue: writer.add"  # on the capture's thread: queues the sample (its checks run in the commit thread)
 CHECKS = "  commit thread: batch checks"
 COMMIT = "commit: writer.commit"  # in the commit thread: left checks, encode, zarr + zstd, checksums
 ENCODE = "  of the commit: encode (_assemble)"

@@ -87,9 +87,23 @@ def test_capture_at_a_real_shape_prints_every_vocabulary_and_the_split():
         assert re.search(rf"vocab {vocab}: \(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median", summary), summary
         assert re.search(rf"vocab {vocab}: \(d\)/\(e\) = {NUMBER} best-of, {NUMBER} paired median", summary), summary
         assert re.search(rf"vocab {vocab}: \(b0\)/\(a\) = {NUMBER} best-of", summary), summary
-    for part in ("teacher: engine.capture (vllm)", "answer head (kd: norm, lm_head, top-k)", "encode: writer.add",
-                 "commit: writer.commit", "teacher: engine.capture (hf)"):
+    for part in ("teacher: engine.capture (vllm)", "answer head (kd: norm, lm_head, top-k)", "queue: writer.add",
+                 "commit: writer.commit", "of the commit: encode (_assemble)", "teacher: engine.capture (hf)"):
         assert part in out, part
+
+
+def test_writer_overlap_prints_both_rows_the_ratio_and_equal_caches():
+    """Both rows per coding, the (o)/(s) ratio and verdict lines, and equal caches."""
+    out = _run("writer_overlap.py", "--tokens", "3000", "--vocab", "4096", "--k", "8", "--shard-size", "25",
+               "--teacher-us", "20", "--repeats", "1", timeout=300)
+    assert re.search(r"3,000 answer tokens \(\d+ samples .*\), 4 shards of", out), out[-2000:]
+    for coding in ("u8", "bf16"):
+        for row in ("(s) sequential", "(o) overlapped"):
+            assert re.search(rf"^{coding}\s+{re.escape(row)}\s+{NUMBER}\s+{NUMBER}", out, re.M), (coding, row)
+        m = re.search(rf"{coding}: \(o\)/\(s\) kd critical path = {NUMBER} \(paired median\); \(o\) {NUMBER} us/token "
+                      rf".*target <= 2 us/token: (PASS|MISS)", out)
+        assert m and float(m.group(1)) > 0, out[-2000:]
+        assert f"{coding}: same cache bytes (o) == (s): True" in out
 
 
 def test_growth_prints_the_grow_over_full_ratios():
