@@ -75,7 +75,7 @@ def encode_logprobs(logprobs: np.ndarray, tail: np.ndarray, coding: str) -> dict
     top-1 into the tail; the returned tail includes them (and the decoder needs it). ``fp16`` /
     ``bf16`` store the tail in their own dtype, as bit patterns (schema_version 6).
     """
-    return encode_logprobs_codes(logprobs, tail, coding, tail_in_coding=True)[0]
+    return encode_logprobs_codes(logprobs, tail, coding)[0]
 
 
 def encode_logprobs_codes(logprobs: np.ndarray, tail: np.ndarray, coding: str, fold_code: int = U8_FOLDED, *,

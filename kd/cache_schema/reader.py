@@ -24,7 +24,6 @@ from .samples import CachedBatch, CachedSample, SampleRows  # noqa: F401 - re-ex
 from .shard_reader import ChunkLRU, ShardArrays, ShardSource, gather, gather_targets, read_parquet
 from .storage import Location, checksum_bytes
 from .summary import manifest_summary
-from .topk_coding import ties_sorted
 from .writer import SHARD_INDEX_FILE, shard_commit_name
 from .chain import ChainLink, open_parent, with_current_columns
 
@@ -85,9 +84,7 @@ class CacheReader:
                 "rerun `kd cache build` to resume it, or open with allow_unsealed=True"
             )
         self.index = with_current_columns(self.index, self.location.url)
-        # shards that store each tie group's id codes sorted, as differences (SPEC.md section 5)
-        self.ties_sorted = ties_sorted(self.signals.value_coding, self.signals.logits, self.schema_version)
-        source = ShardSource(self.location, self._lru, self.schema_version, self.ties_sorted, self.signals.value_coding)
+        source = ShardSource(self.location, self._lru, self.schema_version, self.signals)
         self._shards = {e.shard: ShardArrays(source, e) for e in entries}
         shard_col = self.index.column("shard").to_numpy()
         self._ids = SampleIdIndex(self.index.column("sample_id"))

@@ -20,22 +20,26 @@ from .chunk_codec import ArrayMeta, decode_chunk, parse_array_meta
 from .codecs import undelta_logprobs
 from .errors import CacheCorruptError
 from .id_coding import HI_FIELDS, ID_TABLE, IDS_HI, decode_ids, hi_planes, join_codes, load_table, unsort_ties
-from .manifest import ShardEntry
+from .manifest import ShardEntry, SignalConfig
 from .storage import Location, checksum_bytes
-from .topk_coding import V5, V6, resolve_targets
+from .topk_coding import V5, V6, resolve_targets, ties_sorted
 from .zarr_io import zarr_store
 
 
 @dataclass
 class ShardSource:
     """What every shard of one cache reads through: its location, the decoded-chunk LRU, and the
-    format facts that change decoding (schema version, sorted tie groups, the value coding)."""
+    format facts that change decoding (schema version, signals)."""
 
     location: Location
     _lru: "ChunkLRU"
     schema_version: int
-    ties_sorted: bool
-    value_coding: str
+    signals: SignalConfig
+
+    @property
+    def ties_sorted(self) -> bool:
+        """Whether shards store each tie group's id codes sorted, as differences (SPEC.md section 5)."""
+        return ties_sorted(self.signals.value_coding, self.signals.logits, self.schema_version)
 
 
 def read_parquet(data: bytes) -> pa.Table:
@@ -164,7 +168,7 @@ class ShardArrays:
                 if self._has_ids_hi():  # v5, tables over 65536 ids: the codes' high bits (SPEC.md section 5)
                     chunk = join_codes(chunk, self.rows(IDS_HI, c * step, stop_c))
                 if self.reader.ties_sorted:  # codes of a tie group are stored as differences
-                    coding = self.reader.value_coding
+                    coding = self.reader.signals.value_coding
                     chunk = unsort_ties(chunk, undelta_logprobs(self.rows("logprobs", c * step, stop_c), coding))
                 chunk = decode_ids(chunk, self.id_table(), f"{self.where}/ids chunk {c}")
             elif name == "target_ids" and self.reader.schema_version == V5:  # v5: codes into the id_table
