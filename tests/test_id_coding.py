@@ -359,24 +359,18 @@ def test_code_outside_the_id_table_is_a_corrupt_cache(small_cache):
         CacheReader(cache).get("s-0")
 
 
-def test_target_code_outside_the_table_is_a_corrupt_cache(small_cache):
-    cache, samples = small_cache
-    group = zarr.open_group(str(shard_dir(cache)), mode="r")
-    stored = group["target_ids"][...]
-    stored[0] = group["id_table"].shape[0]  # one past the table
-    rewrite_shard_array(cache, "target_ids", stored)
-    with pytest.raises(CacheCorruptError, match="target_ids: id code outside"):
-        CacheReader(cache).get("s-0")
-
-
-def test_target_column_outside_the_row_is_a_corrupt_cache(small_cache):
-    cache, samples = small_cache
+@pytest.mark.parametrize("bad, match", [
+    (lambda group: group["id_table"].shape[0], "target_ids: id code outside"),  # a code one past the table
+    (lambda group: -(group["ids"].shape[1] + 1), "target_ids: a target names column 8 of a 8-entry row"),  # column k
+], ids=["code", "column"])
+def test_target_outside_its_table_or_row_is_a_corrupt_cache(small_cache, bad, match):
+    cache, _ = small_cache
     group = zarr.open_group(str(shard_dir(cache)), mode="r")
     stored = group["target_ids"][...]
     assert (stored < 0).any()  # targets the rows hold are stored as columns
-    stored[0] = -(group["ids"].shape[1] + 1)  # column k: one past the row
+    stored[0] = bad(group)
     rewrite_shard_array(cache, "target_ids", stored)
-    with pytest.raises(CacheCorruptError, match="target_ids: a target names column 8 of a 8-entry row"):
+    with pytest.raises(CacheCorruptError, match=match):
         CacheReader(cache).get("s-0")
 
 
