@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kd.pipeline.common.file_hashes import sha256_file
+
 
 def text_config(config: Any) -> Any:
     """The language model's config (the text config of a VLM, the config itself otherwise)."""
@@ -30,14 +32,6 @@ def load_config_and_processor(model_dir: str | Path, trust_remote_code: bool = F
     is_vlm = getattr(config, "vision_config", None) is not None
     proc_cls = AutoProcessor if is_vlm else AutoTokenizer
     return config, proc_cls.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json")
@@ -89,7 +83,7 @@ def engine_identity(model_dir: str | Path, *, hash_weights_below: int = 1 << 30)
     w = hashlib.sha256()
     for p in weights:
         if total < hash_weights_below:
-            w.update(p.name.encode() + bytes.fromhex(_sha256_file(p)))
+            w.update(p.name.encode() + bytes.fromhex(sha256_file(p)))
         else:
             with open(p, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")

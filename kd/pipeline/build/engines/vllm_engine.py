@@ -41,6 +41,7 @@ import torch
 from kd.pipeline.common.encoding import EncodedSample
 from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sample_seed, sample_sparse, tail_logmass
 from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_limits
+from kd.pipeline.common.file_hashes import kd_cache_dir
 from kd.pipeline.common.model_files import engine_identity, num_text_layers
 from kd.pipeline.build.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
 from kd.pipeline.build.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
@@ -78,7 +79,7 @@ def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
 
 def default_weights_dir() -> Path:
     """Where renamed vLLM checkpoints go by default: ``$KD_CACHE_DIR`` or ``~/.cache/kd``."""
-    return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd") / "vllm-checkpoints"
+    return kd_cache_dir() / "vllm-checkpoints"
 
 
 class VLLMEngine:
