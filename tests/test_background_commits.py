@@ -287,3 +287,31 @@ def test_commit_reports_come_once_and_failures_stop_later_commits(tmp_path):
     commits.check("checks", 8, broken)
     report = commits.collect("checks", wait=True)
     assert report.committed == [] and [s for s, _ in report.failed] == [8]
+
+
+def test_a_second_ctrl_c_does_not_abandon_a_running_commit():
+    """Two SIGINTs while the build waits for its last commit: the wait goes on until the commit is
+    done, and only then does the interrupt surface (so the lease is not released mid-write)."""
+    commits = BackgroundCommits()
+    release, finished = threading.Event(), threading.Event()
+
+    class SlowWriter:
+        cache = type("Cache", (), {"url": "memory://slow"})()
+
+        def commit(self) -> None:
+            release.wait(10)
+            finished.set()
+
+    def interrupt_twice_then_release() -> None:
+        for _ in range(2):
+            threading.Event().wait(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Event().wait(0.2)
+        release.set()
+
+    commits.submit("run", 0, SlowWriter())
+    threading.Thread(target=interrupt_twice_then_release, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        commits.collect("run", wait=True)
+    assert finished.is_set()
+    assert commits.collect("run").committed == [0]

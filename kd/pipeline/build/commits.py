@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import functools
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,10 +93,16 @@ class BackgroundCommits:
         finally:
             self.commit_s += time.perf_counter() - t0
 
-    def _wait(self, futures: list[concurrent.futures.Future]) -> None:
-        if futures:
-            t0 = time.perf_counter()
-            concurrent.futures.wait(futures)
+    def _wait(self, futures: list[concurrent.futures.Future], *, through_interrupts: bool = False) -> None:
+        if not futures:
+            return
+        t0 = time.perf_counter()
+        try:
+            if through_interrupts:
+                wait_through_interrupts(futures)
+            else:
+                concurrent.futures.wait(futures)
+        finally:
             self.wait_s += time.perf_counter() - t0
 
     def submit(self, run: str, shard: int, writer: ShardWriter) -> bool:
@@ -132,11 +139,12 @@ class BackgroundCommits:
         return self._failures.get(run, 0) > 0
 
     def collect(self, run: str, *, wait: bool = False) -> CommitReport:
-        """Report (once) the commits of ``run`` that finished; with ``wait``, first wait for all of them."""
+        """Report (once) the commits of ``run`` that finished; with ``wait``, first wait for all of them,
+        through Ctrl-C (``wait_through_interrupts``): the build's lease ends only after its last write."""
         with self._lock:
             mine = [p for p in self._pending if p.run == run]
         if wait:
-            self._wait([p.future for p in mine if not p.future.done()])
+            self._wait([p.future for p in mine if not p.future.done()], through_interrupts=True)
         done = [p for p in mine if p.future.done()]
         gone = {id(p) for p in done}
         with self._lock:
@@ -157,6 +165,27 @@ class BackgroundCommits:
 
     def stats(self) -> dict[str, float]:
         return {"commit_s": self.commit_s, "wait_s": self.wait_s}
+
+
+def wait_through_interrupts(futures: list[concurrent.futures.Future]) -> None:
+    """Wait for ``futures``; a Ctrl-C meanwhile is held and raised once they are done.
+
+    A build interrupted once waits here for its running commit before its lease is released; a
+    second Ctrl-C used to end that wait, so the lease went while the commit still wrote, and
+    another builder could take the cache over mid-write. A commit is one shard's encode and write:
+    seconds, so the wait is short."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            concurrent.futures.wait(futures)
+            break
+        except KeyboardInterrupt as exc:
+            if interrupted is None:
+                print("kd: waiting for the running shard commit to finish before stopping "
+                      "(it is seconds; the cache stays resumable)", file=sys.stderr, flush=True)
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 COMMITS = BackgroundCommits()  # this process's (a dask worker's too): one engine, one commit thread
