@@ -18,7 +18,7 @@ KV-transfer state is per process) and prints every run's ratio lines together at
 
 Rows:
 
-(a) vLLM prefill, no log-probs: ``LLM.generate(max_tokens=1, prompt_logprobs=None)`` over the same
+(a) vLLM prefill, no log-probs: ``LLM.generate(max_tokens=1, temperature=0, prompt_logprobs=None)`` over the same
     token prompts, all in one call, on a plain ``LLM`` (kd's engine settings, no hidden-states
     connector). Pre-tokenized: this is the ceiling of what vLLM can do.
 (b) kd capture, top-k: ``build_cache(BuildRequest(engine="vllm", top_k=k))`` writing a sealed cache
@@ -234,7 +234,9 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         times: dict[str, list[float]] = {k: [] for k in timed_rows}
         splits: dict[str, dict[str, float]] = {}
         tokens: dict[str, int] = {}
-        params = SamplingParams(max_tokens=1, prompt_logprobs=None, detokenize=False)
+        # As kd's engine asks (greedy: the one generated token is thrown away), so (a) and (b) differ
+        # only in what kd adds.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=None, detokenize=False)
 
         # Phase 1: the plain vLLM engine ((a), (b0)) and hf ((d), (e)); phase 2: (b), whose engine has
         # the hidden-states connector (process-global KV-transfer state: it cannot run beside (a)'s);

@@ -8,7 +8,9 @@ import os
 from capture_timing import Row
 
 TARGET_RATIO = 0.8  # (b)/(a) and (d)/(e) on CPU
-TARGET_KD_US = 2.0  # kd's cost on the teacher's critical path per answer token
+TARGET_KD_US = 2.0  # kd's cost on the teacher's critical path per answer token ...
+TARGET_KD_TOKENS = 50_000  # ... in builds of this many answer tokens or more (the issue's: 100k), where the
+# fixed cost of each commit (~30 ms: zarr groups, checksums, fsync) spreads; bench/writer_overlap.py measures it
 # Timer labels of the shard loop and the writer (capture.py times these functions).
 ADD = "queue: writer.add"  # on the capture's thread: queues the sample (its checks run in the commit thread)
 CHECKS = "  commit thread: batch checks"
@@ -92,6 +94,10 @@ def critical_path(rows: list[Row], splits: dict[str, dict[str, float]], answer_t
         work = split.get(COMMIT, 0.0) + split.get(CHECKS, 0.0)
         waits = split.get(WAITS, 0.0)
         hidden = 1 - waits / work if work else 0.0
+        if answer_tokens >= TARGET_KD_TOKENS:
+            verdict = f"target <= {TARGET_KD_US:g} us/token: {'PASS' if kd * us <= TARGET_KD_US else 'MISS'}"
+        else:
+            verdict = (f"(the {TARGET_KD_US:g} us/token target is for >= {TARGET_KD_TOKENS:,} answer tokens: "
+                       "bench/writer_overlap.py)")
         print(f"  {r.label:34} kd {kd * us:6.2f} us/token (writer.add {split.get(ADD, 0.0) * us:.2f}, waits on "
-              f"commits {waits * us:.2f}); writer work {work * us:.2f} us/token, hidden {hidden:.0%}   "
-              f"target <= {TARGET_KD_US:g} us/token: {'PASS' if kd * us <= TARGET_KD_US else 'MISS'}")
+              f"commits {waits * us:.2f}); writer work {work * us:.2f} us/token, hidden {hidden:.0%}   {verdict}")
