@@ -171,9 +171,10 @@ def test_tie_sorting_round_trips_and_moves_entries_only_within_runs(shape, seed,
         groups = np.sort(groups, axis=1)
     dtype = np.uint32 if wide else np.uint16
     codes = rng.integers(0, 2**31 - 1 if wide else 65536, shape).astype(dtype)
-    stored = sort_ties(codes, groups)
-    assert stored.dtype == codes.dtype and stored.shape == codes.shape
+    stored, sorted_codes = sort_ties(codes, groups)
+    assert stored.dtype == sorted_codes.dtype == codes.dtype and stored.shape == codes.shape
     ordered = unsort_ties(stored, groups)
+    assert np.array_equal(ordered, sorted_codes)
     for r in range(shape[0]):
         run = np.concatenate([[0], np.cumsum(groups[r, 1:] != groups[r, :-1])])
         for g in np.unique(run):

@@ -234,10 +234,10 @@ def _run_starts(groups: np.ndarray) -> np.ndarray:
     return start
 
 
-def sort_ties(codes: np.ndarray, groups: np.ndarray, *, with_sorted: bool = False):
-    """In each run of equal adjacent ``groups`` values of a row, the codes sorted ascending and
-    stored as differences to the previous code of the run (the run's first as is); same dtype.
-    ``with_sorted``: ``(stored, sorted codes)``, the codes in their new order as well.
+def sort_ties(codes: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(stored, ordered)``: in each run of equal adjacent ``groups`` values of a row, the codes
+    sorted ascending (``ordered``) and stored as differences to the previous code of the run (the
+    run's first as is); both of the codes' dtype.
 
     Entries move only within their runs, so ``groups`` is unchanged by the reordering. One sort
     of ``run << bits | code`` keys per row; the run key is ``groups`` itself where it never falls
@@ -246,7 +246,7 @@ def sort_ties(codes: np.ndarray, groups: np.ndarray, *, with_sorted: bool = Fals
     codes = np.asarray(codes)
     groups = np.asarray(groups)
     if codes.size == 0:
-        return (codes.copy(), codes.copy()) if with_sorted else codes.copy()
+        return codes.copy(), codes.copy()
     n, k = codes.shape
     code_bits = max(int(codes.max()).bit_length(), 1)
     if k == 1 or bool((groups[:, 1:] >= groups[:, :-1]).all()):
@@ -260,10 +260,10 @@ def sort_ties(codes: np.ndarray, groups: np.ndarray, *, with_sorted: bool = Fals
     # stored = key - base, base = the previous key in the same run, else the run's own key bits
     # (the previous key is smaller than those when the run changes: run keys rise along a row)
     base = key & key_dtype(~((1 << code_bits) - 1) & np.iinfo(key_dtype).max)
-    ordered = (key - base).astype(codes.dtype) if with_sorted else None  # each code, in the new order
+    ordered = (key - base).astype(codes.dtype)  # each code, in the new order
     np.maximum(base[:, 1:], key[:, :-1], out=base[:, 1:])
     key -= base
-    return (key.astype(codes.dtype), ordered) if with_sorted else key.astype(codes.dtype)
+    return key.astype(codes.dtype), ordered
 
 
 def unsort_ties(stored: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, targets
     if schema_version < V5:
         id_codes, table = encode_ids(ids)
         if sort:
-            id_codes = sort_ties(id_codes, codes)
+            id_codes, _ = sort_ties(id_codes, codes)
         return {"target_ids": targets, "ids": id_codes, ID_TABLE: table, **coded}
     ranks = IdRanks(ids, targets)
     n, k = ids.shape
@@ -59,7 +59,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, targets
         rows = slice(r0, r0 + _BLOCK_ROWS)
         stored = ordered = ranks.codes(ids[rows])
         if sort:  # entries of equal codes decode alike: their ids go in canonical order
-            stored, ordered = sort_ties(stored, codes[rows], with_sorted=True)
+            stored, ordered = sort_ties(stored, codes[rows])
         low[rows] = stored  # the low 16 bits
         if high is not None:
             pack_high(stored, high[rows])
