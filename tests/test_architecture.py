@@ -19,7 +19,7 @@ BENCH = REPO / "bench"
 LINE_LIMIT = 420  # "about 400 lines" (docs/ARCHITECTURE.md), with a little slack
 # bench/ files over the limit, each at its length when the limit reached bench/ (issue #18): they
 # may not grow, and leave this table once split under the limit.
-BENCH_OVER_LIMIT = {"cache_io.py": 467}
+BENCH_OVER_LIMIT: dict[str, int] = {}
 
 # Layer of each package, lowest first; a module may import its own layer or lower ones, except
 # that the two stages (same layer) never import each other.
