@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="width of the llm teacher (4 layers; default the teacher preset's 128; "
                          "the issue's 4 x 256: 256)")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
-    ap.add_argument("--seq-tokens", type=int, default=0, help="target sequence length (--model llm; default: --shape's)")
+    ap.add_argument("--seq-tokens", type=int, default=0,
+                    help="target sequence length (--model llm; default: --shape's; the issue's six-camera shape: 2600)")
     ap.add_argument("--batch-size", type=int, default=0,
                     help="samples per engine.capture call for vLLM (default 0: the whole shard)")
     ap.add_argument("--hf-batch-size", type=int, default=8, help="batch size of the hf engine")
