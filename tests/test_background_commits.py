@@ -302,12 +302,31 @@ def test_a_second_ctrl_c_does_not_abandon_a_running_commit():
             release.wait(10)
             finished.set()
 
+    main = threading.main_thread().ident
+
+    def main_is_waiting() -> bool:
+        """Whether the main thread is inside the commit wait (a SIGINT anywhere else would end the session)."""
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name == "wait_through_interrupts":
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupt_twice_then_release() -> None:
-        for _ in range(2):
-            threading.Event().wait(0.2)
-            os.kill(os.getpid(), signal.SIGINT)
-        threading.Event().wait(0.2)
-        release.set()
+        try:
+            for _ in range(2):
+                for _ in range(500):  # up to 10 s for the main thread to (re-)enter the wait
+                    if main_is_waiting():
+                        break
+                    threading.Event().wait(0.02)
+                else:
+                    return  # never waiting: no signal sent, and the test fails below
+                threading.Event().wait(0.1)
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Event().wait(0.1)
+        finally:
+            release.set()
 
     commits.submit("run", 0, SlowWriter())
     threading.Thread(target=interrupt_twice_then_release, daemon=True).start()

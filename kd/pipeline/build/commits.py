@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import functools
 import os
+import signal
 import sys
 import threading
 import time
@@ -173,19 +174,30 @@ def wait_through_interrupts(futures: list[concurrent.futures.Future]) -> None:
     A build interrupted once waits here for its running commit before its lease is released; a
     second Ctrl-C used to end that wait, so the lease went while the commit still wrote, and
     another builder could take the cache over mid-write. A commit is one shard's encode and write:
-    seconds, so the wait is short."""
-    interrupted: KeyboardInterrupt | None = None
-    while True:
-        try:
-            concurrent.futures.wait(futures)
-            break
-        except KeyboardInterrupt as exc:
-            if interrupted is None:
-                print("kd: waiting for the running shard commit to finish before stopping "
-                      "(it is seconds; the cache stays resumable)", file=sys.stderr, flush=True)
-            interrupted = exc
-    if interrupted is not None:
-        raise interrupted
+    seconds, so the wait is short. SIGINT is held by a handler installed for the wait (the main
+    thread only: other threads get no signals), which leaves no window for a second Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        concurrent.futures.wait(futures)
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if not held:
+            print("kd: waiting for the running shard commit to finish before stopping "
+                  "(seconds; the cache stays resumable)", file=sys.stderr, flush=True)
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        concurrent.futures.wait(futures)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        if previous is signal.default_int_handler:
+            raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
 
 
 COMMITS = BackgroundCommits()  # this process's (a dask worker's too): one engine, one commit thread
