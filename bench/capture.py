@@ -2,6 +2,7 @@
 
     python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--hidden-size 128] [--samples N]
                             [--shards 4] [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-old]
+                            [--device cpu|cuda] [--dtype float32]
 
 Everything runs on a tiny random-weight teacher built locally:
 
@@ -116,14 +117,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="cProfile the (b) builds and print the top functions")
     ap.add_argument("--compare-old", action="store_true",
                     help="add row (b0): (b) with head='prompt_logprobs' (vLLM scores every prompt position)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for vLLM and torch, bound to the first N allowed cores (default 1: steady "
-                         "numbers on a shared machine; 0: vLLM's own binding and torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for vLLM and torch, bound to the first N allowed cores (default 1 on CPU: "
+                         "steady numbers on a shared machine; 0, the default with --device cuda: vLLM's own "
+                         "binding and torch's default)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the hf engine and kd's answer head run (vLLM picks its own platform); "
+                         "cuda: the GPU rows of the issue (target >= 0.9)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="teacher compute dtype of every row")
     ap.add_argument("--quiet", action="store_true", help="no per-round times on stderr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     args.vocabs = [int(v) for v in args.vocab.replace(" ", "").split(",") if v]
+    if args.threads is None:
+        args.threads = 0 if args.device == "cuda" else 1
     if args.model == "vlm" and any(args.vocabs):
         ap.error("--vocab is for --model llm (the VLM preset keeps its tokenizer-sized head)")
     return args
@@ -203,7 +212,7 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         shard_size = -(-len(records) // max(1, min(args.shards, len(records))))
         batch = args.batch_size or shard_size
         base = dict(teacher=str(teacher), data=str(data), top_k=args.k, value_coding="fp16", hidden_coding="fp16",
-                    shard_size=shard_size, batch_size=batch)
+                    shard_size=shard_size, batch_size=batch, device=args.device, dtype=args.dtype)
         # (b0)'s engine (the old path, no connector) also serves (a): its LLM is a plain one.
         requests = {"b": BuildRequest(engine="vllm", out=str(work / "cache-b"), **base),
                     "b0": BuildRequest(engine="vllm", out=str(work / "cache-b0"),

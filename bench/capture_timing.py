@@ -125,4 +125,6 @@ def hf_forward(engine, batches: list[dict]) -> None:
     with torch.inference_mode():
         for b in batches:
             engine.model(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False, logits_to_keep=1)
+    if str(engine.device).startswith("cuda"):
+        torch.cuda.synchronize()  # the kernels are queued, not done: (d)'s builds end on a copy to the host
 
