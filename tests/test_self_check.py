@@ -63,3 +63,42 @@ def test_pick_samples_prefers_the_extremes():
     batch = [S(10, 0), S(30, 2), S(5, 0), S(20, 9)]
     assert sc.pick_samples(batch) == [1, 2, 3]
     assert sc.pick_samples(batch[:1]) == [0]
+
+
+def test_the_reference_copy_is_let_go_before_the_engine_first_captures(setup):
+    """A vLLM engine takes the device's memory at its first capture: the transformers copy the check
+    loads must be gone by then, so both never share one GPU."""
+    import gc
+    import weakref
+
+    from kd.pipeline.build.engines import load_engine
+    from kd.pipeline.common.dataset import load_records
+
+    root, teacher, data = setup
+    engine = load_engine("hf", str(teacher), device="cpu", dtype="float32", batch_size=4)
+    request = _request(root, teacher, data, "order")
+    copies: list[weakref.ref] = []
+
+    def load():
+        model = sc.reference_model(object(), str(teacher), device="cpu", dtype="float32")  # a copy, as for vLLM
+        copies.append(weakref.ref(model))
+        return model
+
+    class Watched:
+        """The hf engine, noting at each capture whether the copy is still alive."""
+
+        alive_at_capture: list[bool] = []
+
+        def encode(self, batch):
+            return engine.encode(batch)
+
+        def capture(self, batch, spec):
+            gc.collect()
+            self.alive_at_capture.append(any(ref() is not None for ref in copies))
+            return engine.capture(batch, spec)
+
+    records = [r.as_dict() for r in load_records(data)][:4]
+    report = sc.run_self_check(Watched(), load, records, request.signal_spec(), family="qwen2_5_vl", dtype="float32")
+    assert len(copies) == 1 and Watched.alive_at_capture == [False]
+    assert set(report.max_diff) == {"logprobs", "hidden[1]", "attention[0]"}
+    assert max(report.max_diff.values()) < sc.TOLERANCE["float32"]

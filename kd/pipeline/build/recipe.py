@@ -262,10 +262,12 @@ def self_check(request: BuildRequest, engine: str, records: list[Record]):
 
     teacher = warm_engine(request, engine)
     try:
-        model = reference_model(teacher, request.teacher, device=request.device, dtype=request.dtype,
-                                trust_remote_code=request.trust_remote_code)
+        def load():  # loaded (and let go) before the engine's first capture: see run_self_check
+            return reference_model(teacher, request.teacher, device=request.device, dtype=request.dtype,
+                                   trust_remote_code=request.trust_remote_code)
+
         family = json.loads((Path(request.teacher) / "config.json").read_text()).get("architectures", ["?"])[0]
-        return run_self_check(teacher, model, [r.as_dict() for r in records[: request.batch_size]],
+        return run_self_check(teacher, load, [r.as_dict() for r in records[: request.batch_size]],
                               request.signal_spec(), family=family, dtype=request.dtype)
     finally:
         if request.workers or request.scheduler:

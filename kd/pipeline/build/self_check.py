@@ -1,23 +1,25 @@
 """Build-time self-check: a few samples, captured as the build captures them, against a plain forward.
 
-Before the first shard, ``kd cache build`` captures its first batch exactly as the shards will
-(same engine, batching and padding), then recomputes a few of those samples one at a time,
-unpadded, through a plain transformers forward of the teacher, and compares log-probs at the
+Before the first shard, ``kd cache build`` computes a few samples of its first batch one at a
+time, unpadded, through a plain transformers forward of the teacher, then captures the batch
+exactly as the shards will (same engine, batching and padding), and compares log-probs at the
 captured ids, hidden states and attention maps. An architecture whose inputs kd batches wrongly
 (a silently dropped ``pixel_values``, per-token inputs that miss the answer, a head kd applies
 differently from the model) then stops the build with an error naming the family, the sample,
 the signal and the difference, instead of writing a wrong cache that verifies and trains.
 
 The reference is the hf engine's own model when the build uses it (no second copy), else a
-transformers copy of the teacher on the build's device and dtype (``--no-self-check`` skips it
-where that copy does not fit beside vLLM). Tolerances follow the dtype: batched and unbatched
+transformers copy of the teacher on the build's device and dtype, let go before vLLM starts (at
+its first capture), so the copy needs only the memory the teacher itself needs; with vLLM already
+running in the process (a second build of the teacher), ``--no-self-check`` skips the copy. Tolerances follow the dtype: batched and unbatched
 float32 forwards agree to ~1e-6; bf16 / fp16 to a few hundredths of a nat.
 """
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,19 +116,41 @@ def compare(sig: TeacherSignals, ref: dict[str, Any], image_mask: np.ndarray) ->
     return diffs
 
 
-def run_self_check(engine: Any, reference_model: Any, batch: Sequence[Any], spec: Any, *, family: str,
-                   dtype: str) -> SelfCheckReport:
+def reference_outputs(load_reference: Callable[[], Any], samples: Sequence[EncodedSample], spec: Any) -> list[dict]:
+    """``reference_signals`` of each sample through the model ``load_reference()`` returns, which
+    is let go (and a GPU's cache emptied) before this returns."""
+    model = load_reference()
+    if spec.attention_layers:  # only eager attention materialises the weights (the hf engine switches too)
+        model.set_attn_implementation("eager")
+    try:
+        return [reference_signals(model, s, spec.hidden_layers, spec.attention_layers) for s in samples]
+    finally:
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        del model
+        if on_cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def run_self_check(engine: Any, load_reference: Callable[[], Any], batch: Sequence[Any], spec: Any, *,
+                   family: str, dtype: str) -> SelfCheckReport:
     """Capture ``batch`` (raw records or encoded samples) with ``engine`` as a shard would, compare a
-    few samples with ``reference_model``; raise ``SelfCheckError`` above tolerance."""
+    few samples with the model ``load_reference()`` returns; raise ``SelfCheckError`` above tolerance.
+
+    The references come first and their model is let go before the capture: a vLLM engine starts,
+    and takes most of the device's memory, at its first capture, so a transformers copy of a
+    teacher and vLLM are never on one GPU together (unless the engine already runs: a second
+    build of the same teacher in one process)."""
     t0 = time.perf_counter()
     encoded = engine.encode(batch)
+    picked = pick_samples(encoded)
+    refs = reference_outputs(load_reference, [encoded[i] for i in picked], spec)
     captured = engine.capture(encoded, spec)
     tol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     worst: dict[str, float] = {}
     checked = []
-    for i in pick_samples(encoded):
+    for i, ref in zip(picked, refs):
         s, sig = encoded[i], captured[i]
-        ref = reference_signals(reference_model, s, spec.hidden_layers, spec.attention_layers)
         for name, diff in compare(sig, ref, s.image_token_mask).items():
             worst[name] = max(worst.get(name, 0.0), diff)
             if not diff <= tol:  # NaN fails too
