@@ -26,3 +26,17 @@ for _p in reversed(_TEST_PATHS):
     sys.path.insert(0, _p)
 os.environ["PYTHONPATH"] = os.pathsep.join(_TEST_PATHS + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 import torchvision_shim  # noqa: E402,F401 - tests/shim; subprocesses load it through shim/sitecustomize.py
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_warm_engine_outlives_its_module():
+    """Builds keep their engine warm in the process (``build.shard._WARM_ENGINES``); a vLLM engine
+    left by one module beside one another module starts directly shares vLLM's process-global
+    KV-transfer state, and the second's hidden-states connector finds no cache layer. Each module
+    starts from none (test_build then test_family_conformance failed alone without this)."""
+    yield
+    from kd.pipeline.build import close_warm_engines
+
+    close_warm_engines()
