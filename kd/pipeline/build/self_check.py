@@ -11,8 +11,9 @@ the signal and the difference, instead of writing a wrong cache that verifies an
 The reference is the hf engine's own model when the build uses it (no second copy), else a
 transformers copy of the teacher on the build's device and dtype, let go before vLLM starts (at
 its first capture), so the copy needs only the memory the teacher itself needs; with vLLM already
-running in the process (a second build of the teacher), ``--no-self-check`` skips the copy. Tolerances follow the dtype: batched and unbatched
-float32 forwards agree to ~1e-6; bf16 / fp16 to a few hundredths of a nat.
+running in the process (a second build of the teacher), ``--no-self-check`` skips the copy.
+Tolerances follow the dtype: batched and unbatched float32 forwards agree to ~1e-6; bf16 / fp16
+to a few hundredths of a nat.
 """
 
 from __future__ import annotations
