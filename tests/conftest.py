@@ -32,10 +32,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _no_warm_engine_outlives_its_module():
-    """Builds keep their engine warm in the process (``build.shard._WARM_ENGINES``); a vLLM engine
-    left by one module beside one another module starts directly shares vLLM's process-global
-    KV-transfer state, and the second's hidden-states connector finds no cache layer. Each module
-    starts from none (test_build then test_family_conformance failed alone without this)."""
+    """Builds keep their engine warm in the process (``build.shard._WARM_ENGINES``). A vLLM engine one
+    module leaves warm shares vLLM's process-global KV-transfer state with one the next module
+    starts itself, whose hidden-states connector then finds no cache layer; so each module starts
+    with none (test_build then test_family_conformance failed, run alone, without this)."""
     yield
     from kd.pipeline.build import close_warm_engines
 
