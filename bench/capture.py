@@ -175,6 +175,13 @@ def run(args: argparse.Namespace, vocab: int) -> int:
         import torch
 
         torch.set_num_threads(len(cores))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"--device cuda, but torch {torch.__version__} sees no CUDA device (on CPU: --device cpu)",
+                  file=sys.stderr)
+            return 2
 
     try:
         from vllm import LLM, SamplingParams

@@ -92,6 +92,13 @@ def test_capture_at_a_real_shape_prints_every_vocabulary_and_the_split():
         assert part in out, part
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_capture_on_cuda_without_a_gpu_says_so_and_exits_2():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "capture.py"), "--device", "cuda", "--samples", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_writer_overlap_prints_both_rows_the_ratio_and_equal_caches():
     """Both rows per coding, the (o)/(s) ratio and verdict lines, and equal caches."""
     out = _run("writer_overlap.py", "--tokens", "3000", "--vocab", "4096", "--k", "8", "--shard-size", "25",
