@@ -94,15 +94,13 @@ class BackgroundCommits:
         finally:
             self.commit_s += time.perf_counter() - t0
 
-    def _wait(self, futures: list[concurrent.futures.Future], *, through_interrupts: bool = False) -> None:
+    def _wait(self, futures: list[concurrent.futures.Future]) -> None:
+        """Wait through Ctrl-C (``wait_through_interrupts``): a build's lease ends only after its last write."""
         if not futures:
             return
         t0 = time.perf_counter()
         try:
-            if through_interrupts:
-                wait_through_interrupts(futures)
-            else:
-                concurrent.futures.wait(futures)
+            wait_through_interrupts(futures)
         finally:
             self.wait_s += time.perf_counter() - t0
 
@@ -140,12 +138,11 @@ class BackgroundCommits:
         return self._failures.get(run, 0) > 0
 
     def collect(self, run: str, *, wait: bool = False) -> CommitReport:
-        """Report (once) the commits of ``run`` that finished; with ``wait``, first wait for all of them,
-        through Ctrl-C (``wait_through_interrupts``): the build's lease ends only after its last write."""
+        """Report (once) the commits of ``run`` that finished; with ``wait``, first wait for all of them."""
         with self._lock:
             mine = [p for p in self._pending if p.run == run]
         if wait:
-            self._wait([p.future for p in mine if not p.future.done()], through_interrupts=True)
+            self._wait([p.future for p in mine if not p.future.done()])
         done = [p for p in mine if p.future.done()]
         gone = {id(p) for p in done}
         with self._lock:
