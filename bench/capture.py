@@ -1,14 +1,20 @@
 """Stage-one capture benchmark: vLLM prefill vs kd capture (top-k, + hidden states), and hf capture vs an hf forward.
 
-    python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--hidden-size 128] [--samples N]
+    python bench/capture.py [--shape toy|real] [--vocab 0,151936] [--teacher tiny|qwen2.5-0.5b] [--hidden-size 128]
+                            [--layers N] [--samples N]
                             [--shards 4] [--model llm|vlm] [--k 64] [--threads 1] [--profile] [--compare-old]
                             [--device cpu|cuda] [--dtype float32]
 
 Everything runs on a tiny random-weight teacher built locally:
 
-* ``--model llm`` (default): a text-only Llama of the "teacher" preset's shape (4 layers x 128) with an
-  LM head of ``--vocab`` ids (0: the tokenizer's ~1k; 151936: Qwen2.5 / InternVL3's), and a stage-one
-  JSONL of long prompts (random driving words) with multi-token answers. ``--shape toy``: ~256-token
+* ``--model llm`` (default): a text-only teacher with an LM head of ``--vocab`` ids (0: the tokenizer's
+  ~1k; 151936: Qwen2.5 / InternVL3's), and a stage-one JSONL of long prompts (random driving words) with
+  multi-token answers. ``--teacher tiny`` (default): a Llama of the "teacher" preset's shape (4 layers x
+  128, or ``--hidden-size``). ``--teacher qwen2.5-0.5b``: a Qwen2 of Qwen2.5-0.5B's width (896, MLP
+  4,864, 14 query / 2 KV heads, tied embeddings; ``--layers`` of its 24). The width matters at a 152k
+  vocabulary: the tiny teacher's LM head costs 8-15x its whole body per token, so the answer rows'
+  head alone caps (b)/(a) (~0.8 at 1,600-token prompts and 4 x 256), while at Qwen2.5-0.5B's width
+  the head costs ~0.4x the body per token (Qwen2.5-7B's: ~0.08x). ``--shape toy``: ~256-token
   sequences, answers of ~10-26 tokens. ``--shape real``: a driving VLM's shape as text: prompts of
   ~1,600 tokens (as many as a prompt with ~1,000+ image tokens) and answers of 20-40 tokens.
 * ``--model vlm``: the Idefics3 teacher preset on the synthetic driving data (``kd.pipeline.demo.synth``);
@@ -81,7 +87,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU-backend warnings would bury the table
 
 # The script's parts, in bench/ (the script's own folder, on sys.path).
-from capture_data import SHAPES, build_llm_teacher, head_jsonl, write_llm_data, write_vlm_data  # noqa: E402
+from capture_data import (SHAPES, TEACHER_SHAPES, build_llm_teacher, head_jsonl, teacher_dims,  # noqa: E402
+                          write_llm_data, write_vlm_data)
 from capture_report import ADD, CHECKS, COMMIT, ENCODE, LOOP, ROW_LABELS, WAITS, report  # noqa: E402
 from capture_timing import Row, Timers, drop_engines, forced, hf_batches, hf_forward, prefill_prompts  # noqa: E402
 
@@ -100,9 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", default="0",
                     help="LM head size(s) of the llm teacher, comma-separated (0: the tokenizer's ~1k; "
                          "e.g. 0,151936)")
-    ap.add_argument("--hidden-size", type=int, default=TEACHER.hidden_size,
-                    help="width of the llm teacher (4 layers; default the teacher preset's 128; "
-                         "the issue's 4 x 256: 256)")
+    ap.add_argument("--teacher", choices=tuple(TEACHER_SHAPES), default="tiny",
+                    help="shape of the llm teacher: tiny (the teacher preset's Llama, 4 layers x --hidden-size) "
+                         "or qwen2.5-0.5b (Qwen2.5-0.5B's width: 896, 14/2 heads, MLP 4,864, tied)")
+    ap.add_argument("--hidden-size", type=int, default=None,
+                    help="width of the tiny teacher (default the teacher preset's 128; the issue's 4 x 256: 256)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="layers of the llm teacher (default: tiny 4, qwen2.5-0.5b its 24)")
     ap.add_argument("--k", type=int, default=64, help="top-k log-probs per answer token")
     ap.add_argument("--seq-tokens", type=int, default=0,
                     help="target sequence length (--model llm; default: --shape's; the issue's six-camera shape: 2600)")
@@ -135,6 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.threads = 0 if args.device == "cuda" else 1
     if args.model == "vlm" and any(args.vocabs):
         ap.error("--vocab is for --model llm (the VLM preset keeps its tokenizer-sized head)")
+    if args.hidden_size is not None and args.teacher != "tiny":
+        ap.error(f"--hidden-size is for --teacher tiny ({args.teacher} has its own width)")
+    args.dims = teacher_dims(args.teacher, args.hidden_size or TEACHER.hidden_size, args.layers)
     return args
 
 
@@ -202,8 +216,7 @@ def run(args: argparse.Namespace, vocab: int) -> int:
     try:
         t0 = time.perf_counter()
         if args.model == "llm":
-            teacher = build_llm_teacher(work / "teacher", vocab, max(1024, 2 * seq_tokens), args.seed,
-                                        args.hidden_size)
+            teacher = build_llm_teacher(work / "teacher", vocab, max(1024, 2 * seq_tokens), args.seed, args.dims)
             data = write_llm_data(work / "bench.jsonl", args.samples, seq_tokens, args.seed, (answer_min, answer_max))
         else:
             teacher = build_preset(args.model, "teacher", work / "teacher", seed=args.seed)

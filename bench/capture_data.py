@@ -15,7 +15,6 @@ from kd.pipeline.demo.tiny_models import DRIVING_WORDS, TEACHER, build_tokenizer
 SHAPES = {"toy": (256, 10, 26), "real": (1600, 20, 40)}
 
 
-
 def write_llm_data(path: Path, n: int, seq_tokens: int, seed: int,
                    answer_tokens: tuple[int, int] = SHAPES["toy"][1:]) -> Path:
     """Stage-one JSONL of ``n`` text-only records whose encoded sequences are ~``seq_tokens`` long.
@@ -58,27 +57,54 @@ def head_jsonl(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int,
-                      hidden_size: int = TEACHER.hidden_size) -> Path:
-    """The teacher preset's Llama (4 layers; 128 wide unless ``hidden_size``, head_dim 32) with an LM head
+# --teacher: the llm teacher's shape. "tiny": the teacher preset's Llama (4 layers, MLP 2x the width,
+# head_dim 32; --hidden-size sets the width): there the LM head costs 8-15x the whole body per token, so
+# the answer rows' head caps (b)/(a) well below what real teachers see. "qwen2.5-0.5b": Qwen2.5-0.5B's
+# exact width (896, 14 query / 2 KV heads, MLP 4,864, q/k/v bias, tied embeddings), the smallest
+# member of the family InternVL3 and Qwen2.5-VL build on; --layers cuts its 24 layers to fit a CPU run.
+# init_std: the tiny teacher's 0.1 gives peaked distributions at width 128; at width 896 it blows the
+# residual stream up (rms ~75 after 4 layers) until fp32 rounding alone moves top-64 log-probs by ~1e-4
+# (transformers' own fp32 forward vs fp64: 8e-5; vLLM vs transformers: 1.1e-4, past the self-check's
+# float32 tolerance), so the wide teacher takes Qwen2.5's own initializer_range (0.02: 3e-6 vs fp64).
+TEACHER_SHAPES = {
+    "tiny": dict(model_type="llama", num_layers=TEACHER.num_layers, intermediate_ratio=2, head_dim=32,
+                 kv_heads=None, tied=False, init_std=0.1),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_layers=24, intermediate_size=4864, num_heads=14,
+                         kv_heads=2, tied=True, init_std=0.02),
+}
+
+
+def teacher_dims(shape: str, hidden_size: int = TEACHER.hidden_size, layers: int = 0) -> dict:
+    """(model_type, hidden, layers, MLP width, heads, KV heads, tied) of a ``--teacher`` shape."""
+    spec = TEACHER_SHAPES[shape]
+    hidden = spec.get("hidden_size", hidden_size)
+    heads = spec.get("num_heads") or hidden // spec["head_dim"]  # vLLM's CPU attention needs head_dim >= 32
+    return dict(model_type=spec["model_type"], hidden_size=hidden, num_layers=layers or spec["num_layers"],
+                intermediate_size=spec.get("intermediate_size") or spec["intermediate_ratio"] * hidden,
+                num_heads=heads, kv_heads=spec["kv_heads"] or heads, tied=spec["tied"], init_std=spec["init_std"])
+
+
+def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int, dims: dict | None = None) -> Path:
+    """A random-weight teacher of ``dims`` (``teacher_dims``; default the tiny Llama) with an LM head
     of ``vocab`` ids (0: the tokenizer's size, rounded up to 64) and ``max_position`` positions; the
     tokenizer is the tiny models' (~1k ids used)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    dims = dims or teacher_dims("tiny")
     tok = build_tokenizer()
-    heads = hidden_size // 32  # vLLM's CPU attention needs head_dim >= 32
-    config = LlamaConfig(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=TEACHER.num_layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    config.architectures = ["LlamaForCausalLM"]
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if dims["model_type"] == "qwen2" \
+        else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=dims["hidden_size"],
+                        intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
+                        num_attention_heads=dims["num_heads"], num_key_value_heads=dims["kv_heads"],
+                        max_position_embeddings=max_position, rms_norm_eps=1e-5,
+                        tie_word_embeddings=dims["tied"], initializer_range=dims["init_std"], bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config.architectures = [model_cls.__name__]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-

@@ -36,7 +36,10 @@ def report(args, vocab: int, vocab_size: int, records, rows: list[Row], splits, 
     by_key = dict(zip(times, rows))
     a = by_key["a"]
     n = len(records)
-    width = f"4 x {args.hidden_size}" if args.model == "llm" else "teacher preset"
+    d = args.dims
+    width = (f"{args.teacher}: {d['num_layers']} x {d['hidden_size']}, MLP {d['intermediate_size']}, "
+             f"{d['num_heads']}/{d['kv_heads']} heads{', tied' if d['tied'] else ''}") if args.model == "llm" \
+        else "teacher preset"
     print(f"\ncapture benchmark: model={args.model} ({width}), vocab {vocab_size:,}"
           f"{' (the tokenizer' + chr(39) + 's)' if not vocab else ''}, shape {args.shape}: {n} samples, "
           f"{a.prompt_tokens / n:.0f} prompt tokens/sample (answer {a.answer_tokens / n:.1f}), k={args.k}, "

@@ -65,10 +65,18 @@ def test_cache_io_reports_sizes_kl_and_throughput_for_every_coding():
 @pytest.mark.vllm
 def test_capture_prints_the_prefill_ratio():
     pytest.importorskip("vllm")
-    out = _run("capture.py", "--samples", "4", "--repeats", "1", "--skip", "c,d")
+    out = _run("capture.py", "--samples", "4", "--repeats", "1", "--skip", "c,d", "--teacher", "qwen2.5-0.5b",
+               "--layers", "1")
     assert re.search(rf"\(b\)/\(a\) = {NUMBER} best-of, {NUMBER} paired median   target >= 0.8 on CPU: (PASS|MISS)", out), \
         out[-2000:]
-    assert "vLLM engine head path: answer_only" in out, out[-2000:]
+    assert "model=llm (qwen2.5-0.5b: 1 x 896, MLP 4864, 14/2 heads, tied)" in out, out[-2000:]
+    assert "vLLM engine head path: answer_only (qwen2 text model" in out, out[-2000:]  # tied: embed_tokens
+
+
+def test_capture_refuses_a_width_for_a_teacher_that_has_its_own():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "capture.py"), "--teacher", "qwen2.5-0.5b",
+                           "--hidden-size", "256"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--hidden-size is for --teacher tiny" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.vllm

@@ -292,3 +292,32 @@ def test_vllm_hidden_states_scratch_folder_is_removed_at_exit_without_close(tiny
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SCRATCH 1" in res.stdout  # it existed while the engine ran
     assert not list(tmp_path.glob("kd-vllm-hidden-*"))
+
+
+@pytest.mark.vllm
+def test_a_second_vllm_engine_is_refused_while_one_runs_and_starts_once_it_is_closed(tiny_llm_dir, tmp_path):
+    """vLLM's KV-transfer group is per process: kd names the running engine instead of vLLM's deep
+    "Expected 1 CacheOnlyAttentionLayer" (own process: the engines of this one stay as they are)."""
+    code = (
+        "import glob, sys, tempfile\n"
+        "from kd.pipeline.build.engines import SignalSpec, load_engine\n"
+        "rec = [{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}]\n"
+        f"a = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32', hidden_layers=(1,))\n"
+        f"b = load_engine('vllm', {str(tiny_llm_dir)!r}, dtype='float32')\n"
+        "ref = a.capture(rec, SignalSpec(top_k=2))[0]\n"
+        "try:\n"
+        "    b.capture(rec, SignalSpec(top_k=2))\n"
+        "    sys.exit('the second engine started beside the first')\n"
+        "except RuntimeError as err:\n"
+        "    print('ERR', err)\n"
+        "print('SCRATCH', len(glob.glob(tempfile.gettempdir() + '/kd-vllm-hidden-*')))\n"
+        "a.close()\n"
+        "got = b.capture(rec, SignalSpec(top_k=2))[0]\n"
+        "print('SAME', bool((got.ids == ref.ids).all()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "another one runs in this process" in res.stdout and str(tiny_llm_dir) in res.stdout
+    assert "SCRATCH 1" in res.stdout  # only the first engine's: the refused one made none
+    assert "SAME True" in res.stdout

@@ -56,6 +56,11 @@ from kd.pipeline.build.signals import TeacherSignals, sample_fields
 _ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+# Started engines of this process. vLLM's KV-transfer group (the connector that the hidden states and the
+# answer-only head come through) is process-global: a second engine beside one that has it fails deep
+# inside vLLM ("Expected 1 CacheOnlyAttentionLayer, got 0"), so _ensure_llm refuses it up front.
+_STARTED: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+
 _FINAL_NORM_KEYS = ("model.norm.weight", "model.text_model.norm.weight", "model.language_model.norm.weight",
                     "language_model.model.norm.weight")
 
@@ -166,6 +171,7 @@ class VLLMEngine:
         if self._llm is None:
             from vllm import LLM
 
+            self._refuse_beside_another()
             load_dir = vllm_model_dir(self.model_dir, self.weights_dir)  # the model's own unless renamed
             kwargs = dict(model=str(load_dir), dtype=self.dtype, max_logprobs=-1,
                           logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False,
@@ -193,6 +199,7 @@ class VLLMEngine:
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
             try:
                 self._llm = LLM(**kwargs)
+                _STARTED.add(self)
             except BaseException as e:
                 self.close()  # no scratch folder left behind by an engine that never started
                 if not isinstance(e, RuntimeError) or "application context" not in str(e):
@@ -202,6 +209,19 @@ class VLLMEngine:
                                    "override scan touches flask's context-local proxies): run the build in its "
                                    "own process, or use --engine hf") from e
         return self._llm
+
+    def _uses_connector(self) -> bool:
+        return bool(self._aux_ids())
+
+    def _refuse_beside_another(self) -> None:
+        """Raise, naming the running engine, when this one cannot start beside it (see ``_STARTED``)."""
+        for other in list(_STARTED):
+            if other is not self and other._llm is not None and (self._uses_connector() or other._uses_connector()):
+                raise RuntimeError(
+                    f"cannot start a vLLM engine for {self.model_dir} while another one runs in this process "
+                    f"({other.model_dir}, head {other.head_path}, aux layers {other._aux_ids()}): vLLM's KV-transfer "
+                    "state, the route of hidden states and answer-only scoring, is per process. close() the other "
+                    "engine first (kd cache build keeps one vLLM engine per process and does this itself)")
 
     def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
         """Teacher signals for each sample of ``batch``, in order."""
@@ -399,6 +419,7 @@ class VLLMEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self._llm = None
+        _STARTED.discard(self)
         if self._tmp_cleanup is not None:
             self._tmp_cleanup()  # rmtree, once
             self._tmp, self._tmp_cleanup = None, None
