@@ -12,7 +12,7 @@ Everything runs on a tiny random-weight teacher built locally:
   multi-token answers. ``--teacher tiny`` (default): a Llama of the "teacher" preset's shape (4 layers x
   128, or ``--hidden-size``). ``--teacher qwen2.5-0.5b``: a Qwen2 of Qwen2.5-0.5B's width (896, MLP
   4,864, 14 query / 2 KV heads, tied embeddings; ``--layers`` of its 24). The width matters at a 152k
-  vocabulary: the tiny teacher's LM head costs 8-15x its whole body per token, so the answer rows'
+  vocabulary: the tiny teacher's LM head costs 9-13x its whole body per token, so the answer rows'
   head alone caps (b)/(a) (~0.8 at 1,600-token prompts and 4 x 256), while at Qwen2.5-0.5B's width
   the head costs ~0.4x the body per token (Qwen2.5-7B's: ~0.08x). ``--shape toy``: ~256-token
   sequences, answers of ~10-26 tokens. ``--shape real``: a driving VLM's shape as text: prompts of

@@ -58,7 +58,7 @@ def head_jsonl(src: Path, dst: Path, n: int) -> Path:
 
 
 # --teacher: the llm teacher's shape. "tiny": the teacher preset's Llama (4 layers, MLP 2x the width,
-# head_dim 32; --hidden-size sets the width): there the LM head costs 8-15x the whole body per token, so
+# head_dim 32; --hidden-size sets the width): there the LM head costs 9-13x the whole body per token, so
 # the answer rows' head caps (b)/(a) well below what real teachers see. "qwen2.5-0.5b": Qwen2.5-0.5B's
 # exact width (896, 14 query / 2 KV heads, MLP 4,864, q/k/v bias, tied embeddings), the smallest
 # member of the family InternVL3 and Qwen2.5-VL build on; --layers cuts its 24 layers to fit a CPU run.

@@ -255,6 +255,12 @@ def test_vllm_refuses_attention_and_unconfigured_layers(vllm_engine, vlm_samples
         load_engine("vllm", vllm_engine.model_dir, hidden_layers=(1,)).capture(vlm_samples[:1], SignalSpec(hidden_layers=(2,)))
 
 
+def _in_own_process(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter whose temp dir is ``tmp_path`` (vLLM engines there leave this process's alone)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+
+
 @pytest.mark.vllm
 def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir, tmp_path):
     """vLLM's start-up scan of sys.modules trips over flask's proxies: kd names the cause (own process: flask stays out of this one)."""
@@ -270,8 +276,7 @@ def test_vllm_in_a_process_with_flask_fails_with_a_clear_message(tiny_llm_dir, t
         "    print('ERR', err)\n"
         "    sys.exit(3)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    res = _in_own_process(code, tmp_path)
     assert res.returncode == 3, res.stderr[-2000:]
     assert "flask" in res.stdout and "--engine hf" in res.stdout
     assert not list(tmp_path.glob("kd-vllm-hidden-*")), "the engine that failed to start left its scratch folder"
@@ -287,8 +292,7 @@ def test_vllm_hidden_states_scratch_folder_is_removed_at_exit_without_close(tiny
         "e.capture([{'id': 's', 'prompt': 'hi', 'answer': 'yes', 'images': []}], SignalSpec(top_k=2, hidden_layers=(1,)))\n"
         "print('SCRATCH', len(glob.glob(tempfile.gettempdir() + '/kd-vllm-hidden-*')))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    res = _in_own_process(code, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SCRATCH 1" in res.stdout  # it existed while the engine ran
     assert not list(tmp_path.glob("kd-vllm-hidden-*"))
@@ -315,8 +319,7 @@ def test_a_second_vllm_engine_is_refused_while_one_runs_and_starts_once_it_is_cl
         "got = b.capture(rec, SignalSpec(top_k=2))[0]\n"
         "print('SAME', bool((got.ids == ref.ids).all()))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    res = _in_own_process(code, tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "another one runs in this process" in res.stdout and str(tiny_llm_dir) in res.stdout
     assert "SCRATCH 1" in res.stdout  # only the first engine's: the refused one made none

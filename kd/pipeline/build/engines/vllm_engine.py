@@ -43,9 +43,8 @@ from kd.pipeline.build.engines.base import Batch, SignalSpec, ensure_encoded, sa
 from kd.pipeline.build.engines.limits import check_layers, check_top_k, engine_limits
 from kd.pipeline.common.file_hashes import kd_cache_dir
 from kd.pipeline.common.model_files import engine_identity, num_text_layers
-from kd.pipeline.build.engines.vllm_head import PLAIN_HEAD_TYPES as _PLAIN_RMSNORM_TYPES  # y = x / rms(x) * w
-from kd.pipeline.build.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model
-from kd.pipeline.build.engines import vllm_plumbing
+from kd.pipeline.build.engines.vllm_head import AnswerHead, HeadChoice, choose_for_model, final_rms_norm
+from kd.pipeline.build.engines import vllm_plumbing, vllm_process
 from kd.pipeline.build.engines.vllm_plumbing import (ARRAY_TAG, CONNECTOR, POSITIONS_KEY, ArrayPromptLogprobs,
                                                      aux_hidden_arch, install_array_prompt_logprobs)
 from kd.pipeline.build.engines.weight_names import vllm_model_dir
@@ -54,32 +53,6 @@ from kd.pipeline.build.signals import TeacherSignals, sample_fields
 # Measured defaults for the CPU build (see /work/shared/notes/vllm-on-cpu.md): a 1 GiB KV cache
 # instead of ~20 GiB, and the in-process engine (2 s start instead of 14 s). The user's values win.
 _ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
-# Started engines of this process. vLLM's KV-transfer group (the connector that the hidden states and the
-# answer-only head come through) is process-global: a second engine beside one that has it fails deep
-# inside vLLM ("Expected 1 CacheOnlyAttentionLayer, got 0"), so _ensure_llm refuses it up front.
-_STARTED: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
-
-_FINAL_NORM_KEYS = ("model.norm.weight", "model.text_model.norm.weight", "model.language_model.norm.weight",
-                    "language_model.model.norm.weight")
-
-
-def _rms_norm_params(model_dir: Path) -> tuple[torch.Tensor, float]:
-    """The final RMSNorm weight and eps of a Llama-style text model, read with safetensors."""
-    from safetensors import safe_open
-
-    config = json.loads((model_dir / "config.json").read_text())
-    text = config.get("text_config", config)
-    if text.get("model_type", "llama") not in _PLAIN_RMSNORM_TYPES or "rms_norm_eps" not in text:
-        raise ValueError(f"hidden layer num_layers (after the final norm) is only supported for "
-                         f"{_PLAIN_RMSNORM_TYPES} text models on vLLM; ask for layers < num_layers or use --engine hf")
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in _FINAL_NORM_KEYS:
-                if key in f.keys():
-                    return f.get_tensor(key).float(), float(text["rms_norm_eps"])
-    raise ValueError(f"no final norm weight ({' / '.join(_FINAL_NORM_KEYS)}) in {model_dir}")
 
 
 def default_weights_dir() -> Path:
@@ -149,7 +122,13 @@ class VLLMEngine:
     def encode(self, batch: Batch) -> list[EncodedSample]:
         return ensure_encoded(self.processor, batch, self.base_dir)
 
-    def _aux_ids(self) -> list[int]:
+    @property
+    def running(self) -> bool:
+        """Whether vLLM has started (at the first capture) and not been closed."""
+        return self._llm is not None
+
+    def aux_layer_ids(self) -> list[int]:
+        """The aux hidden-state layer ids vLLM is asked for (empty: no hidden-states connector)."""
         # vLLM aux id i == transformers hidden_states[i] for i < L; id L is the residual stream
         # *before* the final norm, which transformers' hidden_states[L] is after (applied here).
         # The answer-only head needs id L whatever the hidden layers.
@@ -171,12 +150,12 @@ class VLLMEngine:
         if self._llm is None:
             from vllm import LLM
 
-            self._refuse_beside_another()
+            vllm_process.refuse_beside_running(self)
             load_dir = vllm_model_dir(self.model_dir, self.weights_dir)  # the model's own unless renamed
             kwargs = dict(model=str(load_dir), dtype=self.dtype, max_logprobs=-1,
                           logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False,
                           trust_remote_code=self.trust_remote_code, seed=0)
-            if self._aux_ids():
+            if self.aux_layer_ids():
                 arch = self._architecture()
                 override = aux_hidden_arch(arch)
                 if override is not None:
@@ -190,7 +169,7 @@ class VLLMEngine:
                 self._tmp_cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
                 kwargs["speculative_config"] = {
                     "method": "extract_hidden_states", "num_speculative_tokens": 1,
-                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids()}},
+                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.aux_layer_ids()}},
                 }
                 kwargs["kv_transfer_config"] = {
                     "kv_connector": CONNECTOR, "kv_connector_module_path": vllm_plumbing.__name__, "kv_role": "kv_producer",
@@ -199,7 +178,7 @@ class VLLMEngine:
             kwargs.update({k: v for k, v in self._llm_kwargs.items() if v is not None})
             try:
                 self._llm = LLM(**kwargs)
-                _STARTED.add(self)
+                vllm_process.mark_running(self)
             except BaseException as e:
                 self.close()  # no scratch folder left behind by an engine that never started
                 if not isinstance(e, RuntimeError) or "application context" not in str(e):
@@ -209,19 +188,6 @@ class VLLMEngine:
                                    "override scan touches flask's context-local proxies): run the build in its "
                                    "own process, or use --engine hf") from e
         return self._llm
-
-    def _uses_connector(self) -> bool:
-        return bool(self._aux_ids())
-
-    def _refuse_beside_another(self) -> None:
-        """Raise, naming the running engine, when this one cannot start beside it (see ``_STARTED``)."""
-        for other in list(_STARTED):
-            if other is not self and other._llm is not None and (self._uses_connector() or other._uses_connector()):
-                raise RuntimeError(
-                    f"cannot start a vLLM engine for {self.model_dir} while another one runs in this process "
-                    f"({other.model_dir}, head {other.head_path}, aux layers {other._aux_ids()}): vLLM's KV-transfer "
-                    "state, the route of hidden states and answer-only scoring, is per process. close() the other "
-                    "engine first (kd cache build keeps one vLLM engine per process and does this itself)")
 
     def capture(self, batch: Batch, spec: SignalSpec) -> list[TeacherSignals]:
         """Teacher signals for each sample of ``batch``, in order."""
@@ -296,7 +262,7 @@ class VLLMEngine:
         for sampling (which draws from the whole distribution).
         """
         head = self._answer_head()
-        col = self._aux_ids().index(self.num_layers)
+        col = self.aux_layer_ids().index(self.num_layers)
         rows = []
         for s, h in zip(samples, hidden):
             if h is None:
@@ -400,13 +366,13 @@ class VLLMEngine:
     def _hidden(self, s: EncodedSample, hs: torch.Tensor | None, layers: tuple[int, ...]) -> dict[int, np.ndarray]:
         if hs is None:
             raise RuntimeError(f"sample {s.sample_id!r}: vLLM wrote no hidden states file")
-        aux = self._aux_ids()
+        aux = self.aux_layer_ids()
         result = {}
         for layer in layers:
             h = hs[:, aux.index(layer)].float()
             if layer == self.num_layers:
                 if self._final_norm is None:
-                    self._final_norm = _rms_norm_params(self.model_dir)
+                    self._final_norm = final_rms_norm(self.model_dir)
                 w, eps = self._final_norm
                 h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
             result[layer] = h.numpy()
@@ -419,7 +385,7 @@ class VLLMEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self._llm = None
-        _STARTED.discard(self)
+        vllm_process.mark_stopped(self)
         if self._tmp_cleanup is not None:
             self._tmp_cleanup()  # rmtree, once
             self._tmp, self._tmp_cleanup = None, None

@@ -157,6 +157,21 @@ def _read_tensor(model_dir: Path, key: str) -> torch.Tensor:
     raise KeyError(f"{key} not found in {model_dir}/*.safetensors")
 
 
+def final_rms_norm(model_dir: str | Path) -> tuple[torch.Tensor, float]:
+    """The final RMSNorm's float32 weight and eps of a plain-head text model, read with safetensors:
+    vLLM's last aux layer is the residual before it, transformers' last hidden state after it."""
+    d = Path(model_dir)
+    text = text_config_dict(json.loads((d / "config.json").read_text()))
+    if text.get("model_type", "llama") not in PLAIN_HEAD_TYPES or "rms_norm_eps" not in text:
+        raise ValueError(f"hidden layer num_layers (after the final norm) is only supported for {PLAIN_HEAD_TYPES} "
+                         "text models on vLLM; ask for layers < num_layers or use --engine hf")
+    keys = set(safetensors_keys(d))
+    norms = [p + "norm.weight" for p in TEXT_PREFIXES if p + "norm.weight" in keys]
+    if not norms:
+        raise ValueError(f"no final norm weight ({' / '.join(p + 'norm.weight' for p in TEXT_PREFIXES)}) in {d}")
+    return _read_tensor(d, norms[0]).float(), float(text["rms_norm_eps"])
+
+
 class AnswerHead:
     """The teacher's final norm + LM head in float32, applied to residual-stream rows.
 
