@@ -174,7 +174,9 @@ def wait_through_interrupts(futures: list[concurrent.futures.Future]) -> None:
     seconds, so the wait is short. SIGINT is held by a handler installed for the wait (the main
     thread only: other threads get no signals), which leaves no window for a second Ctrl-C.
     """
-    if threading.current_thread() is not threading.main_thread():
+    # Other threads get no signals; a process that ignores SIGINT (e.g. a background job of a
+    # non-interactive shell, where Python starts with SIG_IGN) has no Ctrl-C to hold.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         concurrent.futures.wait(futures)
         return
     held: list[int] = []
