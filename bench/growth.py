@@ -13,7 +13,7 @@ the dataset grown by ``growth`` is built twice in one process, with the same war
 
 Teacher time is the wall time inside the engine's ``capture`` (what the teacher costs); build time
 is all of ``build_cache`` (hashing the dataset and teacher files, planning, writing, sealing).
-The self-check is off in both (it would add one batch to each). Prints per row the samples
+The self-check is off in both (its reference forwards would add to each). Prints per row the samples
 captured, teacher and build seconds and bytes on disk, then the ratio lines grow / full, and the
 largest difference between the chain and the full cache over every sample (batches of other
 samples round the last bits differently; it is 0 with ``--batch-size 1``).

@@ -331,6 +331,7 @@ def distill_cmd(
     """Train a student from one or more teacher caches (CE + top-k KD + hidden + attention losses)."""
     from kd.cache_schema import CacheError
     from kd.pipeline.distill import AlignmentError, distill, load_config
+    from kd.pipeline.distill.train import release_process_group
 
     fields: dict = {}
     for name, value in (("student", student), ("data", data), ("out", out_dir), ("val_data", val_data)):
@@ -353,6 +354,8 @@ def distill_cmd(
         result = distill(cfg)
     except (AlignmentError, CacheError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    finally:
+        release_process_group()  # under accelerate launch / torchrun: each rank exits cleanly
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), "steps": result.steps,
                "final_loss": result.final_loss, "resumed_from": result.resumed_from, "eval": result.eval}
     if as_json:

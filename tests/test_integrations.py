@@ -255,6 +255,7 @@ report = {"world": trainer.args.world_size, "projectors": float(flat(trainer.mod
           "student": float(flat(trainer.model.student).sum()),
           "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}
 json.dump(report, open(f"{out}/rank{trainer.args.process_index}.json", "w"))
+trainer.accelerator.end_training()  # as README says: destroys the process group, so each rank exits cleanly
 '''
 
 

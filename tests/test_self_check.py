@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,9 @@ def setup(tmp_path_factory):
 
 
 def _request(root, teacher, data, out: str, **kw) -> BuildRequest:
+    kw = {"shard_size": 4, **kw}
     return BuildRequest(teacher=str(teacher), data=str(data), out=str(root / out), engine="hf", top_k=8,
-                        hidden_layers=(1,), attention_layers=(0,), attention_kind="both", shard_size=4, **kw)
+                        hidden_layers=(1,), attention_layers=(0,), attention_kind="both", **kw)
 
 
 def test_a_build_runs_the_self_check_by_default_and_reports_its_cost(setup):
@@ -102,3 +105,32 @@ def test_the_reference_copy_is_let_go_before_the_engine_first_captures(setup):
     assert len(copies) == 1 and Watched.alive_at_capture == [False]
     assert set(report.max_diff) == {"logprobs", "hidden[1]", "attention[0]"}
     assert max(report.max_diff.values()) < sc.TOLERANCE["float32"]
+
+
+def test_the_first_shard_writes_the_self_checks_capture_instead_of_repeating_it(setup, monkeypatch):
+    """The self-check captures the build's first batch; that batch is not captured a second time,
+    and the cache is byte for byte the one a build without the self-check writes."""
+    from cache_helpers import file_tree
+
+    root, teacher, data = setup
+    calls: list[int] = []
+    real = hf_engine.HFEngine.capture
+
+    def counted(self, batch, spec):
+        calls.append(len(batch))
+        return real(self, batch, spec)
+
+    monkeypatch.setattr(hf_engine.HFEngine, "capture", counted)
+    close_warm_engines()
+    checked = build_cache(_request(root, teacher, data, "reused", batch_size=2, shard_size=3))
+    with_check = list(calls)
+    close_warm_engines()
+    calls.clear()
+    plain = build_cache(_request(root, teacher, data, "plain", batch_size=2, shard_size=3, self_check=False))
+    close_warm_engines()
+    assert checked.self_check_s is not None and plain.self_check_s is None
+    assert sum(with_check) == sum(calls) == checked.samples, (with_check, calls)  # each sample captured once
+    assert with_check == calls  # the same batches: the self-check's is the first shard's first
+    # Each shard's files (its folder's name carries a per-attempt suffix, so the folders are matched by shard).
+    trees = [[file_tree(d) for d in sorted(Path(r.path, "shards").iterdir()) if d.is_dir()] for r in (checked, plain)]
+    assert len(trees[0]) == 2 and trees[0] == trees[1]

@@ -28,8 +28,10 @@ as a transformers directory (``kd eval --model DIR`` reads it), plus the project
 Multi-GPU: the Trainer's own accelerate, one process per GPU (``accelerate launch train.py`` or
 ``torchrun --nproc_per_node N train.py``). Each rank reads only its batches from the caches; DDP
 syncs the student and projectors. One process driving several GPUs (``nn.DataParallel``) is
-refused: its scatter cannot split a kd batch. Tested with two CPU processes (gloo): both ranks end
-with the same student and projectors.
+refused: its scatter cannot split a kd batch. End such a script with
+``trainer.accelerator.end_training()``: it destroys the process group, without which a rank may
+abort in gloo's teardown at exit and the launch fail after training finished. Tested with two CPU
+processes (gloo): both ranks end with the same student and projectors.
 
 What the Trainer path does not do: learnable loss weights (``weighting="learnable"``) and AGP
 (``agp=True``) need kd distill's own step (per-loss gradients, a second optimizer), so they are

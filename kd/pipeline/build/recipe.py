@@ -27,7 +27,7 @@ from kd.cache_schema.manifest import MANIFEST_FILE, Manifest
 from kd.pipeline.build.fanout import run_jobs
 from kd.pipeline.build.progress import BuildProgress
 from kd.pipeline.build.request import BuildRequest, asdict_request
-from kd.pipeline.build.shard import ShardJob, warm_engine, close_warm_engines
+from kd.pipeline.build.shard import ShardJob, close_warm_engines, drop_captured, keep_captured, warm_engine
 from kd.pipeline.common.dataset import Record, fingerprint_and_hashes, load_records
 
 
@@ -239,7 +239,10 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
         if progress:
             progress.start(total_samples=len(todo), done_samples=sum(e.samples for e in done.values()),
                            total_shards=len(plan.shards), done_shards=len(done))
-        stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
+        try:
+            stats = run_jobs(jobs, workers=request.workers, scheduler=request.scheduler, progress=progress)
+        finally:
+            drop_captured()  # the self-check's batch, if no shard took it
         manifest = build.seal(__version__, lease=lease)
     if progress:
         progress.finish()
@@ -253,7 +256,8 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
 
 def self_check(request: BuildRequest, engine: str, records: list[Record]):
     """``self_check.run_self_check`` on the first batch of the samples the build captures (a child
-    cache's new ones), with the engine the shards will use.
+    cache's new ones), with the engine the shards will use; an in-process build's first shard then
+    writes that capture instead of repeating it (``shard.keep_captured``).
 
     In-process builds keep that engine warm for the shards; a distributed build's driver closes
     it again (its workers start their own).
@@ -267,8 +271,11 @@ def self_check(request: BuildRequest, engine: str, records: list[Record]):
                                    trust_remote_code=request.trust_remote_code)
 
         family = json.loads((Path(request.teacher) / "config.json").read_text()).get("architectures", ["?"])[0]
-        return run_self_check(teacher, load, [r.as_dict() for r in records[: request.batch_size]],
-                              request.signal_spec(), family=family, dtype=request.dtype)
+        report = run_self_check(teacher, load, [r.as_dict() for r in records[: request.batch_size]],
+                                request.signal_spec(), family=family, dtype=request.dtype)
+        if not (request.workers or request.scheduler):  # the first shard runs here, on this engine
+            keep_captured(teacher, report.batch_ids, request.signal_spec(), list(report.captured))
+        return report
     finally:
         if request.workers or request.scheduler:
             close_warm_engines()

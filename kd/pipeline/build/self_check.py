@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,10 @@ class SelfCheckReport:
     max_diff: dict[str, float]
     tolerance: float
     seconds: float
+    # The whole batch's capture, by sample id order: the build's first shard writes it instead of
+    # capturing the batch again (``shard.keep_captured``).
+    batch_ids: tuple[str, ...] = ()
+    captured: tuple[TeacherSignals, ...] = field(default=(), repr=False, compare=False)
 
 
 def pick_samples(encoded: Sequence[EncodedSample], n: int = CHECKED_SAMPLES) -> list[int]:
@@ -161,4 +165,5 @@ def run_self_check(engine: Any, load_reference: Callable[[], Any], batch: Sequen
                     f"of this architecture is wrong and nothing was written. Please report it with the model's "
                     f"config.json; --no-self-check skips this check (the cache may then be wrong)")
         checked.append(s.sample_id)
-    return SelfCheckReport(tuple(checked), worst, tol, time.perf_counter() - t0)
+    return SelfCheckReport(tuple(checked), worst, tol, time.perf_counter() - t0,
+                           tuple(s.sample_id for s in encoded), tuple(captured))

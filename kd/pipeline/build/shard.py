@@ -37,6 +37,26 @@ class ShardJob:
 
 _WARM_ENGINES: dict[tuple, Any] = {}
 CHECK_EVERY = 32  # samples added between two background checks (ShardWriter.check_added)
+# The self-check's capture of a build's first batch (engine, sample ids, spec, signals), at most one.
+_KEPT: list[tuple[Any, tuple[str, ...], Any, list]] = []
+
+
+def keep_captured(engine: Any, sample_ids: tuple[str, ...], spec: Any, signals: list) -> None:
+    """Keep ``engine``'s capture of ``sample_ids`` (the self-check's) for the shard batch of exactly
+    those samples, which then writes it instead of capturing it again: the same engine, batch and
+    spec give the same signals (a capture does not depend on when it runs; resumes rely on it too)."""
+    _KEPT[:] = [(engine, tuple(sample_ids), spec, list(signals))] if signals else []
+
+
+def drop_captured() -> None:
+    """Forget a kept capture no shard took (the build is over)."""
+    _KEPT.clear()
+
+
+def _capture(engine: Any, sample_ids: list[str], inputs: list[dict], spec: Any) -> list:
+    if _KEPT and _KEPT[0][0] is engine and _KEPT[0][1] == tuple(sample_ids) and _KEPT[0][2] == spec:
+        return _KEPT.pop()[3]
+    return engine.capture(inputs, spec)
 
 
 def warm_engine(request: BuildRequest, engine: str):
@@ -61,6 +81,7 @@ def warm_engine(request: BuildRequest, engine: str):
 
 def close_warm_engines() -> None:
     """Close every engine this process keeps warm (frees a vLLM engine's device memory)."""
+    drop_captured()
     while _WARM_ENGINES:
         _WARM_ENGINES.popitem()[1].close()
 
@@ -133,7 +154,8 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None,
             commits.check(job.run, job.shard, writer)
             unchecked = 0
         batch = shard_records[i : i + request.batch_size]
-        outputs = engine.capture(inputs[i : i + request.batch_size], spec)
+        outputs = _capture(engine, job.sample_ids[i : i + request.batch_size], inputs[i : i + request.batch_size],
+                           spec)
         n_tok = 0
         for record, signals, content_hash in zip(batch, outputs, hashes[i : i + request.batch_size]):
             writer.add(signals, record.capability, content_hash, check=commits is None)

@@ -119,6 +119,19 @@ def _batches(loader, sampler: EpochSampler, accelerator: Accelerator, epoch: int
         epoch, skip = epoch + 1, 0
 
 
+def release_process_group() -> None:
+    """Destroy torch.distributed's default process group, if one runs (the end of a launched run).
+
+    A rank that exits with its gloo group alive can abort in the group's C++ teardown ("terminate
+    called without an active exception", exit -6), and the launcher then fails a run that finished.
+    Not done inside ``distill``: a script may go on using the group after it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def distill(config: DistillConfig) -> RunResult:
     """Train the student of ``config`` against its teacher caches; see the module docstring."""
     cfg = config.resolved()
