@@ -18,6 +18,7 @@
 # The same python runs on CPU with `python bench/gpu_check.py --device cpu` (tests/test_gpu_check.py).
 # Then the capture ratios at a driving VLM's shape (kd capture vs plain prefill, target >= 0.9 on a GPU):
 #   python bench/capture.py --device cuda --shape real --seq-tokens 2600 --hidden-size 256 --vocab 151936 --samples 32
+#   python bench/capture.py --device cuda --shape real --vocab 151936 --teacher qwen2.5-0.5b --samples 64  # all 24 layers
 # Results also go to $KD_GPU_CHECK_JSON (default gpu_check.json).
 # Exit status: 0 pass, 1 fidelity failure, 2 setup problem (no GPU, no CUDA torch, no vLLM).
 set -euo pipefail
