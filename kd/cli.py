@@ -331,7 +331,7 @@ def distill_cmd(
     """Train a student from one or more teacher caches (CE + top-k KD + hidden + attention losses)."""
     from kd.cache_schema import CacheError
     from kd.pipeline.distill import AlignmentError, distill, load_config
-    from kd.pipeline.distill.train import release_process_group
+    from kd.pipeline.distill.launch import release_process_group
 
     fields: dict = {}
     for name, value in (("student", student), ("data", data), ("out", out_dir), ("val_data", val_data)):

@@ -92,14 +92,14 @@ def test_two_process_ddp_matches_the_single_process_run(world):
 
 
 def test_resume_refuses_another_process_count(tmp_path):
-    from kd.pipeline.distill.train import _check_world_size
+    from kd.pipeline.distill.launch import check_world_size
 
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "num_processes": 2}))
-    _check_world_size(tmp_path, 2)
+    check_world_size(tmp_path, 2)
     with pytest.raises(ValueError, match="2 process"):
-        _check_world_size(tmp_path, 1)
+        check_world_size(tmp_path, 1)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))  # written before the field existed
-    _check_world_size(tmp_path, 1)
+    check_world_size(tmp_path, 1)
 
 
 def test_yaml_no_reads_as_the_string_for_choice_fields():
@@ -113,13 +113,13 @@ def test_yaml_no_reads_as_the_string_for_choice_fields():
 def test_a_cpu_launch_that_started_one_process_warns_with_the_working_command(monkeypatch):
     from types import SimpleNamespace
 
-    from kd.pipeline.distill.train import _warn_single_cpu_launch
+    from kd.pipeline.distill.launch import warn_single_cpu_launch
 
     for var in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(var, raising=False)
-    _warn_single_cpu_launch(SimpleNamespace(num_processes=1))  # a plain run: silent
+    warn_single_cpu_launch(SimpleNamespace(num_processes=1))  # a plain run: silent
     # What `accelerate launch --cpu --num_processes 2` leaves in the one process it starts:
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.warns(UserWarning, match="--multi_gpu"):
-        _warn_single_cpu_launch(SimpleNamespace(num_processes=1))
+        warn_single_cpu_launch(SimpleNamespace(num_processes=1))

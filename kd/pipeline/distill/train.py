@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd.pipeline.common.dataset import load_records
+from kd.pipeline.distill.launch import check_world_size, warn_single_cpu_launch
 from kd.pipeline.distill.evaluate import evaluate_model
 from kd.pipeline.distill.mixing import (LearnableLossWeights, agp_combine, assign_grads, check_capabilities, grad_norms,
                                  per_loss_grads)
@@ -119,19 +120,6 @@ def _batches(loader, sampler: EpochSampler, accelerator: Accelerator, epoch: int
         epoch, skip = epoch + 1, 0
 
 
-def release_process_group() -> None:
-    """Destroy torch.distributed's default process group, if one runs (the end of a launched run).
-
-    A rank that exits with its gloo group alive can abort in the group's C++ teardown ("terminate
-    called without an active exception", exit -6), and the launcher then fails a run that finished.
-    Not done inside ``distill``: a script may go on using the group after it.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def distill(config: DistillConfig) -> RunResult:
     """Train the student of ``config`` against its teacher caches; see the module docstring."""
     cfg = config.resolved()
@@ -143,7 +131,7 @@ def distill(config: DistillConfig) -> RunResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(tc.mixed_precision),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     main = accelerator.is_main_process
-    _warn_single_cpu_launch(accelerator)
+    warn_single_cpu_launch(accelerator)
     set_seed(tc.seed)
 
     # ------------------------------------------------------------------ setup
@@ -193,7 +181,7 @@ def distill(config: DistillConfig) -> RunResult:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     resumed_from = None
     if cfg.resume and ckpt is not None:
-        _check_world_size(ckpt, accelerator.num_processes)
+        check_world_size(ckpt, accelerator.num_processes)
         state = load_checkpoint(ckpt, student=raw.student, objective=raw.objective, optimizer=optimizer,
                                 scheduler=scheduler, loss_weights=loss_weights, loss_weights_optimizer=lw_opt,
                                 generators={"agp": agp_gen})
@@ -340,30 +328,6 @@ def _gather_lists(accelerator: Accelerator, obj: Any) -> list[Any]:
     from accelerate.utils import gather_object
 
     return list(gather_object([obj])) if accelerator.num_processes > 1 else [obj]
-
-
-def _warn_single_cpu_launch(accelerator: Accelerator) -> None:
-    """``accelerate launch --cpu --num_processes N`` (N > 1) silently runs ONE process: say so and how to fix it."""
-    import os
-    import warnings
-
-    env = os.environ
-    if (accelerator.num_processes == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true"
-            and "MASTER_ADDR" in env and "WORLD_SIZE" not in env):
-        warnings.warn("accelerate launch --cpu with --num_processes > 1 started a single process (accelerate's CPU "
-                      "launcher needs mpirun for more); for DDP on CPU use: accelerate launch --multi_gpu "
-                      "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no -m kd.cli distill "
-                      "...  (gloo backend; no GPU needed)", stacklevel=2)
-
-
-def _check_world_size(ckpt: Path, num_processes: int) -> None:
-    """A resume must keep the process count: the saved data position counts per-rank batches."""
-    import json
-
-    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("num_processes")
-    if saved is not None and saved != num_processes:
-        raise ValueError(f"cannot resume from {ckpt}: it was written by a run of {saved} process(es), this run has "
-                         f"{num_processes} (the data position and global batch depend on it)")
 
 
 def _allreduce_grads(raw: nn.Module, accelerator: Accelerator) -> None:
