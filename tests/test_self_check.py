@@ -134,3 +134,27 @@ def test_the_first_shard_writes_the_self_checks_capture_instead_of_repeating_it(
     # Each shard's files (its folder's name carries a per-attempt suffix, so the folders are matched by shard).
     trees = [[file_tree(d) for d in sorted(Path(r.path, "shards").iterdir()) if d.is_dir()] for r in (checked, plain)]
     assert len(trees[0]) == 2 and trees[0] == trees[1]
+
+
+def test_a_kept_capture_serves_only_the_same_engine_samples_contents_and_spec():
+    """A capture kept from a build that then failed must not stand in for edited records of the same ids."""
+    from kd.pipeline.build import shard
+    from kd.pipeline.build.engines import SignalSpec
+
+    class Engine:
+        calls = 0
+
+        def capture(self, inputs, spec):
+            self.calls += 1
+            return ["fresh"] * len(inputs)
+
+    engine, other, spec = Engine(), Engine(), SignalSpec(top_k=4)
+    for asked in [(other, ["a"], ["h1"], spec), (engine, ["b"], ["h1"], spec), (engine, ["a"], ["h2"], spec),
+                  (engine, ["a"], ["h1"], SignalSpec(top_k=8))]:
+        shard.keep_captured(engine, ("a",), ("h1",), spec, ["kept"])
+        who, ids, hashes, wanted = asked
+        assert shard._capture(who, ids, hashes, [{}], wanted) == ["fresh"], asked
+    shard.keep_captured(engine, ("a",), ("h1",), spec, ["kept"])
+    assert shard._capture(engine, ["a"], ["h1"], [{}], spec) == ["kept"]
+    assert shard._capture(engine, ["a"], ["h1"], [{}], spec) == ["fresh"]  # taken once
+    shard.drop_captured()

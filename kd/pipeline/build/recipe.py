@@ -226,7 +226,7 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
         hashes = dict(zip((r.id for r in records), prepared.content_hashes))
         check = None
         if request.self_check and todo and not build.committed():
-            check = self_check(request, engine, todo)  # raises before anything is written
+            check = self_check(request, engine, todo, hashes)  # raises before anything is written
         plan = BuildPlan.from_ids([r.id for r in todo], request.shard_size)
         build.start(plan, parent.plan_entry() if parent else None)
         done = build.committed()
@@ -254,7 +254,7 @@ def build_cache(request: BuildRequest, progress: BuildProgress | None = None, *,
                        parent.name if parent else None, extra[0])
 
 
-def self_check(request: BuildRequest, engine: str, records: list[Record]):
+def self_check(request: BuildRequest, engine: str, records: list[Record], content_hashes: dict[str, str]):
     """``self_check.run_self_check`` on the first batch of the samples the build captures (a child
     cache's new ones), with the engine the shards will use; an in-process build's first shard then
     writes that capture instead of repeating it (``shard.keep_captured``).
@@ -274,7 +274,8 @@ def self_check(request: BuildRequest, engine: str, records: list[Record]):
         report = run_self_check(teacher, load, [r.as_dict() for r in records[: request.batch_size]],
                                 request.signal_spec(), family=family, dtype=request.dtype)
         if not (request.workers or request.scheduler):  # the first shard runs here, on this engine
-            keep_captured(teacher, report.batch_ids, request.signal_spec(), list(report.captured))
+            keep_captured(teacher, report.batch_ids, tuple(content_hashes[i] for i in report.batch_ids),
+                          request.signal_spec(), list(report.captured))
         return report
     finally:
         if request.workers or request.scheduler:

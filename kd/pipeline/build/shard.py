@@ -37,15 +37,17 @@ class ShardJob:
 
 _WARM_ENGINES: dict[tuple, Any] = {}
 CHECK_EVERY = 32  # samples added between two background checks (ShardWriter.check_added)
-# The self-check's capture of a build's first batch (engine, sample ids, spec, signals), at most one.
-_KEPT: list[tuple[Any, tuple[str, ...], Any, list]] = []
+# The self-check's capture of a build's first batch (engine, sample ids, their content hashes, spec,
+# signals), at most one.
+_KEPT: list[tuple[Any, tuple[str, ...], tuple[str, ...], Any, list]] = []
 
 
-def keep_captured(engine: Any, sample_ids: tuple[str, ...], spec: Any, signals: list) -> None:
+def keep_captured(engine: Any, sample_ids: tuple[str, ...], content_hashes: tuple[str, ...], spec: Any,
+                  signals: list) -> None:
     """Keep ``engine``'s capture of ``sample_ids`` (the self-check's) for the shard batch of exactly
-    those samples, which then writes it instead of capturing it again: the same engine, batch and
-    spec give the same signals (a capture does not depend on when it runs; resumes rely on it too)."""
-    _KEPT[:] = [(engine, tuple(sample_ids), spec, list(signals))] if signals else []
+    those samples with the same contents, which then writes it instead of capturing it again: the
+    same engine, inputs and spec give the same signals (resumes rely on it too)."""
+    _KEPT[:] = [(engine, tuple(sample_ids), tuple(content_hashes), spec, list(signals))] if signals else []
 
 
 def drop_captured() -> None:
@@ -53,9 +55,9 @@ def drop_captured() -> None:
     _KEPT.clear()
 
 
-def _capture(engine: Any, sample_ids: list[str], inputs: list[dict], spec: Any) -> list:
-    if _KEPT and _KEPT[0][0] is engine and _KEPT[0][1] == tuple(sample_ids) and _KEPT[0][2] == spec:
-        return _KEPT.pop()[3]
+def _capture(engine: Any, sample_ids: list[str], content_hashes: list[str], inputs: list[dict], spec: Any) -> list:
+    if _KEPT and _KEPT[0][0] is engine and _KEPT[0][1:4] == (tuple(sample_ids), tuple(content_hashes), spec):
+        return _KEPT.pop()[4]
     return engine.capture(inputs, spec)
 
 
@@ -153,11 +155,11 @@ def run_shard(job: ShardJob, on_batch: Callable[[int, int], None] | None = None,
         if commits is not None and unchecked >= CHECK_EVERY:  # checked while the teacher works on this batch
             commits.check(job.run, job.shard, writer)
             unchecked = 0
-        batch = shard_records[i : i + request.batch_size]
-        outputs = _capture(engine, job.sample_ids[i : i + request.batch_size], inputs[i : i + request.batch_size],
-                           spec)
+        span = slice(i, i + request.batch_size)
+        batch = shard_records[span]
+        outputs = _capture(engine, job.sample_ids[span], hashes[span], inputs[span], spec)
         n_tok = 0
-        for record, signals, content_hash in zip(batch, outputs, hashes[i : i + request.batch_size]):
+        for record, signals, content_hash in zip(batch, outputs, hashes[span]):
             writer.add(signals, record.capability, content_hash, check=commits is None)
             n_tok += signals.num_tokens
         tokens += n_tok
