@@ -47,6 +47,7 @@ HEAD_MODIFIERS: dict[str, Any] = {"final_logit_softcapping": None, "logit_softca
 # Where the text model's weights live in the checkpoints transformers writes (LLM, then VLM layouts).
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.text_model.")
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
+FINAL_NORM_KEYS = tuple(p + "norm.weight" for p in TEXT_PREFIXES)  # the text model's final norm, by layout
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,10 @@ def _answer_only_or_why_not(config: Mapping[str, Any], keys: set[str]) -> HeadCh
                                                      "after the linear head")
     if "rms_norm_eps" not in text:
         return HeadChoice("prompt_logprobs", "the text config has no rms_norm_eps")
-    norms = [p + "norm.weight" for p in TEXT_PREFIXES if p + "norm.weight" in keys]
+    norms = [k for k in FINAL_NORM_KEYS if k in keys]
     if len(norms) != 1:
-        return HeadChoice("prompt_logprobs", f"expected one final norm weight among "
-                                             f"{[p + 'norm.weight' for p in TEXT_PREFIXES]}, found {norms}")
+        return HeadChoice("prompt_logprobs", f"expected one final norm weight among {list(FINAL_NORM_KEYS)}, "
+                                             f"found {norms}")
     prefix = norms[0][: -len("norm.weight")]
     if _tied(config):
         head = prefix + "embed_tokens.weight"
@@ -166,9 +167,9 @@ def final_rms_norm(model_dir: str | Path) -> tuple[torch.Tensor, float]:
         raise ValueError(f"hidden layer num_layers (after the final norm) is only supported for {PLAIN_HEAD_TYPES} "
                          "text models on vLLM; ask for layers < num_layers or use --engine hf")
     keys = set(safetensors_keys(d))
-    norms = [p + "norm.weight" for p in TEXT_PREFIXES if p + "norm.weight" in keys]
+    norms = [k for k in FINAL_NORM_KEYS if k in keys]
     if not norms:
-        raise ValueError(f"no final norm weight ({' / '.join(p + 'norm.weight' for p in TEXT_PREFIXES)}) in {d}")
+        raise ValueError(f"no final norm weight ({' / '.join(FINAL_NORM_KEYS)}) in {d}")
     return _read_tensor(d, norms[0]).float(), float(text["rms_norm_eps"])
 
 
