@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,12 +150,13 @@ def test_a_kept_capture_serves_only_the_same_engine_samples_contents_and_spec():
             return ["fresh"] * len(inputs)
 
     engine, other, spec = Engine(), Engine(), SignalSpec(top_k=4)
+    kept = [SimpleNamespace(sample_id="a")]
     for asked in [(other, ["a"], ["h1"], spec), (engine, ["b"], ["h1"], spec), (engine, ["a"], ["h2"], spec),
                   (engine, ["a"], ["h1"], SignalSpec(top_k=8))]:
-        shard.keep_captured(engine, ("a",), ("h1",), spec, ["kept"])
+        shard.keep_captured(engine, kept, ("h1",), spec)
         who, ids, hashes, wanted = asked
         assert shard._capture(who, ids, hashes, [{}], wanted) == ["fresh"], asked
-    shard.keep_captured(engine, ("a",), ("h1",), spec, ["kept"])
-    assert shard._capture(engine, ["a"], ["h1"], [{}], spec) == ["kept"]
+    shard.keep_captured(engine, kept, ("h1",), spec)
+    assert shard._capture(engine, ["a"], ["h1"], [{}], spec) == kept
     assert shard._capture(engine, ["a"], ["h1"], [{}], spec) == ["fresh"]  # taken once
     shard.drop_captured()

@@ -265,6 +265,7 @@ def self_check(request: BuildRequest, engine: str, records: list[Record], conten
     from kd.pipeline.build.self_check import reference_model, run_self_check
 
     teacher = warm_engine(request, engine)
+    distributed = bool(request.workers or request.scheduler)
     try:
         def load():  # loaded (and let go) before the engine's first capture: see run_self_check
             return reference_model(teacher, request.teacher, device=request.device, dtype=request.dtype,
@@ -273,10 +274,10 @@ def self_check(request: BuildRequest, engine: str, records: list[Record], conten
         family = json.loads((Path(request.teacher) / "config.json").read_text()).get("architectures", ["?"])[0]
         report = run_self_check(teacher, load, [r.as_dict() for r in records[: request.batch_size]],
                                 request.signal_spec(), family=family, dtype=request.dtype)
-        if not (request.workers or request.scheduler):  # the first shard runs here, on this engine
-            keep_captured(teacher, report.batch_ids, tuple(content_hashes[i] for i in report.batch_ids),
-                          request.signal_spec(), list(report.captured))
+        if not distributed:  # the first shard runs here, on this engine
+            keep_captured(teacher, list(report.captured), tuple(content_hashes[s.sample_id] for s in report.captured),
+                          request.signal_spec())
         return report
     finally:
-        if request.workers or request.scheduler:
+        if distributed:
             close_warm_engines()

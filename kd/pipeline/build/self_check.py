@@ -48,9 +48,8 @@ class SelfCheckReport:
     max_diff: dict[str, float]
     tolerance: float
     seconds: float
-    # The whole batch's capture, by sample id order: the build's first shard writes it instead of
+    # The whole batch's capture, in batch order: the build's first shard writes it instead of
     # capturing the batch again (``shard.keep_captured``).
-    batch_ids: tuple[str, ...] = ()
     captured: tuple[TeacherSignals, ...] = field(default=(), repr=False, compare=False)
 
 
@@ -165,5 +164,4 @@ def run_self_check(engine: Any, load_reference: Callable[[], Any], batch: Sequen
                     f"of this architecture is wrong and nothing was written. Please report it with the model's "
                     f"config.json; --no-self-check skips this check (the cache may then be wrong)")
         checked.append(s.sample_id)
-    return SelfCheckReport(tuple(checked), worst, tol, time.perf_counter() - t0,
-                           tuple(s.sample_id for s in encoded), tuple(captured))
+    return SelfCheckReport(tuple(checked), worst, tol, time.perf_counter() - t0, tuple(captured))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from kd.cache_schema import CacheBuild, Location
 from kd.cache_schema.writer import shard_commit_name
@@ -37,17 +37,27 @@ class ShardJob:
 
 _WARM_ENGINES: dict[tuple, Any] = {}
 CHECK_EVERY = 32  # samples added between two background checks (ShardWriter.check_added)
-# The self-check's capture of a build's first batch (engine, sample ids, their content hashes, spec,
-# signals), at most one.
-_KEPT: list[tuple[Any, tuple[str, ...], tuple[str, ...], Any, list]] = []
 
 
-def keep_captured(engine: Any, sample_ids: tuple[str, ...], content_hashes: tuple[str, ...], spec: Any,
-                  signals: list) -> None:
-    """Keep ``engine``'s capture of ``sample_ids`` (the self-check's) for the shard batch of exactly
-    those samples with the same contents, which then writes it instead of capturing it again: the
-    same engine, inputs and spec give the same signals (resumes rely on it too)."""
-    _KEPT[:] = [(engine, tuple(sample_ids), tuple(content_hashes), spec, list(signals))] if signals else []
+class _Kept(NamedTuple):
+    """The self-check's capture of a build's first batch, and what it was captured from."""
+
+    engine: Any
+    sample_ids: tuple[str, ...]
+    content_hashes: tuple[str, ...]
+    spec: Any
+    signals: list
+
+
+_KEPT: list[_Kept] = []  # at most one
+
+
+def keep_captured(engine: Any, signals: list, content_hashes: tuple[str, ...], spec: Any) -> None:
+    """Keep ``engine``'s capture ``signals`` (the self-check's) for the shard batch of exactly those
+    samples with the same contents, which then writes it instead of capturing it again: the same
+    engine, inputs and spec give the same signals (resumes rely on it too)."""
+    ids = tuple(s.sample_id for s in signals)
+    _KEPT[:] = [_Kept(engine, ids, tuple(content_hashes), spec, list(signals))] if signals else []
 
 
 def drop_captured() -> None:
@@ -56,8 +66,10 @@ def drop_captured() -> None:
 
 
 def _capture(engine: Any, sample_ids: list[str], content_hashes: list[str], inputs: list[dict], spec: Any) -> list:
-    if _KEPT and _KEPT[0][0] is engine and _KEPT[0][1:4] == (tuple(sample_ids), tuple(content_hashes), spec):
-        return _KEPT.pop()[4]
+    kept = _KEPT[0] if _KEPT else None
+    if kept and kept.engine is engine and (kept.sample_ids, kept.content_hashes, kept.spec) == (
+            tuple(sample_ids), tuple(content_hashes), spec):
+        return _KEPT.pop().signals
     return engine.capture(inputs, spec)
 
 
