@@ -66,22 +66,19 @@ def head_jsonl(src: Path, dst: Path, n: int) -> Path:
 # residual stream up (rms ~75 after 4 layers) until fp32 rounding alone moves top-64 log-probs by ~1e-4
 # (transformers' own fp32 forward vs fp64: 8e-5; vLLM vs transformers: 1.1e-4, past the self-check's
 # float32 tolerance), so the wide teacher takes Qwen2.5's own initializer_range (0.02: 3e-6 vs fp64).
-TEACHER_SHAPES = {
-    "tiny": dict(model_type="llama", num_layers=TEACHER.num_layers, intermediate_ratio=2, head_dim=32,
-                 kv_heads=None, tied=False, init_std=0.1),
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_layers=24, intermediate_size=4864, num_heads=14,
-                         kv_heads=2, tied=True, init_std=0.02),
-}
+TEACHER_SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
 def teacher_dims(shape: str, hidden_size: int = TEACHER.hidden_size, layers: int = 0) -> dict:
-    """(model_type, hidden, layers, MLP width, heads, KV heads, tied) of a ``--teacher`` shape."""
-    spec = TEACHER_SHAPES[shape]
-    hidden = spec.get("hidden_size", hidden_size)
-    heads = spec.get("num_heads") or hidden // spec["head_dim"]  # vLLM's CPU attention needs head_dim >= 32
-    return dict(model_type=spec["model_type"], hidden_size=hidden, num_layers=layers or spec["num_layers"],
-                intermediate_size=spec.get("intermediate_size") or spec["intermediate_ratio"] * hidden,
-                num_heads=heads, kv_heads=spec["kv_heads"] or heads, tied=spec["tied"], init_std=spec["init_std"])
+    """(model_type, hidden, layers, MLP width, heads, KV heads, tied, init std) of a ``--teacher`` shape."""
+    if shape == "qwen2.5-0.5b":
+        return dict(model_type="qwen2", hidden_size=896, num_layers=layers or 24, intermediate_size=4864,
+                    num_heads=14, kv_heads=2, tied=True, init_std=0.02)
+    if shape != "tiny":
+        raise ValueError(f"unknown teacher shape {shape!r} (one of {TEACHER_SHAPES})")
+    heads = hidden_size // 32  # vLLM's CPU attention needs head_dim >= 32
+    return dict(model_type="llama", hidden_size=hidden_size, num_layers=layers or TEACHER.num_layers,
+                intermediate_size=2 * hidden_size, num_heads=heads, kv_heads=heads, tied=False, init_std=0.1)
 
 
 def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int, dims: dict | None = None) -> Path:
@@ -98,8 +95,8 @@ def build_llm_teacher(out: Path, vocab: int, max_position: int, seed: int, dims:
     config = config_cls(vocab_size=vocab or (len(tok) + 63) // 64 * 64, hidden_size=dims["hidden_size"],
                         intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
                         num_attention_heads=dims["num_heads"], num_key_value_heads=dims["kv_heads"],
-                        max_position_embeddings=max_position, rms_norm_eps=1e-5,
-                        tie_word_embeddings=dims["tied"], initializer_range=dims["init_std"], bos_token_id=tok.bos_token_id,
+                        max_position_embeddings=max_position, rms_norm_eps=1e-5, tie_word_embeddings=dims["tied"],
+                        initializer_range=dims["init_std"], bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config.architectures = [model_cls.__name__]
     with torch.random.fork_rng(devices=[]):
